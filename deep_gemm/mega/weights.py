@@ -1,0 +1,246 @@
+"""Kernel-side expert weights: NVFP4 / MXFP4 bytes re-ordered (never re-quantized) for the kernels.
+
+The Hopper kernels make the weights the *register* operand of BF16 ``wgmma`` (swap A/B: weight
+rows are the M side, tokens the N side).  Each consumer thread therefore needs, per k16 step,
+the 8 E2M1 codes of its A fragment (rows g and g+8 of its warp's 16 rows, k = 2q, 2q+1, 2q+8,
+2q+9) in one 32-bit word, and the block scales of those two rows.  The transform below only
+permutes nibbles and scale bytes so that every thread reads its fragment with 16-byte,
+conflict-free shared-memory loads; ``dequantize()`` inverts the permutation exactly.
+
+Layout (per expert ``e``, row tile ``rt`` of ``BLOCK_N = 128`` kernel rows, k block ``kb`` of
+``BLOCK_K = 128``):
+
+* ``codes[e, rt, kb]`` -- 8192 bytes.  Byte ``((wg * 2 + half) * 128 + tid) * 16 + jj * 4 + b``
+  is byte ``b`` (little endian) of the word of thread ``tid`` of consumer warpgroup ``wg`` for
+  k16 step ``j = 4 * half + jj``.  With ``warp = tid // 32``, ``g = lane // 4``, ``q = lane % 4``,
+  ``r0 = 64 * wg + 16 * warp + g`` and ``r1 = r0 + 8``, the word's nibble ``p`` (bits
+  ``4p..4p+3``) holds the code of ``(row, k)``:
+  ``p = 3: (r0, 2q)``, ``7: (r0, 2q+1)``, ``2: (r1, 2q)``, ``6: (r1, 2q+1)``,
+  ``1: (r0, 2q+8)``, ``5: (r0, 2q+9)``, ``0: (r1, 2q+8)``, ``4: (r1, 2q+9)`` (k relative to
+  ``16 j``).  A bf16x2 pair is then ``(w & 0x80008000) | ((w >> 6) & 0x01C001C0)`` for the
+  nibbles at bits 12 and 28, and the same after ``w <<= 4`` for the next pair.
+* ``scales[e, rt, kb]`` -- NVFP4: 1024 bytes, 16 per row pair ``(r0, r1)`` at
+  ``(64 * wg + 16 * warp + g) / ... = (wg * 32 + warp * 8 + g) * 16``: word ``jp`` holds
+  ``[s(r0, 2jp), s(r0, 2jp+1), s(r1, 2jp), s(r1, 2jp+1)]`` (UE4M3 bytes, unchanged).
+  MXFP4: 512 bytes, 8 per row pair: word ``wd`` holds
+  ``[s(r0, 2wd), s(r0, 2wd+1), s(r1, 2wd), s(r1, 2wd+1)]`` (UE8M0 bytes, unchanged).
+
+L1 (gate/up) rows are interleaved by 8 so that one thread's accumulator holds gate *and* up of
+the same intermediate channel: kernel row ``16 G + r`` is gate row ``8 G + r`` for ``r < 8`` and
+up row ``8 G + r - 8`` otherwise.  L2 rows keep their order.
+
+The global scales stay FP32 (``alpha``): ``[E, 2]`` (gate, up) for L1 and ``[E, 1]`` for L2;
+they are applied in FP32 in the epilogue, never folded into the block scales.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+BLOCK_N = 128
+BLOCK_K = 128
+CODE_BYTES = BLOCK_N * BLOCK_K // 2
+SCALE_BYTES = {'nvfp4': BLOCK_N * BLOCK_K // 16, 'mxfp4': BLOCK_N * BLOCK_K // 32}
+SCALE_GRAN = {'nvfp4': 16, 'mxfp4': 32}
+
+_E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_index() -> torch.Tensor:
+    """For each nibble of a code chunk (16384 nibbles), the flat index ``row * 128 + k`` in the tile."""
+    wg, half, tid, jj, p = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(128),
+                                          torch.arange(4), torch.arange(8), indexing='ij')
+    warp, lane = tid // 32, tid % 32
+    g, q = lane // 4, lane % 4
+    r0 = 64 * wg + 16 * warp + g
+    row = torch.where(p % 2 == 1, r0, r0 + 8)
+    k = 16 * (4 * half + jj) + 2 * q + torch.where((p % 4) >= 2, 0, 8) + (p >= 4).long()
+    # nibble order inside the chunk: byte-major, low nibble first -> (word bytes b = p // 2)
+    return (row * BLOCK_K + k).reshape(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_index(fmt: str) -> torch.Tensor:
+    """For each byte of a scale chunk, the flat index ``row * groups + group`` in the tile."""
+    groups = BLOCK_K // SCALE_GRAN[fmt]
+    rp, word, b = torch.meshgrid(torch.arange(64), torch.arange(groups // 2), torch.arange(4), indexing='ij')
+    wg, warp, g = rp // 32, (rp // 8) % 4, rp % 8
+    r0 = 64 * wg + 16 * warp + g
+    row = torch.where(b >= 2, r0 + 8, r0)
+    group = 2 * word + (b % 2)
+    return (row * groups + group).reshape(-1)
+
+
+def _l1_kernel_row_order(n: int) -> torch.Tensor:
+    """Original L1 row for each kernel row (gate rows [0, n/2), up rows [n/2, n))."""
+    inter = n // 2
+    r = torch.arange(n)
+    grp, within = r // 16, r % 16
+    chan = 8 * grp + within % 8
+    return torch.where(within < 8, chan, inter + chan)
+
+
+@dataclass
+class ExpertWeights:
+    """One MoE projection (L1 = gate+up or L2 = down) for the local experts, in kernel layout."""
+    fmt: str                 # 'nvfp4' or 'mxfp4'
+    kind: str                # 'l1' or 'l2'
+    codes: torch.Tensor      # uint8 [E, N / 128, K / 128, 8192]
+    scales: torch.Tensor     # uint8 [E, N / 128, K / 128, 1024 (nvfp4) | 512 (mxfp4)]
+    alpha: torch.Tensor      # float32 [E, 2] (l1: gate, up) or [E, 1] (l2)
+    num_experts: int
+    n: int
+    k: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def row_order(self) -> torch.Tensor:
+        """Original row index of each kernel row."""
+        return _l1_kernel_row_order(self.n) if self.kind == 'l1' else torch.arange(self.n)
+
+    def dequantize(self, experts: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Block-dequantized weights WITHOUT the global scale, float32 ``[E, N, K]``, original row order.
+
+        Exact: an E2M1 value times a UE4M3 (or UE8M0) scale is representable in float32.
+        """
+        experts = range(self.num_experts) if experts is None else experts
+        return torch.stack([self._dequantize_one(e) for e in experts]) if len(experts) else \
+            torch.empty(0, self.n, self.k, dtype=torch.float32)
+
+    def _dequantize_one(self, e: int) -> torch.Tensor:
+        n, k, fmt = self.n, self.k, self.fmt
+        tn, tk = n // BLOCK_N, k // BLOCK_K
+        chunk = self.codes[e].cpu().reshape(tn * tk, CODE_BYTES)
+        nib = torch.stack([chunk & 0xF, chunk >> 4], dim=-1).reshape(tn * tk, -1).long()
+        tile = torch.empty(tn * tk, BLOCK_N * BLOCK_K, dtype=torch.long)
+        tile[:, _code_index()] = nib
+        vals = _E2M1_VALUES[tile].reshape(tn, tk, BLOCK_N, BLOCK_K)
+        groups = BLOCK_K // SCALE_GRAN[fmt]
+        sch = self.scales[e].cpu().reshape(tn * tk, -1)
+        st = torch.empty(tn * tk, BLOCK_N * groups, dtype=torch.uint8)
+        st[:, _scale_index(fmt)] = sch
+        st = st.reshape(tn, tk, BLOCK_N, groups)
+        if fmt == 'nvfp4':
+            sv = st.view(torch.float8_e4m3fn).float()
+        else:
+            sv = torch.exp2(st.float() - 127.0)
+        sv = sv.repeat_interleave(SCALE_GRAN[fmt], dim=-1)
+        w = (vals * sv).permute(0, 2, 1, 3).reshape(n, k)
+        out = torch.empty_like(w)
+        out[self.row_order()] = w
+        return out
+
+
+def _as_tensor_dict(obj, what: str) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        names = ('weight', 'weight_scale', 'weight_scale_2', 'input_scale')
+        if not 2 <= len(obj) <= 4:
+            raise ValueError(f'{what}: expected (weight, weight_scale[, weight_scale_2[, input_scale]]), '
+                             f'got a sequence of {len(obj)}')
+        return dict(zip(names, obj))
+    raise TypeError(f'{what}: expected a dict of ModelOpt tensors or a tuple, got {type(obj).__name__}')
+
+
+def _check(cond: bool, exc, msg: str):
+    if not cond:
+        raise exc(msg)
+
+
+def _transform_one(obj, what: str, kind: str, fmt: str) -> ExpertWeights:
+    d = _as_tensor_dict(obj, what)
+    for key in ('weight', 'weight_scale'):
+        _check(key in d, ValueError, f'{what}: missing `{key}`')
+    w, s = d['weight'], d['weight_scale']
+    _check(isinstance(w, torch.Tensor) and w.dtype == torch.uint8, TypeError,
+           f'{what}.weight: expected uint8 (two E2M1 per byte), got {getattr(w, "dtype", type(w))}')
+    _check(w.dim() == 3, ValueError, f'{what}.weight: expected [E, N, K/2], got shape {tuple(w.shape)}')
+    e, n, k2 = w.shape
+    k = 2 * k2
+    gran = SCALE_GRAN[fmt]
+    want_sdtype = torch.float8_e4m3fn if fmt == 'nvfp4' else torch.uint8
+    _check(isinstance(s, torch.Tensor) and s.dtype == want_sdtype, TypeError,
+           f'{what}.weight_scale: expected {want_sdtype}, got {getattr(s, "dtype", type(s))}')
+    _check(tuple(s.shape) == (e, n, k // gran), ValueError,
+           f'{what}.weight_scale: expected shape {(e, n, k // gran)}, got {tuple(s.shape)}')
+    _check(s.device == w.device, ValueError, f'{what}.weight_scale: on {s.device}, weight on {w.device}')
+    _check(n % BLOCK_N == 0, ValueError, f'{what}.weight: N = {n} must be a multiple of {BLOCK_N}')
+    _check(k % BLOCK_K == 0, ValueError, f'{what}.weight: K = {k} must be a multiple of {BLOCK_K}')
+    if kind == 'l1':
+        _check(n % 16 == 0, ValueError, f'{what}.weight: 2 * intermediate = {n} must be a multiple of 16')
+    sbytes = s.contiguous().view(torch.uint8)
+    if fmt == 'nvfp4':
+        bad = (sbytes & 0x80) != 0
+        bad |= (sbytes & 0x7F) == 0x7F
+        _check(not bool(bad.any()), ValueError,
+               f'{what}.weight_scale: UE4M3 scales must be non-negative and finite (found sign bit or NaN)')
+
+    # global scales -> alpha
+    num_alpha = 2 if kind == 'l1' else 1
+    if fmt == 'nvfp4':
+        _check('weight_scale_2' in d, ValueError, f'{what}: missing `weight_scale_2` (per-expert FP32 global scale)')
+        g = d['weight_scale_2']
+        _check(isinstance(g, torch.Tensor) and g.dtype == torch.float32, TypeError,
+               f'{what}.weight_scale_2: expected float32, got {getattr(g, "dtype", type(g))}')
+        g = g.reshape(e, -1) if g.numel() in (e, 2 * e) else None
+        _check(g is not None, ValueError, f'{what}.weight_scale_2: expected [E] or [E, 2] with E = {e}')
+        if kind == 'l2':
+            _check(g.shape[1] == 1, ValueError, f'{what}.weight_scale_2: expected one global scale per expert')
+        alpha = g.expand(e, num_alpha).contiguous().to(torch.float32)
+    else:
+        alpha = torch.ones(e, num_alpha, dtype=torch.float32, device=w.device)
+
+    tn, tk = n // BLOCK_N, k // BLOCK_K
+    groups = BLOCK_K // gran
+    code_idx = _code_index().to(w.device)
+    scale_idx = _scale_index(fmt).to(w.device)
+    rows = (_l1_kernel_row_order(n) if kind == 'l1' else torch.arange(n)).to(w.device)
+    codes = torch.empty(e, tn, tk, CODE_BYTES, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(e, tn, tk, SCALE_BYTES[fmt], dtype=torch.uint8, device=w.device)
+    for i in range(e):  # one expert at a time keeps peak memory at one expert's nibbles
+        wi = w[i].index_select(0, rows)
+        nib = torch.stack([wi & 0xF, wi >> 4], dim=-1).reshape(tn, BLOCK_N, tk, BLOCK_K)
+        nib = nib.permute(0, 2, 1, 3).reshape(tn * tk, BLOCK_N * BLOCK_K)[:, code_idx]
+        nib = nib.reshape(tn, tk, CODE_BYTES, 2)
+        codes[i] = nib[..., 0] | (nib[..., 1] << 4)
+        si = sbytes[i].index_select(0, rows).reshape(tn, BLOCK_N, tk, groups)
+        si = si.permute(0, 2, 1, 3).reshape(tn * tk, BLOCK_N * groups)[:, scale_idx]
+        scales[i] = si.reshape(tn, tk, -1)
+    return ExpertWeights(fmt=fmt, kind=kind, codes=codes, scales=scales, alpha=alpha,
+                         num_experts=e, n=n, k=k)
+
+
+def transform_nvfp4_weights_for_mega_moe(l1, l2) -> Tuple[ExpertWeights, ExpertWeights]:
+    """ModelOpt NVFP4 expert weights -> kernel layout, bit-exact (bytes permuted, never re-quantized).
+
+    ``l1`` / ``l2``: dict (or tuple in this order) with ``weight`` uint8 ``[E, N, K/2]`` (two E2M1
+    per byte, low nibble = even k), ``weight_scale`` float8_e4m3fn ``[E, N, K/16]``,
+    ``weight_scale_2`` float32 ``[E]`` or, for L1, ``[E, 2]`` (gate, up may differ), optional
+    ``input_scale`` (unused: activations arrive as FP8 with block scales).  L1 rows are gate rows
+    ``[0, I)`` then up rows ``[I, 2I)``.
+    """
+    return _transform_one(l1, 'l1', 'l1', 'nvfp4'), _transform_one(l2, 'l2', 'l2', 'nvfp4')
+
+
+def transform_weights_for_mega_moe(l1_weights, l2_weights) -> Tuple[ExpertWeights, ExpertWeights]:
+    """Upstream's name for MXFP4 weights: each argument is ``(weight uint8 [E, N, K/2], scale uint8 UE8M0 [E, N, K/32])``."""
+    return (_transform_one(l1_weights, 'l1_weights', 'l1', 'mxfp4'),
+            _transform_one(l2_weights, 'l2_weights', 'l2', 'mxfp4'))
+
+
+def transform_nvfp4_weights_for_grouped_gemm(weight, weight_scale, weight_scale_2) -> ExpertWeights:
+    """A single projection (no gate/up interleave) for the stand-alone grouped GEMM."""
+    return _transform_one({'weight': weight, 'weight_scale': weight_scale, 'weight_scale_2': weight_scale_2},
+                          'weights', 'l2', 'nvfp4')
+
+
+def transform_mxfp4_weights_for_grouped_gemm(weight, weight_scale) -> ExpertWeights:
+    return _transform_one((weight, weight_scale), 'weights', 'l2', 'mxfp4')

@@ -1,0 +1,103 @@
+"""Kernel-side weight layout: dequant(transform(w)) == dequant(w) bit for bit, and bad inputs."""
+import pytest
+import torch
+
+from deep_gemm.mega.weights import (BLOCK_K, CODE_BYTES, transform_nvfp4_weights_for_mega_moe,
+                                    transform_weights_for_mega_moe, _code_index, _scale_index)
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def direct_dequant(weight, scale, gran, fmt):
+    """Straight from the ModelOpt bytes: low nibble = even k."""
+    codes = torch.stack([weight & 0xF, weight >> 4], dim=-1).flatten(-2).long()
+    vals = E2M1[codes].double()
+    if fmt == 'nvfp4':
+        s = scale.float().double()
+    else:
+        s = torch.exp2(scale.double() - 127)
+    return vals * s.repeat_interleave(gran, dim=-1)
+
+
+def random_nvfp4(e, n, k, gen):
+    weight = torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, generator=gen)
+    # every UE4M3 code except NaN (0x7F): subnormals (0x01..0x07), max 448 (0x7E) included
+    scale = torch.randint(0, 0x7F, (e, n, k // 16), dtype=torch.uint8, generator=gen).view(torch.float8_e4m3fn)
+    g2 = torch.rand(e, 2, generator=gen) * 1e-3 + 1e-4
+    return weight, scale, g2
+
+
+def test_index_maps_are_permutations():
+    assert sorted(_code_index().tolist()) == list(range(128 * 128))
+    assert sorted(_scale_index('nvfp4').tolist()) == list(range(128 * 8))
+    assert sorted(_scale_index('mxfp4').tolist()) == list(range(128 * 4))
+
+
+@pytest.mark.parametrize('n,k', [(256, 256), (512, 384)])
+def test_nvfp4_roundtrip_bit_exact(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    e, inter = 3, n // 2
+    w1, s1, g1 = random_nvfp4(e, n, k, gen)
+    w2, s2, g2 = random_nvfp4(e, k, inter, gen)
+    l1, l2 = transform_nvfp4_weights_for_mega_moe(
+        {'weight': w1, 'weight_scale': s1, 'weight_scale_2': g1, 'input_scale': torch.ones(e)},
+        {'weight': w2, 'weight_scale': s2, 'weight_scale_2': g2[:, 0].contiguous()})
+    assert l1.codes.shape == (e, n // 128, k // 128, CODE_BYTES)
+    assert torch.equal(l1.dequantize().double(), direct_dequant(w1, s1, 16, 'nvfp4'))
+    assert torch.equal(l2.dequantize().double(), direct_dequant(w2, s2, 16, 'nvfp4'))
+    assert torch.equal(l1.alpha, g1) and torch.equal(l2.alpha[:, 0], g2[:, 0])
+    # the transform only permutes: the multiset of bytes-as-nibbles is unchanged per expert
+    for i in range(e):
+        a = torch.cat([w1[i] & 0xF, w1[i] >> 4]).flatten().sort().values
+        b = torch.cat([l1.codes[i] & 0xF, l1.codes[i] >> 4]).flatten().sort().values
+        assert torch.equal(a, b)
+
+
+def test_l1_interleave_puts_gate_and_up_in_one_thread():
+    """Kernel row 16G + r (r < 8) is gate channel 8G + r, and 16G + r + 8 is the up row of the same channel."""
+    gen = torch.Generator().manual_seed(0)
+    e, n, k = 1, 256, 128
+    w1, s1, g1 = random_nvfp4(e, n, k, gen)
+    l1, _ = transform_nvfp4_weights_for_mega_moe((w1, s1, g1), (w1[:, :128].contiguous(), s1[:, :128].contiguous(), g1[:, 0].contiguous()))
+    order = l1.row_order()
+    assert order[:8].tolist() == list(range(8)) and order[8:16].tolist() == list(range(128, 136))
+
+
+def test_mxfp4_roundtrip_bit_exact():
+    gen = torch.Generator().manual_seed(1)
+    e, n, k = 2, 256, 256
+    w1 = torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, generator=gen)
+    s1 = torch.randint(100, 140, (e, n, k // 32), dtype=torch.uint8, generator=gen)
+    w2 = torch.randint(0, 256, (e, k, n // 4), dtype=torch.uint8, generator=gen)
+    s2 = torch.randint(100, 140, (e, k, n // 2 // 32), dtype=torch.uint8, generator=gen)
+    l1, l2 = transform_weights_for_mega_moe((w1, s1), (w2, s2))
+    assert torch.equal(l1.dequantize().double(), direct_dequant(w1, s1, 32, 'mxfp4'))
+    assert torch.equal(l2.dequantize().double(), direct_dequant(w2, s2, 32, 'mxfp4'))
+    assert torch.equal(l1.alpha, torch.ones(e, 2))
+
+
+@pytest.mark.parametrize('mutate,exc,needle', [
+    (lambda d: d.update(weight=d['weight'].float()), TypeError, 'l1.weight'),
+    (lambda d: d.update(weight=d['weight'][:, :, :-1]), ValueError, 'l1.weight_scale'),
+    (lambda d: d.update(weight_scale=d['weight_scale'].view(torch.uint8)), TypeError, 'l1.weight_scale'),
+    (lambda d: d.update(weight_scale_2=d['weight_scale_2'].double()), TypeError, 'l1.weight_scale_2'),
+    (lambda d: d.pop('weight_scale_2'), ValueError, 'weight_scale_2'),
+    (lambda d: d.update(weight=d['weight'][:, :100]), ValueError, 'l1.weight'),
+])
+def test_bad_inputs_name_the_argument(mutate, exc, needle):
+    gen = torch.Generator().manual_seed(2)
+    w1, s1, g1 = random_nvfp4(2, 256, 256, gen)
+    w2, s2, g2 = random_nvfp4(2, 256, 128, gen)
+    d1 = {'weight': w1, 'weight_scale': s1, 'weight_scale_2': g1}
+    mutate(d1)
+    with pytest.raises(exc, match=needle):
+        transform_nvfp4_weights_for_mega_moe(d1, (w2, s2, g2[:, 0].contiguous()))
+
+
+def test_negative_or_nan_scale_rejected():
+    gen = torch.Generator().manual_seed(3)
+    w1, s1, g1 = random_nvfp4(1, 128, 128, gen)
+    s_bad = s1.view(torch.uint8).clone()
+    s_bad[0, 0, 0] = 0x7F  # NaN
+    with pytest.raises(ValueError, match='weight_scale'):
+        transform_nvfp4_weights_for_mega_moe((w1, s_bad.view(torch.float8_e4m3fn), g1), (w1, s1, g1[:, 0].contiguous()))
