@@ -1,0 +1,229 @@
+"""Hopper grouped GEMMs over experts: FP8 tokens x NVFP4/MXFP4 weights -> BF16 (register dequant, BF16 wgmma).
+
+Entry points (upstream-style names):
+
+* ``m_grouped_fp8_nvfp4_gemm_nt_contiguous(a, b, d, expert_offsets, ...)`` -- prefill layout: the
+  rows of ``a`` are grouped by expert, ``expert_offsets`` int32 ``[E + 1]`` (device) are the
+  prefix sums (rows of expert e are ``[offsets[e], offsets[e + 1])``).
+* ``m_grouped_fp8_nvfp4_gemm_nt_masked(a, b, d, masked_m, expected_m, ...)`` -- decode layout:
+  ``a`` is ``[E, max_m, K]``, expert e uses its first ``masked_m[e]`` rows (device counts: no host
+  sync, fixed shapes, CUDA-graph capturable).
+
+``a`` is BF16 tokens (used as they are: the L2 input of the MoE), or ``a = (x_fp8, x_sf)``: E4M3 ``[rows, K]`` with float32 per-token block scales ``[rows, K / gran]``
+(gran 32 or 128).  They are converted once to BF16 (exact when the scales are powers of two,
+e.g. ``per_token_cast_to_fp8(..., use_ue8m0=True)``; otherwise rounded once to BF16).  ``b`` is
+an :class:`~deep_gemm.mega.weights.ExpertWeights` (``transform_nvfp4_weights_for_grouped_gemm``
+or the Mega MoE transforms).  ``epilogue='swiglu'`` is the L1 epilogue: ``b`` must be an L1
+(gate/up interleaved) weight, ``d`` is ``[rows, N / 2]`` and receives
+``silu(clamp(gate)) * clamp(up) * route_weights[row]`` in BF16.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .jit import registry, runtime
+from .mega.weights import BLOCK_K, BLOCK_N, ExpertWeights
+
+_FMT = {'nvfp4': 'deep_gemm::sm90::WeightFormat::NVFP4', 'mxfp4': 'deep_gemm::sm90::WeightFormat::MXFP4'}
+_EPI = {'plain': 'deep_gemm::Epilogue::Plain', 'swiglu': 'deep_gemm::Epilogue::SwiGLU'}
+_MODE = {'contiguous': 'deep_gemm::GroupMode::Contiguous', 'masked': 'deep_gemm::GroupMode::Masked'}
+_SMEM_CAPACITY = 232448  # sm_90 max dynamic shared memory per block
+_BLOCK_T_CHOICES = (16, 32, 64, 128, 256)
+_MAX_STAGES = 12
+
+GROUPED_GEMM = registry.register_kernel(registry.KernelSpec(
+    name='sm90_fp8_nvfp4_grouped_gemm',
+    header='sm90_fp8_nvfp4_grouped_gemm.cuh',
+    kernel_expr_fn=lambda p: (f'deep_gemm::sm90_fp8_nvfp4_grouped_gemm<{p["fmt"]}, {p["block_t"]}, {p["stages"]}, '
+                              f'{p["epilogue"]}, {p["mode"]}, {p["fast_math"]}>'),
+    archs=('sm_90a',),
+    required_sass=(r'\bHGMMA\.64x\d+x16\.F32\.BF16\b', r'\bUTMALDG\b', r'\bUBLKCP\b', r'\bHMUL2\.BF16'),
+    forbid_local_memory=True,
+    default_params=(
+        {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 12, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True},
+        {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 12, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True},
+        {'fmt': _FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True},
+        {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True},
+    ),
+))
+
+FP8_TO_BF16 = registry.register_kernel(registry.KernelSpec(
+    name='smxx_fp8_to_bf16',
+    header='smxx_fp8_to_bf16.cuh',
+    kernel_expr_fn=lambda p: f'deep_gemm::smxx_fp8_to_bf16<{p["gran_k"]}>',
+    archs=('sm_90a', 'sm_100a'),
+    required_sass=(r'\bSTG\.E\.128\b',),
+    forbid_local_memory=True,
+    default_params=({'gran_k': 32}, {'gran_k': 128}),
+))
+
+_num_sms: Optional[int] = None
+
+
+def set_num_sms(num_sms: int):
+    """Cap the number of SMs the persistent kernels use (upstream's ``deep_gemm.set_num_sms``)."""
+    global _num_sms
+    if not isinstance(num_sms, int) or num_sms < 1:
+        raise ValueError(f'num_sms: expected a positive int, got {num_sms!r}')
+    _num_sms = num_sms
+
+
+def get_num_sms() -> int:
+    count = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return count if _num_sms is None else min(_num_sms, count)
+
+
+def _check(cond, exc, msg):
+    if not cond:
+        raise exc(msg)
+
+
+def _check_cuda_tensor(name, t, dtype=None, ndim=None, device=None):
+    _check(isinstance(t, torch.Tensor), TypeError, f'{name}: expected a torch.Tensor, got {type(t).__name__}')
+    if dtype is not None:
+        _check(t.dtype == dtype, TypeError, f'{name}: expected dtype {dtype}, got {t.dtype}')
+    if ndim is not None:
+        _check(t.dim() == ndim, ValueError, f'{name}: expected {ndim} dims, got shape {tuple(t.shape)}')
+    _check(t.is_cuda, ValueError, f'{name}: expected a CUDA tensor, got device {t.device}')
+    if device is not None:
+        _check(t.device == device, ValueError, f'{name}: on {t.device}, expected {device}')
+    _check(t.is_contiguous(), ValueError, f'{name}: must be contiguous')
+
+
+def fp8_to_bf16_tokens(x: torch.Tensor, sf: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """E4M3 ``[rows, K]`` x float32 block scales ``[rows, K / gran]`` -> BF16 ``[rows, K]``."""
+    _check_cuda_tensor('x', x, torch.float8_e4m3fn, 2)
+    _check_cuda_tensor('x_sf', sf, torch.float32, 2, x.device)
+    rows, k = x.shape
+    _check(sf.shape[0] == rows and sf.shape[1] > 0 and k % sf.shape[1] == 0, ValueError,
+           f'x_sf: expected [{rows}, K / gran], got {tuple(sf.shape)}')
+    gran = k // sf.shape[1]
+    _check(gran in (32, 128), ValueError, f'x_sf: block size K / x_sf.shape[1] = {gran} must be 32 or 128')
+    out = torch.empty(rows, k, dtype=torch.bfloat16, device=x.device) if out is None else out
+    if rows == 0:
+        return out
+    kernel = registry.get_kernel(FP8_TO_BF16.name, {'gran_k': gran})
+    total = rows * (k // 16)
+    runtime.launch(kernel, (total + 255) // 256, 256, 0,
+                   [x.view(torch.uint8), sf, out, runtime.i32(rows), runtime.i32(k)])
+    return out
+
+
+def _pick_block_t(tokens_per_expert: int) -> int:
+    for bt in _BLOCK_T_CHOICES:
+        if tokens_per_expert <= bt:
+            return bt
+    return _BLOCK_T_CHOICES[-1]
+
+
+def _stages(fmt: str, block_t: int, num_experts: int) -> int:
+    stage = block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K // 2 + (1024 if fmt == 'nvfp4' else 512)
+    fixed = 1024 + 4 * (num_experts + 1) + 64
+    return max(2, min(_MAX_STAGES, (_SMEM_CAPACITY - fixed) // (stage + 16)))
+
+
+def _smem_bytes(fmt: str, block_t: int, stages: int, num_experts: int) -> int:
+    stage = block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K // 2 + (1024 if fmt == 'nvfp4' else 512)
+    return 1024 + stages * (stage + 16) + 4 * (num_experts + 1) + 64
+
+
+def _launch_grouped(tokens: torch.Tensor, b: ExpertWeights, d: torch.Tensor, layout: torch.Tensor, mode: str,
+                    max_rows: int, tokens_per_expert: int, epilogue: str, route_weights: Optional[torch.Tensor],
+                    clamp: Optional[float], fast_math: bool, block_t: Optional[int] = None):
+    from .jit.tma import make_tma_2d
+    block_t = block_t or _pick_block_t(tokens_per_expert)
+    stages = _stages(b.fmt, block_t, b.num_experts)
+    params = {'fmt': _FMT[b.fmt], 'block_t': block_t, 'stages': stages, 'epilogue': _EPI[epilogue],
+              'mode': _MODE[mode], 'fast_math': bool(fast_math)}
+    kernel = registry.get_kernel(GROUPED_GEMM.name, params, device=tokens.device.index)
+    tmap = make_tma_2d(tokens, block_t, 64, 128)
+    smem = _smem_bytes(b.fmt, block_t, stages, b.num_experts)
+    clamp_v = math.inf if clamp is None else float(clamp)
+    runtime.launch(kernel, get_num_sms(), 384, smem,
+                   [tmap, b.codes, b.scales, b.alpha, layout, d, route_weights, runtime.f32(clamp_v),
+                    runtime.i32(b.num_experts), runtime.i32(b.n), runtime.i32(b.k), runtime.i32(max_rows),
+                    runtime.i32(b.alpha.shape[1])])
+
+
+def _split_tokens(a):
+    """``a`` -> (tokens, scales or None): BF16 tokens are used as they are, FP8 come with scales."""
+    if isinstance(a, torch.Tensor):
+        _check(a.dtype == torch.bfloat16, TypeError,
+               f'a: expected BF16 tokens or a (float8_e4m3fn tokens, float32 scales) pair, got {a.dtype}')
+        return a, None
+    _check(isinstance(a, (tuple, list)) and len(a) == 2, TypeError,
+           'a: expected BF16 tokens or a (float8_e4m3fn tokens, float32 scales) pair')
+    return a[0], a[1]
+
+
+def _check_weights(b, name='b'):
+    _check(isinstance(b, ExpertWeights), TypeError,
+           f'{name}: expected deep_gemm ExpertWeights (see transform_nvfp4_weights_for_grouped_gemm), got {type(b).__name__}')
+    _check(b.codes.is_cuda, ValueError, f'{name}: weights must be on a CUDA device, got {b.codes.device}')
+
+
+def _check_epilogue(epilogue, b, route_weights, rows, device):
+    _check(epilogue in _EPI, ValueError, f"epilogue: expected 'plain' or 'swiglu', got {epilogue!r}")
+    if epilogue == 'swiglu':
+        _check(b.kind == 'l1', ValueError, "b: the 'swiglu' epilogue needs L1 (gate/up interleaved) weights")
+    if route_weights is not None:
+        _check(epilogue == 'swiglu', ValueError, "route_weights: only used by the 'swiglu' epilogue")
+        _check_cuda_tensor('route_weights', route_weights, torch.float32, 1, device)
+        _check(route_weights.shape[0] == rows, ValueError,
+               f'route_weights: expected [{rows}], got {tuple(route_weights.shape)}')
+
+
+def m_grouped_fp8_nvfp4_gemm_nt_contiguous(a: Tuple[torch.Tensor, torch.Tensor], b: ExpertWeights, d: torch.Tensor,
+                                           expert_offsets: torch.Tensor, epilogue: str = 'plain',
+                                           route_weights: Optional[torch.Tensor] = None,
+                                           activation_clamp: Optional[float] = None, fast_math: bool = True,
+                                           expected_m: Optional[int] = None) -> torch.Tensor:
+    """``d[r] = a[r] @ W_e^T * alpha_e`` for rows ``r`` of expert ``e`` (contiguous layout)."""
+    _check_weights(b)
+    x, sf = _split_tokens(a)
+    _check_cuda_tensor('a[0]', x, x.dtype if sf is None else torch.float8_e4m3fn, 2, b.device)
+    rows, k = x.shape
+    _check(k == b.k, ValueError, f'a[0]: K = {k} does not match the weights (K = {b.k})')
+    _check_cuda_tensor('expert_offsets', expert_offsets, torch.int32, 1, b.device)
+    _check(expert_offsets.shape[0] == b.num_experts + 1, ValueError,
+           f'expert_offsets: expected [{b.num_experts + 1}], got {tuple(expert_offsets.shape)}')
+    _check_epilogue(epilogue, b, route_weights, rows, b.device)
+    n_out = b.n // 2 if epilogue == 'swiglu' else b.n
+    _check_cuda_tensor('d', d, torch.bfloat16, 2, b.device)
+    _check(tuple(d.shape) == (rows, n_out), ValueError, f'd: expected shape {(rows, n_out)}, got {tuple(d.shape)}')
+    tokens = x if sf is None else fp8_to_bf16_tokens(x, sf)
+    if rows == 0:
+        return d
+    per_expert = expected_m if expected_m is not None else max(1, rows // max(1, b.num_experts))
+    _launch_grouped(tokens, b, d, expert_offsets, 'contiguous', rows, per_expert, epilogue, route_weights,
+                    activation_clamp, fast_math)
+    return d
+
+
+def m_grouped_fp8_nvfp4_gemm_nt_masked(a: Tuple[torch.Tensor, torch.Tensor], b: ExpertWeights, d: torch.Tensor,
+                                       masked_m: torch.Tensor, expected_m: int, epilogue: str = 'plain',
+                                       route_weights: Optional[torch.Tensor] = None,
+                                       activation_clamp: Optional[float] = None, fast_math: bool = True) -> torch.Tensor:
+    """``d[e, i] = a[e, i] @ W_e^T * alpha_e`` for ``i < masked_m[e]`` (rows past it are left untouched)."""
+    _check_weights(b)
+    x, sf = _split_tokens(a)
+    _check_cuda_tensor('a[0]', x, x.dtype if sf is None else torch.float8_e4m3fn, 3, b.device)
+    e, max_m, k = x.shape
+    _check(e == b.num_experts, ValueError, f'a[0]: {e} experts, the weights have {b.num_experts}')
+    _check(k == b.k, ValueError, f'a[0]: K = {k} does not match the weights (K = {b.k})')
+    if sf is not None:
+        _check_cuda_tensor('a[1]', sf, torch.float32, 3, b.device)
+    _check_cuda_tensor('masked_m', masked_m, torch.int32, 1, b.device)
+    _check(masked_m.shape[0] == e, ValueError, f'masked_m: expected [{e}], got {tuple(masked_m.shape)}')
+    _check(isinstance(expected_m, int) and expected_m > 0, ValueError, f'expected_m: expected a positive int, got {expected_m!r}')
+    _check_epilogue(epilogue, b, None if route_weights is None else route_weights.reshape(-1), e * max_m, b.device)
+    n_out = b.n // 2 if epilogue == 'swiglu' else b.n
+    _check_cuda_tensor('d', d, torch.bfloat16, 3, b.device)
+    _check(tuple(d.shape) == (e, max_m, n_out), ValueError, f'd: expected shape {(e, max_m, n_out)}, got {tuple(d.shape)}')
+    tokens = x.reshape(e * max_m, k) if sf is None else fp8_to_bf16_tokens(x.reshape(e * max_m, k), sf.reshape(e * max_m, -1))
+    _launch_grouped(tokens, b, d.view(e * max_m, n_out), masked_m, 'masked', max_m, min(expected_m, max_m),
+                    epilogue, None if route_weights is None else route_weights.reshape(-1), activation_clamp, fast_math)
+    return d

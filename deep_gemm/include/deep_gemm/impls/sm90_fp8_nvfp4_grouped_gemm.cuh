@@ -1,0 +1,212 @@
+#pragma once
+// Hopper grouped GEMM: NVFP4/MXFP4 expert weights x BF16 tokens -> BF16, swap-AB.
+//
+//   out[token, n] = alpha[e] * sum_k W_e[n, k] * x[token, k]
+//
+// Weight rows are the M side of wgmma and come from registers: they are dequantized exactly
+// (E2M1 x UE4M3 is exact in BF16) right before the MMA, so HBM carries 4.5 bits per weight.
+// Tokens are the N side, loaded by TMA into 128B-swizzled shared memory (the token side is
+// FP8 x power-of-two scale upstream of this kernel, exact in BF16 too).
+//
+// Warp roles: warpgroup 0 = producer (one thread issues bulk copies and TMA), warpgroups 1..2 =
+// consumers, each owning 64 of the tile's 128 weight rows and sharing the token tile.
+// Persistent grid over GroupedTiles.  Epilogues: plain (alpha -> BF16), and L1 SwiGLU
+// (gate/up rows interleaved by the transform so one thread holds both; routing weight applied;
+// the L2 input is written in BF16).
+#include <cstdint>
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include <deep_gemm/common/sm90_fp4.cuh>
+#include <deep_gemm/common/sm90_wgmma.cuh>
+#include <deep_gemm/epilogue/moe_math.cuh>
+#include <deep_gemm/scheduler/grouped_tiles.cuh>
+
+namespace deep_gemm {
+
+enum class Epilogue : int { Plain = 0, SwiGLU = 1 };
+
+namespace sm90_grouped {
+
+constexpr int kBlockN = 128;            // weight rows per tile
+constexpr int kBlockK = 128;            // k per pipeline stage
+constexpr int kCodeBytes = kBlockN * kBlockK / 2;
+constexpr int kNumThreads = 384;
+
+template <sm90::WeightFormat kFmt, int kBlockT>
+struct SmemLayout {
+    static constexpr int kTokenBytes = kBlockT * kBlockK * 2;        // two 64-wide swizzle atoms
+    static constexpr int kScaleBytes = sm90::FP4Block<kFmt>::kScaleChunkBytes;
+    static constexpr int kStageBytes = kTokenBytes + kCodeBytes + kScaleBytes;
+    static constexpr int kAlign = 1024;                               // swizzle-128B atoms
+};
+
+}  // namespace sm90_grouped
+
+struct GroupedGemmParams {
+    const uint8_t* codes;        // [E, N/128, K/128, 8192]
+    const uint8_t* scales;       // [E, N/128, K/128, scale chunk]
+    const float* alpha;          // [E, alpha_stride]
+    const int* layout;           // Contiguous: offsets [E+1]; Masked: counts [E]
+    __nv_bfloat16* out;          // Plain: [rows, N]; SwiGLU: [rows, N/2]
+    const float* route_weights;  // SwiGLU: [rows] (nullptr = 1)
+    float clamp;                 // SwiGLU clamp (inf = none)
+    int num_experts, n, k, max_rows, alpha_stride;
+};
+
+template <sm90::WeightFormat kFmt, int kBlockT, int kNumStages, Epilogue kEpilogue, GroupMode kMode,
+          bool kFastMath>
+__global__ void __launch_bounds__(sm90_grouped::kNumThreads, 1)
+sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
+                            const uint8_t* codes, const uint8_t* scales, const float* alpha, const int* layout,
+                            __nv_bfloat16* out, const float* route_weights, float clamp,
+                            int num_experts, int n, int k, int max_rows, int alpha_stride) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    // Flat parameters keep the Python launcher free of struct packing.
+    const GroupedGemmParams p{codes, scales, alpha, layout, out, route_weights, clamp,
+                              num_experts, n, k, max_rows, alpha_stride};
+    using namespace sm90_grouped;
+    using Layout = SmemLayout<kFmt, kBlockT>;
+    using Block = sm90::FP4Block<kFmt>;
+    using MMA = sm90::WgmmaRS<kBlockT>;
+    using Barrier = cutlass::arch::ClusterTransactionBarrier;
+
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>(
+        (reinterpret_cast<uintptr_t>(smem_raw) + Layout::kAlign - 1) & ~uintptr_t(Layout::kAlign - 1));
+    uint8_t* smem_tokens = smem;
+    uint8_t* smem_codes = smem_tokens + kNumStages * Layout::kTokenBytes;
+    uint8_t* smem_scales = smem_codes + kNumStages * kCodeBytes;
+    auto* full = reinterpret_cast<Barrier*>(smem_scales + kNumStages * Layout::kScaleBytes);
+    auto* empty = full + kNumStages;
+    int* smem_prefix = reinterpret_cast<int*>(empty + kNumStages);
+
+    const int warpgroup = threadIdx.x / 128;
+    const int wg_tid = threadIdx.x % 128;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    GroupedTiles<kMode, kBlockT> sched{p.layout, p.num_experts, p.max_rows, p.n / kBlockN, smem_prefix};
+    if (warp == 0) sched.build_prefix(lane);
+    if (threadIdx.x == 32) {
+        #pragma unroll
+        for (int s = 0; s < kNumStages; ++s) {
+            full[s].init(1);
+            empty[s].init(2);   // one elected thread per consumer warpgroup
+        }
+        cutlass::arch::fence_barrier_init();
+    }
+    if (threadIdx.x == 64) cute::prefetch_tma_descriptor(&tokens_map);
+    __syncthreads();
+
+    const int num_tiles = sched.num_tiles();
+    const int num_k_blocks = p.k / kBlockK;
+    const int num_row_tiles = p.n / kBlockN;
+
+    if (warpgroup == 0) {
+        // ---------------- producer ----------------
+        cutlass::arch::warpgroup_reg_dealloc<40>();
+        if (threadIdx.x != 0) return;
+        int stage = 0, phase = 0;
+        for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+            const auto tile = sched.get(t);
+            const size_t chunk0 = (size_t(tile.expert) * num_row_tiles + tile.row_tile) * num_k_blocks;
+            for (int kb = 0; kb < num_k_blocks; ++kb) {
+                empty[stage].wait(phase ^ 1);
+                full[stage].arrive_and_expect_tx(Layout::kStageBytes);
+                cute::SM90_BULK_COPY_G2S::copy(p.codes + (chunk0 + kb) * kCodeBytes,
+                                               reinterpret_cast<uint64_t*>(&full[stage]),
+                                               smem_codes + stage * kCodeBytes, kCodeBytes);
+                cute::SM90_BULK_COPY_G2S::copy(p.scales + (chunk0 + kb) * Layout::kScaleBytes,
+                                               reinterpret_cast<uint64_t*>(&full[stage]),
+                                               smem_scales + stage * Layout::kScaleBytes, Layout::kScaleBytes);
+                #pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    cute::SM90_TMA_LOAD_2D::copy(&tokens_map, reinterpret_cast<uint64_t*>(&full[stage]),
+                                                 static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
+                                                 smem_tokens + stage * Layout::kTokenBytes + h * kBlockT * 128,
+                                                 kb * kBlockK + h * 64, tile.row_start);
+                if (++stage == kNumStages) stage = 0, phase ^= 1;
+            }
+        }
+    } else {
+        // ---------------- consumers ----------------
+        cutlass::arch::warpgroup_reg_alloc<232>();
+        const int cw = warpgroup - 1;                 // which 64 rows of the tile
+        const int wg_warp = wg_tid / 32, g = lane / 4, q = lane % 4;
+        const int row_pair = cw * 32 + wg_warp * 8 + g;
+        float acc[MMA::kNumAccum];
+        int stage = 0, phase = 0;
+
+        for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+            const auto tile = sched.get(t);
+            for (int kb = 0; kb < num_k_blocks; ++kb) {
+                full[stage].wait(phase);
+                uint32_t codes[8], scales[4];
+                const auto* cptr = reinterpret_cast<const uint4*>(smem_codes + stage * kCodeBytes);
+                const uint4 c0 = cptr[(cw * 2 + 0) * 128 + wg_tid];
+                const uint4 c1 = cptr[(cw * 2 + 1) * 128 + wg_tid];
+                codes[0] = c0.x, codes[1] = c0.y, codes[2] = c0.z, codes[3] = c0.w;
+                codes[4] = c1.x, codes[5] = c1.y, codes[6] = c1.z, codes[7] = c1.w;
+                const uint8_t* sptr = smem_scales + stage * Layout::kScaleBytes + row_pair * Block::kScaleBytesPerRowPair;
+                if constexpr (kFmt == sm90::WeightFormat::NVFP4) {
+                    const uint4 s = *reinterpret_cast<const uint4*>(sptr);
+                    scales[0] = s.x, scales[1] = s.y, scales[2] = s.z, scales[3] = s.w;
+                } else {
+                    const uint2 s = *reinterpret_cast<const uint2*>(sptr);
+                    scales[0] = s.x, scales[1] = s.y, scales[2] = 0, scales[3] = 0;
+                }
+                uint32_t a[8][4];
+                Block::dequant(codes, scales, a);
+
+                const uint32_t tok_base = cute::cast_smem_ptr_to_uint(smem_tokens + stage * Layout::kTokenBytes);
+                #pragma unroll
+                for (int i = 0; i < MMA::kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
+                cute::warpgroup_arrive();
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const uint64_t desc = sm90::make_kmajor_sw128_desc(tok_base + (j / 4) * kBlockT * 128 + (j % 4) * 32);
+                    MMA::mma(a[j], desc, acc, kb > 0 || j > 0);
+                }
+                cute::warpgroup_commit_batch();
+                cute::warpgroup_wait<0>();
+                #pragma unroll
+                for (int i = 0; i < MMA::kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
+                if (wg_tid == 0) empty[stage].arrive();
+                if (++stage == kNumStages) stage = 0, phase ^= 1;
+            }
+
+            // ---------------- epilogue ----------------
+            // acc[4j + {0,1}] = (row r0, tokens 8j + 2q + {0,1}), acc[4j + {2,3}] = (row r0 + 8, same tokens)
+            const int r0 = cw * 64 + wg_warp * 16 + g;
+            const float* alpha = p.alpha + tile.expert * p.alpha_stride;
+            #pragma unroll
+            for (int j = 0; j < kBlockT / 8; ++j) {
+                #pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int tok = 8 * j + 2 * q + c;
+                    if (tok >= tile.num_tokens) continue;
+                    const size_t row = size_t(tile.row_start) + tok;
+                    if constexpr (kEpilogue == Epilogue::Plain) {
+                        const float a0 = __ldg(alpha) * Block::kCompensation;
+                        __nv_bfloat16* dst = p.out + row * p.n + tile.row_tile * kBlockN + r0;
+                        dst[0] = __float2bfloat16_rn(acc[4 * j + c] * a0);
+                        dst[8] = __float2bfloat16_rn(acc[4 * j + 2 + c] * a0);
+                    } else {
+                        const float gate = acc[4 * j + c] * (__ldg(alpha) * Block::kCompensation);
+                        const float up = acc[4 * j + 2 + c] * (__ldg(alpha + 1) * Block::kCompensation);
+                        float h = swiglu<kFastMath>(gate, up, p.clamp);
+                        if (p.route_weights != nullptr) h *= __ldg(p.route_weights + row);
+                        const int chan = tile.row_tile * (kBlockN / 2) + cw * 32 + wg_warp * 8 + g;
+                        p.out[row * (p.n / 2) + chan] = __float2bfloat16_rn(h);
+                    }
+                }
+            }
+        }
+    }
+#endif
+}
+
+}  // namespace deep_gemm

@@ -1,0 +1,78 @@
+#pragma once
+// Arch-neutral tile scheduler for grouped (per-expert) GEMMs with device-side token counts.
+//
+// Tiles are (expert, weight-row tile, token tile), numbered expert-major, then row tile, then
+// token tile innermost, so CTAs that run at the same time share a weight tile through L2.
+// Experts with no tokens own no tiles, so their weights are never read.  Counts live on the
+// device (no host sync, CUDA-graph friendly): every CTA builds the per-expert tile prefix in
+// shared memory once.
+#include <cstdint>
+
+namespace deep_gemm {
+
+enum class GroupMode : int { Contiguous = 0, Masked = 1 };
+
+template <GroupMode kMode, int kBlockT>
+struct GroupedTiles {
+    const int* layout;      // Contiguous: row offsets [E + 1]; Masked: counts [E]
+    int num_experts;
+    int max_rows;           // Masked: rows reserved per expert
+    int num_row_tiles;      // weight-row tiles per expert
+    int* smem_prefix;       // [E + 1] token tiles before each expert
+
+    __device__ __forceinline__ int row_start(int e) const {
+        return kMode == GroupMode::Contiguous ? __ldg(layout + e) : e * max_rows;
+    }
+    __device__ __forceinline__ int count(int e) const {
+        if constexpr (kMode == GroupMode::Contiguous)
+            return __ldg(layout + e + 1) - __ldg(layout + e);
+        else
+            return min(max(__ldg(layout + e), 0), max_rows);
+    }
+
+    // Called by one full warp; the caller syncs the block afterwards.
+    __device__ __forceinline__ void build_prefix(int lane) {
+        const int per_lane = (num_experts + 31) / 32;
+        const int begin = lane * per_lane, end = min(begin + per_lane, num_experts);
+        int local = 0;
+        for (int e = begin; e < end; ++e)
+            local += (count(e) + kBlockT - 1) / kBlockT;
+        int incl = local;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += v;
+        }
+        int run = incl - local;
+        for (int e = begin; e < end; ++e) {
+            smem_prefix[e] = run;
+            run += (count(e) + kBlockT - 1) / kBlockT;
+        }
+        if (lane == 31) smem_prefix[num_experts] = incl;
+    }
+
+    __device__ __forceinline__ int num_tiles() const { return smem_prefix[num_experts] * num_row_tiles; }
+
+    struct Tile { int expert, row_tile, token_tile, row_start, num_tokens; };
+
+    __device__ __forceinline__ Tile get(int t) const {
+        // largest e with prefix[e] * R <= t (binary search; empty experts have equal prefixes)
+        int lo = 0, hi = num_experts - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (smem_prefix[mid] * num_row_tiles <= t) lo = mid; else hi = mid - 1;
+        }
+        const int e = lo;
+        const int tt_e = smem_prefix[e + 1] - smem_prefix[e];
+        const int local = t - smem_prefix[e] * num_row_tiles;
+        Tile tile;
+        tile.expert = e;
+        tile.row_tile = local / tt_e;
+        tile.token_tile = local % tt_e;
+        tile.row_start = row_start(e) + tile.token_tile * kBlockT;
+        tile.num_tokens = min(kBlockT, count(e) - tile.token_tile * kBlockT);
+        return tile;
+    }
+};
+
+}  // namespace deep_gemm
