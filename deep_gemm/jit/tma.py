@@ -80,9 +80,11 @@ def make_tma_2d(tensor: torch.Tensor, box_rows: int, box_cols: int, swizzle_byte
     d = driver()
     oob = d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE if oob_fill_zero else \
         d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA
+    u32, u64 = d.cuuint32_t, d.cuuint64_t
     return check(d.cuTensorMapEncodeTiled(
-        getattr(d.CUtensorMapDataType, p.dtype_name), 2, tensor.data_ptr(),
-        list(p.global_dim), list(p.global_stride), list(p.box_dim), [1, 1],
+        getattr(d.CUtensorMapDataType, p.dtype_name), u32(2), tensor.data_ptr(),
+        [u64(v) for v in p.global_dim], [u64(v) for v in p.global_stride], [u32(v) for v in p.box_dim],
+        [u32(1), u32(1)],
         d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         getattr(d.CUtensorMapSwizzle, p.swizzle_name),
         d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B, oob))
