@@ -85,18 +85,20 @@ def _check_weights(name: str, w, fmt: str, n: int, k: int, num_experts: int, num
     check_tensor(f'{name}.alpha', w.alpha, dtype=torch.float32, shape=(num_experts, num_alpha), contiguous=False)
 
 
-def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fmt: str) -> int:
+def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fmt: str,
+              names=('l1', 'l2', 'buffer')) -> int:
+    l1_name, l2_name, buf_name = names
     if not isinstance(buffer, SymmBuffer):
-        raise TypeError(f'buffer: expected a SymmBuffer from get_symm_buffer_for_mega_moe, got {type(buffer).__name__}')
+        raise TypeError(f'{buf_name}: expected a SymmBuffer from get_symm_buffer_for_mega_moe, got {type(buffer).__name__}')
     check_tensor('y', y, dtype=torch.bfloat16, ndim=2, shape=(None, buffer.hidden), device=buffer.device)
     t = y.shape[0]
     if t > buffer.num_max_tokens_per_rank:
         raise ValueError(f'y: too many tokens: {t} > num_max_tokens_per_rank = {buffer.num_max_tokens_per_rank}')
-    check_expert_ids('buffer.topk_idx', buffer.topk_idx[:t], buffer.num_experts)
+    check_expert_ids(f'{buf_name}.topk_idx', buffer.topk_idx[:t], buffer.num_experts)
     if t and not bool(torch.isfinite(buffer.topk_weights[:t]).all()):
-        raise ValueError('buffer.topk_weights: must be finite')
+        raise ValueError(f'{buf_name}.topk_weights: must be finite')
     if t and not bool(torch.isfinite(buffer.x_sf[:t]).all()):
-        raise ValueError('buffer.x_sf: must be finite')
+        raise ValueError(f'{buf_name}.x_sf: must be finite')
     e_l = buffer.num_experts_per_rank
     if stats is not None:
         check_tensor('cumulative_local_expert_recv_stats', stats, dtype=torch.int32, shape=(e_l,),
@@ -110,8 +112,8 @@ def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fm
         raise TypeError(f'fast_math: expected a bool, got {type(fast_math).__name__}')
     if backend not in BACKENDS:
         raise ValueError(f'backend: expected one of {BACKENDS}, got {backend!r}')
-    _check_weights('l1', l1, fmt, 2 * buffer.intermediate_hidden, buffer.hidden, e_l, 2)
-    _check_weights('l2', l2, fmt, buffer.hidden, buffer.intermediate_hidden, e_l, 1)
+    _check_weights(l1_name, l1, fmt, 2 * buffer.intermediate_hidden, buffer.hidden, e_l, 2)
+    _check_weights(l2_name, l2, fmt, buffer.hidden, buffer.intermediate_hidden, e_l, 1)
     return t
 
 
@@ -124,12 +126,12 @@ def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, back
                                  cumulative_local_expert_recv_stats=stats)
         y.copy_(out)
         return y
+    if buffer.device.type != 'cuda':
+        raise ValueError(f'buffer: backend {backend!r} needs a CUDA buffer, got one on {buffer.device}')
     mod = _backend_module(backend)
     if mod is None or not hasattr(mod, 'run'):
         raise NotImplementedError(f"backend={backend!r}: deep_gemm.mega.{backend} is not available in this build; "
                                   f"use backend='reference' (or 'auto')")
-    if buffer.device.type != 'cuda':
-        raise ValueError(f'buffer: backend {backend!r} needs a CUDA buffer, got one on {buffer.device}')
     mod.run(y, l1, l2, buffer, cumulative_local_expert_recv_stats=stats,
             activation_clamp=activation_clamp, fast_math=fast_math)
     return y
@@ -167,6 +169,6 @@ def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBu
     if activation != 'swiglu':
         raise ValueError(f"activation: only 'swiglu' is supported, got {activation!r}")
     t = _validate(y, l1_weights, l2_weights, sym_buffer, cumulative_local_expert_recv_stats, activation_clamp,
-                  fast_math, backend, 'mxfp4')
+                  fast_math, backend, 'mxfp4', names=('l1_weights', 'l2_weights', 'sym_buffer'))
     return _run(y, l1_weights, l2_weights, sym_buffer, cumulative_local_expert_recv_stats, activation_clamp,
                 fast_math, backend, t)

@@ -48,7 +48,7 @@ def check_tensor(name: str, t, dtype: Optional[Union[torch.dtype, Sequence[torch
     if shape is not None:
         for i, (got, want) in enumerate(zip(t.shape, shape)):
             if want is not None and got != want:
-                want_s = tuple('*' if s is None else s for s in shape)
+                want_s = '(' + ', '.join('*' if s is None else str(s) for s in shape) + ')'
                 raise ValueError(f'{name}: expected shape {want_s}, got {tuple(t.shape)} (dimension {i})')
     if device is not None and not same_device(t.device, device):
         raise ValueError(f'{name}: expected a tensor on {torch.device(device)}, got {t.device}')

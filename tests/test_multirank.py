@@ -1,0 +1,109 @@
+"""The multi-rank reference (gloo, 2 and 4 spawned processes) equals the single-process reference bit for bit."""
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from deep_gemm.reference import reference_mega_moe
+
+TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, data_path, out_dir):
+    os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
+    torch.set_num_threads(1)
+    from datetime import timedelta
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        d = torch.load(data_path)
+        counts = d['counts']
+        lo, hi = sum(counts[:rank]), sum(counts[:rank + 1])
+        e_l = d['experts'] // world
+        es = slice(rank * e_l, (rank + 1) * e_l)
+        tok = {k: d[k][lo:hi] for k in ('x', 'x_sf', 'topk_idx', 'topk_weights')}
+        stats = torch.zeros(e_l, dtype=torch.int32)
+        y = reference_mega_moe(tok['x'], tok['x_sf'], tok['topk_idx'], tok['topk_weights'], d['w1'][es],
+                               d['w1_alpha'][es], d['w2'][es], d['w2_alpha'][es], group=dist.group.WORLD,
+                               activation_clamp=d['clamp'], num_experts=d['experts'],
+                               cumulative_local_expert_recv_stats=stats)
+        res = {'y': y, 'stats': stats}
+        # the public entry point on a CPU group (plain-memory buffer, reference backend)
+        import deep_gemm
+        if hasattr(deep_gemm, 'transform_nvfp4_weights_for_mega_moe'):
+            l1 = {k: v[es] for k, v in d['l1'].items()}
+            l2 = {k: v[es] for k, v in d['l2'].items()}
+            L1, L2 = deep_gemm.transform_nvfp4_weights_for_mega_moe(l1, l2)
+            buf = deep_gemm.get_symm_buffer_for_mega_moe(dist.group.WORLD, d['experts'], max(counts) + 3,
+                                                         d['topk'], d['hidden'], d['inter'], device='cpu')
+            t = hi - lo
+            buf.x[:t].copy_(tok['x'])
+            buf.x_sf[:t].copy_(tok['x_sf'])
+            buf.topk_idx[:t].copy_(tok['topk_idx'])
+            buf.topk_weights[:t].copy_(tok['topk_weights'])
+            y_api = torch.empty(t, d['hidden'], dtype=torch.bfloat16)
+            api_stats = torch.zeros(e_l, dtype=torch.int32)
+            deep_gemm.fp8_nvfp4_mega_moe(y_api, L1, L2, buf, cumulative_local_expert_recv_stats=api_stats,
+                                         activation_clamp=d['clamp'], backend='auto')
+            res.update(y_api=y_api, api_stats=api_stats)
+        torch.save(res, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_spawned(world, data_path, out_dir):
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), data_path, out_dir), nprocs=world, join=False,
+                             start_method='spawn')
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f'{world}-rank gloo run did not finish in {TIMEOUT_S} s')
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+@pytest.mark.parametrize('world,counts,clamp', [
+    (2, [7, 0], None),
+    (4, [5, 0, 9, 2], 0.1),
+])
+def test_multirank_equals_single_process(tmp_path, make_problem, world, counts, clamp):
+    p = make_problem(seed=100 + world, t=sum(counts), hidden=256, inter=128, experts=8, topk=3, mask_frac=0.25)
+    stats = torch.zeros(p.experts, dtype=torch.int32)
+    y_full = reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, p.w1, p.w1_alpha, p.w2, p.w2_alpha,
+                                activation_clamp=clamp, cumulative_local_expert_recv_stats=stats)
+    data = dict(x=p.x, x_sf=p.x_sf, topk_idx=p.topk_idx, topk_weights=p.topk_weights, w1=p.w1, w1_alpha=p.w1_alpha,
+                w2=p.w2, w2_alpha=p.w2_alpha, l1=p.l1, l2=p.l2, counts=counts, experts=p.experts, topk=p.topk,
+                hidden=p.hidden, inter=p.inter, clamp=clamp)
+    data_path = str(tmp_path / 'data.pt')
+    torch.save(data, data_path)
+    _run_spawned(world, data_path, str(tmp_path))
+    ys, st = [], []
+    for r in range(world):
+        res = torch.load(tmp_path / f'rank{r}.pt')
+        assert res['y'].shape == (counts[r], p.hidden)
+        ys.append(res['y'])
+        st.append(res['stats'])
+        if 'y_api' in res:
+            assert torch.equal(res['y_api'], res['y'])
+            assert torch.equal(res['api_stats'], res['stats'])
+    import deep_gemm
+    if hasattr(deep_gemm, 'transform_nvfp4_weights_for_mega_moe'):
+        assert all('y_api' in torch.load(tmp_path / f'rank{r}.pt') for r in range(world))
+    y = torch.cat(ys)
+    assert torch.equal(y.view(torch.int16), y_full.view(torch.int16))  # bit for bit
+    assert torch.equal(torch.cat(st), stats)
+    assert y_full.float().abs().sum() > 0
