@@ -213,16 +213,17 @@ def test_tma_params_validation():
 def test_runtime_args_without_driver():
     # Importing the runtime must not need cuda-bindings or a driver
     assert runtime._driver is None or 'cuda.bindings' in sys.modules
-    keep = []
     t = torch.zeros(4)
-    assert ctypes.c_void_p.from_address(runtime._param_pointer(t, keep)).value == t.data_ptr()
-    assert ctypes.c_uint32.from_address(runtime._param_pointer(runtime.u32(7), keep)).value == 7
-    assert ctypes.c_int64.from_address(runtime._param_pointer((-5, ctypes.c_int64), keep)).value == -5
-    assert ctypes.c_float.from_address(runtime._param_pointer(runtime.f32(1.5), keep)).value == 1.5
+    desc = type('FakeTensorMap', (), {'getPtr': lambda self: 1234})()
+    values, types = runtime.pack_args([t, runtime.u32(7), (-5, ctypes.c_int64), runtime.f32(1.5), None, desc])
+    assert values[0] == t.data_ptr() and types[0] is ctypes.c_void_p
+    assert values[1].value == 7 and types[1] is ctypes.c_uint32
+    assert values[2:5] == (-5, values[3], 0) and types[2] is ctypes.c_int64 and types[3] is ctypes.c_float
+    assert values[5] is desc and types[5] is None  # by value, through getPtr()
     with pytest.raises(OverflowError):
         runtime.u32(-1)
     with pytest.raises(TypeError):
-        runtime._param_pointer(3, keep)   # bare ints have no C type
+        runtime.pack_args([3])   # bare ints have no C type
     assert runtime._triple(5) == (5, 1, 1) and runtime._triple((2, 3)) == (2, 3, 1)
 
 

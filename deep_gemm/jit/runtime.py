@@ -63,6 +63,7 @@ class Kernel:
             cubin_path, device, module, function, name
         self.max_dynamic_smem = 0
         self.non_portable_cluster = False
+        self.configs = {}
         self._attr_lock = threading.Lock()
 
     def __repr__(self):
@@ -134,54 +135,47 @@ def load(cubin_path, device: Optional[int] = None) -> Kernel:
         return kernel
 
 
-def _param_pointer(arg, keep: list) -> int:
-    """Address of one kernel parameter's bytes; `keep` holds what must outlive the launch."""
+def _param(arg) -> tuple:
+    """One kernel parameter as cuda-bindings' `(value, ctype)` pair (packed in Cython, not here)."""
     if isinstance(arg, torch.Tensor):
-        holder = ctypes.c_void_p(arg.data_ptr())
-    elif isinstance(arg, ctypes._SimpleCData):
-        holder = arg
-    elif isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[1], type):
-        holder = arg[1](arg[0])
-    elif arg is None:
-        holder = ctypes.c_void_p(0)
-    elif hasattr(arg, 'getPtr'):
-        # CUtensorMap (and other cuda-bindings structs) go by value: point at their 128 bytes
-        keep.append(arg)
-        return int(arg.getPtr())
-    else:
-        raise TypeError(f'unsupported kernel argument {type(arg).__name__}: wrap scalars as '
-                        'u32/i32/u64/i64/f32 or (value, ctypes type)')
-    keep.append(holder)
-    return ctypes.addressof(holder)
+        return arg.data_ptr(), ctypes.c_void_p
+    if isinstance(arg, ctypes._SimpleCData):
+        return arg, type(arg)
+    if isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[1], type):
+        return arg
+    if arg is None:
+        return 0, ctypes.c_void_p
+    if callable(getattr(arg, 'getPtr', None)):
+        # CUtensorMap (and other cuda-bindings structs) go by value: the type `None` tells the
+        # bindings to copy the bytes at `getPtr()`
+        return arg, None
+    raise TypeError(f'unsupported kernel argument {type(arg).__name__}: wrap scalars as '
+                    'u32/i32/u64/i64/f32 or (value, ctypes type)')
+
+
+def pack_args(args: Sequence) -> tuple:
+    """`args` as the `((values...), (ctypes...))` form of `kernelParams`."""
+    pairs = [_param(arg) for arg in args]
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+
+def _current_raw_stream(device: int) -> int:
+    # torch's private raw-stream getter skips building a torch.cuda.Stream object (~1 us)
+    getter = getattr(torch._C, '_cuda_getCurrentRawStream', None)
+    return getter(device) if getter is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 def _triple(dims) -> Tuple[int, int, int]:
+    if type(dims) is int and dims >= 1:
+        return dims, 1, 1
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     if not 1 <= len(dims) <= 3 or min(dims) < 1:
         raise ValueError(f'bad launch dimensions {dims}')
     return tuple(dims) + (1,) * (3 - len(dims))
 
 
-def launch(kernel: Kernel, grid, block, smem_bytes: int, args: Sequence, cluster=(1, 1, 1), stream=None):
-    """Launch `kernel` asynchronously on `stream` (default: torch's current stream).
-
-    `args` match the kernel's parameters in order: torch tensors (device pointer), ctypes scalars
-    (see u32/i32/u64/i64/f32) or `(value, ctypes_type)` tuples, `None` (null pointer), and TMA
-    descriptors (`CUtensorMap`, passed by value).
-    """
+def _make_config(kernel: Kernel, grid, block, smem_bytes: int, cluster, raw_stream: int):
     d = driver()
-    grid, block, cluster = _triple(grid), _triple(block), _triple(cluster)
-    if smem_bytes > kernel.max_dynamic_smem and smem_bytes > 48 * 1024:
-        kernel.ensure_dynamic_smem(smem_bytes)
-    if stream is None:
-        stream = torch.cuda.current_stream(kernel.device)
-    raw_stream = stream.cuda_stream if hasattr(stream, 'cuda_stream') else int(stream)
-
-    keep = []
-    params = (ctypes.c_void_p * max(1, len(args)))()
-    for i, arg in enumerate(args):
-        params[i] = _param_pointer(arg, keep)
-
     config = d.CUlaunchConfig()
     config.gridDimX, config.gridDimY, config.gridDimZ = grid
     config.blockDimX, config.blockDimY, config.blockDimZ = block
@@ -199,4 +193,31 @@ def launch(kernel: Kernel, grid, block, smem_bytes: int, args: Sequence, cluster
         config.numAttrs = 1
     else:
         config.numAttrs = 0
-    check(d.cuLaunchKernelEx(config, kernel.function, ctypes.addressof(params), 0))
+    return config
+
+
+def launch(kernel: Kernel, grid, block, smem_bytes: int, args: Sequence, cluster=(1, 1, 1), stream=None):
+    """Launch `kernel` asynchronously on `stream` (default: torch's current stream).
+
+    `args` match the kernel's parameters in order: torch tensors (device pointer), ctypes scalars
+    (see u32/i32/u64/i64/f32) or `(value, ctypes_type)` tuples, `None` (null pointer), and TMA
+    descriptors (`CUtensorMap`, passed by value).
+    """
+    d = driver()
+    grid, block, cluster = _triple(grid), _triple(block), _triple(cluster)
+    if smem_bytes > kernel.max_dynamic_smem and smem_bytes > 48 * 1024:
+        kernel.ensure_dynamic_smem(smem_bytes)
+    if stream is None:
+        raw_stream = _current_raw_stream(kernel.device)
+    else:
+        raw_stream = stream.cuda_stream if hasattr(stream, 'cuda_stream') else int(stream)
+
+    # Launch configs are immutable once built: reuse them (building one costs ~10 binding calls)
+    config_key = (grid, block, smem_bytes, cluster, raw_stream)
+    config = kernel.configs.get(config_key)
+    if config is None:
+        config = _make_config(kernel, grid, block, smem_bytes, cluster, raw_stream)
+        if len(kernel.configs) > 4096:
+            kernel.configs.clear()
+        kernel.configs[config_key] = config
+    check(d.cuLaunchKernelEx(config, kernel.function, pack_args(args), 0))
