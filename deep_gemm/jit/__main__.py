@@ -65,18 +65,19 @@ def compile_all(archs: Sequence[str], out: Path, jobs: int = 2, kernel_filter: O
         rows = list(pool.map(one, todo))
     elapsed = time.perf_counter() - start
 
-    header = f'{"kernel file":<56} {"regs":>5} {"smem":>7} {"stack":>6} {"spills":>6}  {"sec":>6}  required SASS'
+    width = max([len(r['file']) for r in rows] + [16])
+    header = f'{"kernel file":<{width}} {"regs":>5} {"smem":>7} {"stack":>6} {"spills":>6}  {"sec":>6}  required SASS'
     print(header)
     print('-' * len(header))
     for (spec, _, arch, _), row in zip(todo, rows):
         if 'error' in row:
-            print(f'{row["file"]:<56} COMPILE ERROR\n{row["error"]}')
+            print(f'{row["file"]:<{width}} COMPILE ERROR\n{row["error"]}')
             continue
         found = 'MISSING ' + ', '.join(row['missing']) if row['missing'] else \
             ('found' if spec.required_sass_for(arch) else '-')
         if row.get('local_memory') or (spec.forbid_local_memory and (row['spills'] or row['stack'])):
             found += f'  LOCAL MEMORY in a hot kernel: {row.get("local_memory")}'
-        print(f'{row["file"]:<56} {row["regs"]:>5} {row["smem"]:>7} {row["stack"]:>6} {row["spills"]:>6}  '
+        print(f'{row["file"]:<{width}} {row["regs"]:>5} {row["smem"]:>7} {row["stack"]:>6} {row["spills"]:>6}  '
               f'{row.get("seconds", 0):>6.2f}  {found}{"" if row["ok"] else "  FAIL"}')
     ok = all(r['ok'] for r in rows)
     (out / 'report.json').write_text(json.dumps(rows, indent=1))
