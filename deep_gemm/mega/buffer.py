@@ -162,7 +162,7 @@ class SymmBuffer:
             raise RuntimeError('group: torch.distributed._symmetric_memory is unavailable; '
                                'multi-GPU Mega MoE needs it') from exc
         raw = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-        handle = symm_mem.rendezvous(raw, group.group_name)
+        handle = symm_mem.rendezvous(raw, group)
         raw.zero_()
         return raw, handle
 
