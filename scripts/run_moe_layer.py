@@ -3,7 +3,8 @@
 
 Full shape (``--full``): hidden 7168, intermediate 3072, 384 experts, top-6.  By default the layer is
 scaled down (hidden 512, intermediate 256, 16 experts, top-4, 64 tokens) so that it also runs in
-seconds on a CPU with the reference backend.
+seconds on a CPU with the reference backend (``--full`` is meant for GPUs: on a CPU, quantizing 384
+full-size experts and the float64 reference take a long time; ``--no-check`` skips the reference).
 
     python scripts/run_moe_layer.py                     # one process, best backend present
     torchrun --nproc-per-node 2 scripts/run_moe_layer.py # experts split over the ranks
