@@ -6,6 +6,8 @@ Launches do no allocation on the device and no synchronisation, so they can be c
 CUDA graphs.
 """
 import ctypes
+import hashlib
+import json
 import threading
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -105,7 +107,6 @@ def _ensure_context(device: int):
 
 def load(cubin_path, device: Optional[int] = None) -> Kernel:
     """Load `cubin_path` on `device` (default: current) and return its only kernel (cached)."""
-    from . import compiler
     cubin_path = Path(cubin_path).resolve()
     device = torch.cuda.current_device() if device is None else device
     key = (str(cubin_path), device)
@@ -116,9 +117,13 @@ def load(cubin_path, device: Optional[int] = None) -> Kernel:
         if key in _kernels:
             return _kernels[key]
         data = cubin_path.read_bytes()
-        # Verify against the cache metadata when there is one (a cubin outside the cache has none)
-        if cubin_path.with_suffix('.json').exists() and compiler.load_meta(cubin_path) is None:
-            raise RuntimeError(f'{cubin_path} does not match its metadata (corrupt cache entry?)')
+        # Verify the very bytes we load against the cache metadata, when there is one (a cubin
+        # copied out of the cache, e.g. by --compile-all, has none)
+        meta_path = cubin_path.with_suffix('.json')
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get('size') != len(data) or meta.get('sha256') != hashlib.sha256(data).hexdigest():
+                raise RuntimeError(f'{cubin_path} does not match its metadata (corrupt cache entry?)')
         d = driver()
         _ensure_context(device)
         with torch.cuda.device(device):
