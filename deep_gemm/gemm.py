@@ -20,6 +20,7 @@ or the Mega MoE transforms).  ``epilogue='swiglu'`` is the L1 epilogue: ``b`` mu
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -31,7 +32,7 @@ _FMT = {'nvfp4': 'deep_gemm::sm90::WeightFormat::NVFP4', 'mxfp4': 'deep_gemm::sm
 _EPI = {'plain': 'deep_gemm::Epilogue::Plain', 'swiglu': 'deep_gemm::Epilogue::SwiGLU'}
 _MODE = {'contiguous': 'deep_gemm::GroupMode::Contiguous', 'masked': 'deep_gemm::GroupMode::Masked'}
 _SMEM_CAPACITY = 232448  # sm_90 max dynamic shared memory per block
-_BLOCK_T_CHOICES = (16, 32, 64, 128, 256)
+_BLOCK_T_CHOICES = (8, 16, 32, 64, 128, 256)
 _MAX_STAGES = 12
 
 GROUPED_GEMM = registry.register_kernel(registry.KernelSpec(
@@ -134,7 +135,7 @@ def _launch_grouped(tokens: torch.Tensor, b: ExpertWeights, d: torch.Tensor, lay
                     max_rows: int, tokens_per_expert: int, epilogue: str, route_weights: Optional[torch.Tensor],
                     clamp: Optional[float], fast_math: bool, block_t: Optional[int] = None):
     from .jit.tma import make_tma_2d
-    block_t = block_t or _pick_block_t(tokens_per_expert)
+    block_t = block_t or int(os.environ.get('DG_GROUPED_GEMM_BLOCK_T', 0)) or _pick_block_t(tokens_per_expert)
     stages = _stages(b.fmt, block_t, b.num_experts)
     params = {'fmt': _FMT[b.fmt], 'block_t': block_t, 'stages': stages, 'epilogue': _EPI[epilogue],
               'mode': _MODE[mode], 'fast_math': bool(fast_math)}

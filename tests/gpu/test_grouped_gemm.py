@@ -135,7 +135,7 @@ def test_swiglu_epilogue(clamp, layout):
         for i, c in enumerate(counts):
             rows = slice(i * max_m, i * max_m + c)
             if c:
-                ref = ref_swiglu(tok[rows], w[i], l1.alpha[i].double(), clamp, rw[rows].double())
+                ref = ref_swiglu(tok[rows], w[i], l1.alpha[i].double().cpu(), clamp, rw[rows].double())
                 assert rel_err(d[i, :c].cpu(), ref) < TOL
             assert torch.isnan(d[i, c:].float()).all()
     else:
@@ -144,7 +144,7 @@ def test_swiglu_epilogue(clamp, layout):
         d = torch.full((rows, inter), float('nan'), dtype=torch.bfloat16, device='cuda')
         m_grouped_fp8_nvfp4_gemm_nt_contiguous((q[:rows].cuda(), sf[:rows].cuda()), l1, d, offsets.cuda(),
                                                epilogue='swiglu', route_weights=rw[:rows].cuda(), activation_clamp=clamp)
-        ref = torch.cat([ref_swiglu(tok[offsets[i]:offsets[i + 1]], w[i], l1.alpha[i].double(), clamp,
+        ref = torch.cat([ref_swiglu(tok[offsets[i]:offsets[i + 1]], w[i], l1.alpha[i].double().cpu(), clamp,
                                     rw[offsets[i]:offsets[i + 1]].double()) for i in range(e)])
         assert rel_err(d.cpu(), ref) < TOL
 
@@ -204,7 +204,7 @@ def test_deepseek_shape_and_graph_capture():
     w1, w2 = l1.dequantize(), l2.dequantize()
     tok = dequant_tokens(q, sf).view(e, max_m, hidden)
     for i, c in enumerate(counts.tolist()):
-        h_ref = ref_swiglu(tok[i, :c], w1[i], l1.alpha[i].double(), None, None)
+        h_ref = ref_swiglu(tok[i, :c], w1[i], l1.alpha[i].double().cpu(), None, None)
         assert rel_err(h[i, :c].cpu(), h_ref) < TOL
         hq, hsf = quant_tokens(h[i, :c].float().cpu())
         y_ref = ref_plain(dequant_tokens(hq, hsf), w2[i], l2.alpha[i, 0].item())

@@ -14,6 +14,7 @@
 // (gate/up rows interleaved by the transform so one thread holds both; routing weight applied;
 // the L2 input is written in BF16).
 #include <cstdint>
+#include <type_traits>
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -139,44 +140,70 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
         const int row_pair = cw * 32 + wg_warp * 8 + g;
         float acc[MMA::kNumAccum];
         int stage = 0, phase = 0;
+        // Two A register sets cost 32 registers: affordable up to 128 tokens (64 accumulators).
+        constexpr bool kDoubleBuffer = kBlockT <= 128;
+
+        // One k block: smem -> registers -> dequant into A set kSet -> 8 async wgmmas.
+        auto issue_block = [&](auto set_tag, int kb, uint32_t (&a)[2][8][4]) {
+            constexpr int kSet = decltype(set_tag)::value;
+            full[stage].wait(phase);
+            uint32_t codes[8], scales[4];
+            const auto* cptr = reinterpret_cast<const uint4*>(smem_codes + stage * kCodeBytes);
+            const uint4 c0 = cptr[(cw * 2 + 0) * 128 + wg_tid];
+            const uint4 c1 = cptr[(cw * 2 + 1) * 128 + wg_tid];
+            codes[0] = c0.x, codes[1] = c0.y, codes[2] = c0.z, codes[3] = c0.w;
+            codes[4] = c1.x, codes[5] = c1.y, codes[6] = c1.z, codes[7] = c1.w;
+            const uint8_t* sptr = smem_scales + stage * Layout::kScaleBytes + row_pair * Block::kScaleBytesPerRowPair;
+            if constexpr (kFmt == sm90::WeightFormat::NVFP4) {
+                const uint4 s = *reinterpret_cast<const uint4*>(sptr);
+                scales[0] = s.x, scales[1] = s.y, scales[2] = s.z, scales[3] = s.w;
+            } else {
+                const uint2 s = *reinterpret_cast<const uint2*>(sptr);
+                scales[0] = s.x, scales[1] = s.y, scales[2] = 0, scales[3] = 0;
+            }
+            Block::dequant(codes, scales, a[kSet]);
+            const uint32_t tok_base = cute::cast_smem_ptr_to_uint(smem_tokens + stage * Layout::kTokenBytes);
+            #pragma unroll
+            for (int i = 0; i < MMA::kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
+            cute::warpgroup_arrive();
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const uint64_t desc = sm90::make_kmajor_sw128_desc(tok_base + (j / 4) * kBlockT * 128 + (j % 4) * 32);
+                MMA::mma(a[kSet][j], desc, acc, kb > 0 || j > 0);
+            }
+            cute::warpgroup_commit_batch();
+        };
+        auto release = [&](int s) { if (wg_tid == 0) empty[s].arrive(); };
+        auto advance = [&]() { if (++stage == kNumStages) stage = 0, phase ^= 1; };
 
         for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
             const auto tile = sched.get(t);
-            for (int kb = 0; kb < num_k_blocks; ++kb) {
-                full[stage].wait(phase);
-                uint32_t codes[8], scales[4];
-                const auto* cptr = reinterpret_cast<const uint4*>(smem_codes + stage * kCodeBytes);
-                const uint4 c0 = cptr[(cw * 2 + 0) * 128 + wg_tid];
-                const uint4 c1 = cptr[(cw * 2 + 1) * 128 + wg_tid];
-                codes[0] = c0.x, codes[1] = c0.y, codes[2] = c0.z, codes[3] = c0.w;
-                codes[4] = c1.x, codes[5] = c1.y, codes[6] = c1.z, codes[7] = c1.w;
-                const uint8_t* sptr = smem_scales + stage * Layout::kScaleBytes + row_pair * Block::kScaleBytesPerRowPair;
-                if constexpr (kFmt == sm90::WeightFormat::NVFP4) {
-                    const uint4 s = *reinterpret_cast<const uint4*>(sptr);
-                    scales[0] = s.x, scales[1] = s.y, scales[2] = s.z, scales[3] = s.w;
-                } else {
-                    const uint2 s = *reinterpret_cast<const uint2*>(sptr);
-                    scales[0] = s.x, scales[1] = s.y, scales[2] = 0, scales[3] = 0;
+            if constexpr (kDoubleBuffer) {
+                // Dequantize block kb + 1 while the wgmmas of block kb run: the A registers of
+                // set (kb & 1) are reused only after wait<1> has retired block kb - 1.
+                uint32_t a[2][8][4];
+                int prev_stage = 0;
+                for (int kb = 0; kb < num_k_blocks; ++kb) {
+                    if (kb & 1) issue_block(std::integral_constant<int, 1>{}, kb, a);
+                    else        issue_block(std::integral_constant<int, 0>{}, kb, a);
+                    cute::warpgroup_wait<1>();
+                    if (kb > 0) release(prev_stage);
+                    prev_stage = stage;
+                    advance();
                 }
-                uint32_t a[8][4];
-                Block::dequant(codes, scales, a);
-
-                const uint32_t tok_base = cute::cast_smem_ptr_to_uint(smem_tokens + stage * Layout::kTokenBytes);
-                #pragma unroll
-                for (int i = 0; i < MMA::kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
-                cute::warpgroup_arrive();
-                #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const uint64_t desc = sm90::make_kmajor_sw128_desc(tok_base + (j / 4) * kBlockT * 128 + (j % 4) * 32);
-                    MMA::mma(a[j], desc, acc, kb > 0 || j > 0);
-                }
-                cute::warpgroup_commit_batch();
                 cute::warpgroup_wait<0>();
-                #pragma unroll
-                for (int i = 0; i < MMA::kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
-                if (wg_tid == 0) empty[stage].arrive();
-                if (++stage == kNumStages) stage = 0, phase ^= 1;
+                release(prev_stage);
+            } else {
+                uint32_t a[2][8][4];
+                for (int kb = 0; kb < num_k_blocks; ++kb) {
+                    issue_block(std::integral_constant<int, 0>{}, kb, a);
+                    cute::warpgroup_wait<0>();
+                    release(stage);
+                    advance();
+                }
             }
+            #pragma unroll
+            for (int i = 0; i < MMA::kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
 
             // ---------------- epilogue ----------------
             // acc[4j + {0,1}] = (row r0, tokens 8j + 2q + {0,1}), acc[4j + {2,3}] = (row r0 + 8, same tokens)
