@@ -21,7 +21,7 @@ def find_tool(name: str) -> Optional[str]:
     """`DG_JIT_<NAME>` env var, then the nvidia-* wheels, then PATH, then $CUDA_HOME/bin."""
     env = os.environ.get(f'DG_JIT_{name.upper()}')
     if env:
-        return env
+        return env if Path(env).is_file() else None
     spec = importlib.util.find_spec('nvidia')
     # `nvidia` is a namespace package: the wheels put tools under nvidia/<cuXX or pkg>/bin/
     for base in (spec.submodule_search_locations or []) if spec else []:
