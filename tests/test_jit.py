@@ -230,9 +230,9 @@ def test_runtime_args_without_driver():
 def test_compile_all(cache, tmp_path, capsys):
     out = tmp_path / 'cubins'
     argv = ['--compile-all', '--arch', ','.join(ARCHS), '--out', str(out), '--jobs', '2']
-    if not sass.sass_available():
-        pytest.skip('cuobjdump/nvdisasm not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm')
-    rc = jit_main.main(argv)
+    # Without a disassembler still compile everything; only the SASS half is skipped (and said so)
+    has_sass = sass.sass_available()
+    rc = jit_main.main(argv + ([] if has_sass else ['--no-sass']))
     printed = capsys.readouterr().out
     print(printed)
     assert rc == 0, printed
@@ -246,6 +246,8 @@ def test_compile_all(cache, tmp_path, capsys):
     assert len(names) == expected
     report = json.loads((out / 'report.json').read_text())
     assert all(r['ok'] for r in report)
+    if not has_sass:
+        pytest.skip('compiled, but no SASS check: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm')
 
 
 def test_sass_check_catches_missing_and_local_memory(fresh_cache):
