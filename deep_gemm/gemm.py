@@ -32,6 +32,7 @@ _FMT = {'nvfp4': 'deep_gemm::sm90::WeightFormat::NVFP4', 'mxfp4': 'deep_gemm::sm
 _EPI = {'plain': 'deep_gemm::Epilogue::Plain', 'swiglu': 'deep_gemm::Epilogue::SwiGLU'}
 _MODE = {'contiguous': 'deep_gemm::GroupMode::Contiguous', 'masked': 'deep_gemm::GroupMode::Masked'}
 _SMEM_CAPACITY = 232448  # sm_90 max dynamic shared memory per block
+_SMEM_PER_SM = 233472    # sm_90 shared memory per SM (1 KB of it reserved per CTA)
 _BLOCK_T_CHOICES = (8, 16, 32, 64, 128, 256)
 _MAX_STAGES = 12
 
@@ -39,15 +40,16 @@ GROUPED_GEMM = registry.register_kernel(registry.KernelSpec(
     name='sm90_fp8_nvfp4_grouped_gemm',
     header='sm90_fp8_nvfp4_grouped_gemm.cuh',
     kernel_expr_fn=lambda p: (f'deep_gemm::sm90_fp8_nvfp4_grouped_gemm<{p["fmt"]}, {p["block_t"]}, {p["stages"]}, '
-                              f'{p["epilogue"]}, {p["mode"]}, {p["fast_math"]}>'),
+                              f'{p["epilogue"]}, {p["mode"]}, {p["fast_math"]}, {p["ctas_per_sm"]}>'),
     archs=('sm_90a',),
     required_sass=(r'\bHGMMA\.64x\d+x16\.F32\.BF16\b', r'\bUTMALDG\b', r'\bUBLKCP\b', r'\bHMUL2\.BF16'),
     forbid_local_memory=True,
     default_params=(
-        {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 12, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True},
-        {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 12, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True},
-        {'fmt': _FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True},
-        {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True},
+        {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 2},
+        {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 8, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 2},
+        {'fmt': _FMT['nvfp4'], 'block_t': 64, 'stages': 8, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 1},
+        {'fmt': _FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
+        {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
     ),
 ))
 
@@ -120,10 +122,20 @@ def _pick_block_t(tokens_per_expert: int) -> int:
     return _BLOCK_T_CHOICES[-1]
 
 
-def _stages(fmt: str, block_t: int, num_experts: int) -> int:
+def _ctas_per_sm(block_t: int) -> int:
+    # Small token tiles are latency-bound in the dequant: two CTAs per SM (measured on H100:
+    # L1+L2 decode 553 us vs 628 us at BLOCK_T 16).  Larger tiles need more than the 96
+    # registers a consumer gets then.  DG_GROUPED_GEMM_CTAS_PER_SM=1 turns it off.
+    if block_t > 32:
+        return 1
+    return 1 if os.environ.get('DG_GROUPED_GEMM_CTAS_PER_SM') == '1' else 2
+
+
+def _stages(fmt: str, block_t: int, num_experts: int, ctas_per_sm: int = 1) -> int:
     stage = block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K // 2 + (1024 if fmt == 'nvfp4' else 512)
     fixed = 1024 + 4 * (num_experts + 1) + 64
-    return max(2, min(_MAX_STAGES, (_SMEM_CAPACITY - fixed) // (stage + 16)))
+    capacity = _SMEM_CAPACITY if ctas_per_sm == 1 else _SMEM_PER_SM // ctas_per_sm - 1024
+    return max(2, min(_MAX_STAGES, (capacity - fixed) // (stage + 16)))
 
 
 def _smem_bytes(fmt: str, block_t: int, stages: int, num_experts: int) -> int:
@@ -136,14 +148,15 @@ def _launch_grouped(tokens: torch.Tensor, b: ExpertWeights, d: torch.Tensor, lay
                     clamp: Optional[float], fast_math: bool, block_t: Optional[int] = None):
     from .jit.tma import make_tma_2d
     block_t = block_t or int(os.environ.get('DG_GROUPED_GEMM_BLOCK_T', 0)) or _pick_block_t(tokens_per_expert)
-    stages = _stages(b.fmt, block_t, b.num_experts)
+    ctas = _ctas_per_sm(block_t)
+    stages = _stages(b.fmt, block_t, b.num_experts, ctas)
     params = {'fmt': _FMT[b.fmt], 'block_t': block_t, 'stages': stages, 'epilogue': _EPI[epilogue],
-              'mode': _MODE[mode], 'fast_math': bool(fast_math)}
+              'mode': _MODE[mode], 'fast_math': bool(fast_math), 'ctas_per_sm': ctas}
     kernel = registry.get_kernel(GROUPED_GEMM.name, params, device=tokens.device.index)
     tmap = make_tma_2d(tokens, block_t, 64, 128)
     smem = _smem_bytes(b.fmt, block_t, stages, b.num_experts)
     clamp_v = math.inf if clamp is None else float(clamp)
-    runtime.launch(kernel, get_num_sms(), 384, smem,
+    runtime.launch(kernel, get_num_sms() * ctas, 384, smem,
                    [tmap, b.codes, b.scales, b.alpha, layout, d, route_weights, runtime.f32(clamp_v),
                     runtime.i32(b.num_experts), runtime.i32(b.n), runtime.i32(b.k), runtime.i32(max_rows),
                     runtime.i32(b.alpha.shape[1])])

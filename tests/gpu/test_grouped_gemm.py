@@ -93,6 +93,29 @@ def test_masked_plain(fmt, expected_m):
         assert torch.isnan(d[i, c:].float()).all(), 'rows past masked_m were written'
 
 
+@pytest.mark.parametrize('block_t,ctas', [(8, 1), (8, 2), (16, 1), (16, 2), (32, 1), (32, 2), (64, 1), (128, 1), (256, 1)])
+def test_every_tile_config(block_t, ctas, monkeypatch):
+    """Each token-tile width and CTAs-per-SM mode, with several token tiles and k blocks per expert."""
+    monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', str(block_t))
+    monkeypatch.setenv('DG_GROUPED_GEMM_CTAS_PER_SM', str(ctas))
+    gen = torch.Generator().manual_seed(block_t * 10 + ctas)
+    e, n, k, max_m = 3, 256, 640, 2 * block_t + 8
+    codes, scale, g2 = rand_nvfp4(e, n, k, gen)
+    b = transform_nvfp4_weights_for_grouped_gemm(codes.cuda(), scale.cuda(), g2.cuda())
+    w = b.dequantize()
+    counts = [max_m, 0, block_t + 3]
+    x = rand_tokens(e * max_m, k, gen)
+    q, sf = quant_tokens(x)
+    d = torch.full((e, max_m, n), float('nan'), dtype=torch.bfloat16, device='cuda')
+    m_grouped_fp8_nvfp4_gemm_nt_masked((q.view(e, max_m, k).cuda(), sf.view(e, max_m, -1).cuda()), b, d,
+                                       torch.tensor(counts, dtype=torch.int32, device='cuda'), block_t)
+    tok = dequant_tokens(q, sf).view(e, max_m, k)
+    for i, c in enumerate(counts):
+        if c:
+            assert rel_err(d[i, :c].cpu(), ref_plain(tok[i, :c], w[i], b.alpha[i, 0].item())) < TOL
+        assert torch.isnan(d[i, c:].float()).all(), 'rows past masked_m were written'
+
+
 @pytest.mark.parametrize('counts', [[300, 0, 77, 1], [1024, 513, 0, 256]])
 def test_contiguous_plain(counts):
     gen = torch.Generator().manual_seed(sum(counts))

@@ -74,20 +74,22 @@ struct FP4Block {
     static constexpr int kScaleChunkBytes = 64 * kScaleBytesPerRowPair;
     static constexpr float kCompensation = kFmt == WeightFormat::NVFP4 ? kNvfp4Compensation : 1.0f;
 
-    // codes: the thread's 8 step words; scales: the thread's row-pair scale words.
+    // Steps [kFirst, kFirst + kCount) of a block: codes[j] is step j's word, scales the thread's
+    // row-pair scale words of the whole block; a[j - kFirst] receives step j's fragment.
+    template <int kFirst, int kCount>
     __device__ __forceinline__ static void dequant(const uint32_t (&codes)[8], const uint32_t (&scales)[4],
-                                                   uint32_t (&a)[8][4]) {
+                                                   uint32_t (&a)[kCount][4]) {
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = kFirst; j < kFirst + kCount; ++j) {
             __nv_bfloat162 s;
             if constexpr (kFmt == WeightFormat::NVFP4) {
                 s = (j & 1) ? ue4m3x2_to_bf16x2_biased<true>(scales[j / 2])
                             : ue4m3x2_to_bf16x2_biased<false>(scales[j / 2]);
-                dequant_step_nvfp4(codes[j], __low2bfloat162(s), __high2bfloat162(s), a[j]);
+                dequant_step_nvfp4(codes[j], __low2bfloat162(s), __high2bfloat162(s), a[j - kFirst]);
             } else {
                 s = ((j / 2) & 1) ? ue8m0x2_to_bf16x2<true>(scales[j / 4])
                                   : ue8m0x2_to_bf16x2<false>(scales[j / 4]);
-                dequant_step_mxfp4(codes[j], __low2bfloat162(s), __high2bfloat162(s), a[j]);
+                dequant_step_mxfp4(codes[j], __low2bfloat162(s), __high2bfloat162(s), a[j - kFirst]);
             }
         }
     }

@@ -58,9 +58,11 @@ struct GroupedGemmParams {
     int num_experts, n, k, max_rows, alpha_stride;
 };
 
+// kCTAsPerSM = 2 (small token tiles): two CTAs share an SM so that four consumer warpgroups hide
+// the latency of the dequant chains; each gets half the shared memory; consumers run at 96 registers.
 template <sm90::WeightFormat kFmt, int kBlockT, int kNumStages, Epilogue kEpilogue, GroupMode kMode,
-          bool kFastMath>
-__global__ void __launch_bounds__(sm90_grouped::kNumThreads, 1)
+          bool kFastMath, int kCTAsPerSM>
+__global__ void __launch_bounds__(sm90_grouped::kNumThreads, kCTAsPerSM)
 sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
                             const uint8_t* codes, const uint8_t* scales, const float* alpha, const int* layout,
                             __nv_bfloat16* out, const float* route_weights, float clamp,
@@ -74,6 +76,13 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
     using Block = sm90::FP4Block<kFmt>;
     using MMA = sm90::WgmmaRS<kBlockT>;
     using Barrier = cutlass::arch::ClusterTransactionBarrier;
+
+    // setmaxnreg moves registers inside the CTA's own pool (launch-bound registers x threads); an
+    // increase that the pool cannot cover blocks forever, so the split must fit the bound.
+    constexpr int kProducerRegs = 40, kConsumerRegs = kCTAsPerSM == 1 ? 232 : 96;
+    constexpr int kBoundRegs = (65536 / (kNumThreads * kCTAsPerSM)) & ~7;
+    static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kNumThreads * kBoundRegs,
+                  "warpgroup register split exceeds the CTA's register pool");
 
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>(
@@ -108,7 +117,7 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
 
     if (warpgroup == 0) {
         // ---------------- producer ----------------
-        cutlass::arch::warpgroup_reg_dealloc<40>();
+        cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
         if (threadIdx.x != 0) return;
         int stage = 0, phase = 0;
         for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
@@ -134,20 +143,19 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
         }
     } else {
         // ---------------- consumers ----------------
-        cutlass::arch::warpgroup_reg_alloc<232>();
+        cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
         const int cw = warpgroup - 1;                 // which 64 rows of the tile
         const int wg_warp = wg_tid / 32, g = lane / 4, q = lane % 4;
         const int row_pair = cw * 32 + wg_warp * 8 + g;
         float acc[MMA::kNumAccum];
         int stage = 0, phase = 0;
-        // Two A register sets cost 32 registers: affordable up to 128 tokens (64 accumulators).
-        constexpr bool kDoubleBuffer = kBlockT <= 128;
+        // Dequant and wgmma of one block do not overlap inside a warpgroup: the async wgmma reads its
+        // A registers, and a second register set written meanwhile was measured to corrupt them
+        // (BLOCK_T 128).  Overlap comes from the other consumer warpgroup(s) instead.
 
-        // One k block: smem -> registers -> dequant into A set kSet -> 8 async wgmmas.
-        auto issue_block = [&](auto set_tag, int kb, uint32_t (&a)[2][8][4]) {
-            constexpr int kSet = decltype(set_tag)::value;
+        // smem -> registers: the thread's 8 step code words and its row pair's scale words.
+        auto load_block = [&](uint32_t (&codes)[8], uint32_t (&scales)[4]) {
             full[stage].wait(phase);
-            uint32_t codes[8], scales[4];
             const auto* cptr = reinterpret_cast<const uint4*>(smem_codes + stage * kCodeBytes);
             const uint4 c0 = cptr[(cw * 2 + 0) * 128 + wg_tid];
             const uint4 c1 = cptr[(cw * 2 + 1) * 128 + wg_tid];
@@ -161,42 +169,50 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
                 const uint2 s = *reinterpret_cast<const uint2*>(sptr);
                 scales[0] = s.x, scales[1] = s.y, scales[2] = 0, scales[3] = 0;
             }
-            Block::dequant(codes, scales, a[kSet]);
+        };
+        // Steps [kFirst, kFirst + kCount) of the current block: dequant into `a`, then async wgmmas.
+        auto mma_steps = [&](auto first_tag, auto count_tag, int kb, const uint32_t (&codes)[8],
+                             const uint32_t (&scales)[4], auto& a) {
+            constexpr int kFirst = decltype(first_tag)::value, kCount = decltype(count_tag)::value;
+            Block::template dequant<kFirst, kCount>(codes, scales, a);
             const uint32_t tok_base = cute::cast_smem_ptr_to_uint(smem_tokens + stage * Layout::kTokenBytes);
             #pragma unroll
             for (int i = 0; i < MMA::kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
             cute::warpgroup_arrive();
             #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = kFirst; j < kFirst + kCount; ++j) {
                 const uint64_t desc = sm90::make_kmajor_sw128_desc(tok_base + (j / 4) * kBlockT * 128 + (j % 4) * 32);
-                MMA::mma(a[kSet][j], desc, acc, kb > 0 || j > 0);
+                MMA::mma(a[j - kFirst], desc, acc, kb > 0 || j > 0);
             }
             cute::warpgroup_commit_batch();
         };
+        using C0 = std::integral_constant<int, 0>;
+        using C4 = std::integral_constant<int, 4>;
+        using C8 = std::integral_constant<int, 8>;
         auto release = [&](int s) { if (wg_tid == 0) empty[s].arrive(); };
         auto advance = [&]() { if (++stage == kNumStages) stage = 0, phase ^= 1; };
 
         for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
             const auto tile = sched.get(t);
-            if constexpr (kDoubleBuffer) {
-                // Dequantize block kb + 1 while the wgmmas of block kb run: the A registers of
-                // set (kb & 1) are reused only after wait<1> has retired block kb - 1.
-                uint32_t a[2][8][4];
-                int prev_stage = 0;
+            if constexpr (kCTAsPerSM == 1) {
+                uint32_t a[8][4];
                 for (int kb = 0; kb < num_k_blocks; ++kb) {
-                    if (kb & 1) issue_block(std::integral_constant<int, 1>{}, kb, a);
-                    else        issue_block(std::integral_constant<int, 0>{}, kb, a);
-                    cute::warpgroup_wait<1>();
-                    if (kb > 0) release(prev_stage);
-                    prev_stage = stage;
+                    uint32_t codes[8], scales[4];
+                    load_block(codes, scales);
+                    mma_steps(C0{}, C8{}, kb, codes, scales, a);
+                    cute::warpgroup_wait<0>();
+                    release(stage);
                     advance();
                 }
-                cute::warpgroup_wait<0>();
-                release(prev_stage);
             } else {
-                uint32_t a[2][8][4];
+                // Two CTAs per SM (80 registers at compile time): half a block of A at a time.
+                uint32_t a[4][4];
                 for (int kb = 0; kb < num_k_blocks; ++kb) {
-                    issue_block(std::integral_constant<int, 0>{}, kb, a);
+                    uint32_t codes[8], scales[4];
+                    load_block(codes, scales);
+                    mma_steps(C0{}, C4{}, kb, codes, scales, a);
+                    cute::warpgroup_wait<0>();
+                    mma_steps(C4{}, C4{}, kb, codes, scales, a);
                     cute::warpgroup_wait<0>();
                     release(stage);
                     advance();
