@@ -85,6 +85,10 @@ def _check_weights(name: str, w, fmt: str, n: int, k: int, num_experts: int, num
     check_tensor(f'{name}.alpha', w.alpha, dtype=torch.float32, shape=(num_experts, num_alpha), contiguous=False)
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == 'cuda' and torch.cuda.is_current_stream_capturing()
+
+
 def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fmt: str,
               names=('l1', 'l2', 'buffer')) -> int:
     l1_name, l2_name, buf_name = names
@@ -94,11 +98,14 @@ def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fm
     t = y.shape[0]
     if t > buffer.num_max_tokens_per_rank:
         raise ValueError(f'y: too many tokens: {t} > num_max_tokens_per_rank = {buffer.num_max_tokens_per_rank}')
-    check_expert_ids(f'{buf_name}.topk_idx', buffer.topk_idx[:t], buffer.num_experts)
-    if t and not bool(torch.isfinite(buffer.topk_weights[:t]).all()):
-        raise ValueError(f'{buf_name}.topk_weights: must be finite')
-    if t and not bool(torch.isfinite(buffer.x_sf[:t]).all()):
-        raise ValueError(f'{buf_name}.x_sf: must be finite')
+    # Value checks read the device (a host sync), which a CUDA graph capture forbids: while capturing
+    # they are skipped, and the kernels ignore ids outside [0, num_experts) (treated as masked).
+    if not _capturing(buffer.device):
+        check_expert_ids(f'{buf_name}.topk_idx', buffer.topk_idx[:t], buffer.num_experts)
+        if t and not bool(torch.isfinite(buffer.topk_weights[:t]).all()):
+            raise ValueError(f'{buf_name}.topk_weights: must be finite')
+        if t and not bool(torch.isfinite(buffer.x_sf[:t]).all()):
+            raise ValueError(f'{buf_name}.x_sf: must be finite')
     e_l = buffer.num_experts_per_rank
     if stats is not None:
         check_tensor('cumulative_local_expert_recv_stats', stats, dtype=torch.int32, shape=(e_l,),

@@ -1,0 +1,115 @@
+"""The sm90 Mega MoE backend (one GPU) against the reference backend on the same quantized inputs.
+
+Every run: fresh random non-uniform data (conftest's problem: per-token and per-row magnitudes,
+gate/up global scales that differ, masked slots), ``y`` poisoned with NaN first, NaN never passes,
+error = ||y - ref|| / ||ref|| where the reference computes in float64 from the same FP8 / NVFP4
+values (its only roundings are the design's BF16 points).
+"""
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                                reason='needs a Hopper GPU')
+
+import deep_gemm  # noqa: E402
+from deep_gemm.utils import cast_to_mxfp4  # noqa: E402
+
+TOL = 1e-2
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), 'NaN in output'
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def setup(p, num_max_tokens=None, fmt='nvfp4'):
+    dev = torch.device('cuda')
+    if fmt == 'nvfp4':
+        l1, l2 = deep_gemm.transform_nvfp4_weights_for_mega_moe({k: v.to(dev) for k, v in p.l1.items()},
+                                                               {k: v.to(dev) for k, v in p.l2.items()})
+    else:
+        w1 = deep_gemm.dequant_nvfp4(p.l1['weight'], p.l1['weight_scale'])
+        w2 = deep_gemm.dequant_nvfp4(p.l2['weight'], p.l2['weight_scale'])
+        (q1, s1), (q2, s2) = cast_to_mxfp4(w1), cast_to_mxfp4(w2)
+        l1, l2 = deep_gemm.transform_weights_for_mega_moe((q1.to(dev), s1.to(dev)), (q2.to(dev), s2.to(dev)))
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, num_max_tokens or p.t, p.topk, p.hidden, p.inter,
+                                                 device=dev)
+    t = p.t
+    buf.x[:t].copy_(p.x)
+    buf.x_sf[:t].copy_(p.x_sf)
+    buf.topk_idx[:t].copy_(p.topk_idx)
+    buf.topk_weights[:t].copy_(p.topk_weights)
+    return l1, l2, buf
+
+
+def run(fn, l1, l2, buf, t, backend, clamp=None):
+    y = torch.full((t, buf.hidden), float('nan'), dtype=torch.bfloat16, device='cuda')
+    stats = torch.zeros(buf.num_experts_per_rank, dtype=torch.int32, device='cuda')
+    fn(y, l1, l2, buf, cumulative_local_expert_recv_stats=stats, activation_clamp=clamp, backend=backend)
+    torch.cuda.synchronize()
+    return y, stats
+
+
+@pytest.mark.parametrize('shape', [dict(t=37, hidden=256, inter=128, experts=8, topk=3),
+                                   dict(t=100, hidden=512, inter=256, experts=16, topk=6, use_ue8m0=True),
+                                   dict(t=24, hidden=7168, inter=3072, experts=8, topk=6, use_ue8m0=True)])
+@pytest.mark.parametrize('clamp', [None, 3.0])
+def test_matches_reference(make_problem, shape, clamp):
+    p = make_problem(seed=len(shape) + shape['t'], mask_frac=0.25, **shape)
+    p.topk_idx[p.topk_idx == 1] = -1            # an expert that receives no tokens
+    l1, l2, buf = setup(p, num_max_tokens=p.t + 5)
+    fn = deep_gemm.fp8_nvfp4_mega_moe
+    y, stats = run(fn, l1, l2, buf, p.t, 'sm90', clamp)
+    y_ref, stats_ref = run(fn, l1, l2, buf, p.t, 'reference', clamp)
+    assert rel_err(y, y_ref) < TOL
+    assert torch.equal(stats, stats_ref) and stats[1].item() == 0
+    y2, _ = run(fn, l1, l2, buf, p.t, 'sm90', clamp)
+    assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), 'not bitwise stable run to run'
+
+
+def test_mxfp4(make_problem):
+    p = make_problem(seed=3, t=29, hidden=256, inter=128, experts=8, topk=4, use_ue8m0=True)
+    l1, l2, buf = setup(p, fmt='mxfp4')
+    y, stats = run(deep_gemm.fp8_fp4_mega_moe, l1, l2, buf, p.t, 'sm90')
+    y_ref, stats_ref = run(deep_gemm.fp8_fp4_mega_moe, l1, l2, buf, p.t, 'reference')
+    assert rel_err(y, y_ref) < TOL and torch.equal(stats, stats_ref)
+
+
+def test_fewer_tokens_than_buffer_and_zero_tokens(make_problem):
+    p = make_problem(seed=9, t=12, hidden=256, inter=128, experts=8, topk=2)
+    l1, l2, buf = setup(p, num_max_tokens=64)
+    buf.topk_idx[p.t:] = 3        # stale routing past T must be ignored
+    y, stats = run(deep_gemm.fp8_nvfp4_mega_moe, l1, l2, buf, p.t, 'sm90')
+    y_ref, stats_ref = run(deep_gemm.fp8_nvfp4_mega_moe, l1, l2, buf, p.t, 'reference')
+    assert rel_err(y, y_ref) < TOL and torch.equal(stats, stats_ref)
+    y0, stats0 = run(deep_gemm.fp8_nvfp4_mega_moe, l1, l2, buf, 0, 'sm90')
+    assert y0.shape == (0, p.hidden) and stats0.sum().item() == 0
+
+
+def test_cuda_graph_replay(make_problem):
+    p = make_problem(seed=21, t=40, hidden=512, inter=256, experts=8, topk=4, use_ue8m0=True)
+    l1, l2, buf = setup(p)
+    y = torch.empty(p.t, p.hidden, dtype=torch.bfloat16, device='cuda')
+    stats = torch.zeros(8, dtype=torch.int32, device='cuda')
+    deep_gemm.fp8_nvfp4_mega_moe(y, l1, l2, buf, cumulative_local_expert_recv_stats=stats, backend='sm90')
+    torch.cuda.synchronize()
+    eager, eager_stats = y.clone(), stats.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        deep_gemm.fp8_nvfp4_mega_moe(y, l1, l2, buf, cumulative_local_expert_recv_stats=stats, backend='sm90')
+    y.fill_(float('nan'))
+    stats.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y.view(torch.int16), eager.view(torch.int16))
+    assert torch.equal(stats, eager_stats)
+    # new routing, same graph: the counts live on the device
+    perm = torch.randperm(p.t)
+    buf.topk_idx[:p.t].copy_(p.topk_idx[perm])
+    buf.topk_weights[:p.t].copy_(p.topk_weights[perm])
+    buf.x[:p.t].copy_(p.x[perm])
+    buf.x_sf[:p.t].copy_(p.x_sf[perm])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y.view(torch.int16), eager[perm].view(torch.int16))
