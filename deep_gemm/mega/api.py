@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..reference import reference_mega_moe
-from ..utils.validation import check_expert_ids, check_tensor
+from ..utils.validation import check_tensor
 from .buffer import SymmBuffer
 
 __all__ = ['fp8_nvfp4_mega_moe', 'fp8_fp4_mega_moe', 'BACKENDS', 'select_backend']
@@ -89,6 +89,23 @@ def _capturing(device: torch.device) -> bool:
     return device.type == 'cuda' and torch.cuda.is_current_stream_capturing()
 
 
+def _check_values(buffer: SymmBuffer, t: int, buf_name: str) -> None:
+    """Expert ids in range, finite routing weights and scales, read back from the device at once
+    (one host sync per call instead of one per check)."""
+    idx = buffer.topk_idx[:t]
+    lo, hi, bad_w, bad_sf = torch.stack([
+        idx.min(), idx.max(),
+        (~torch.isfinite(buffer.topk_weights[:t])).any().long(),
+        (~torch.isfinite(buffer.x_sf[:t])).any().long()]).tolist()
+    if lo < -1 or hi >= buffer.num_experts:
+        raise ValueError(f'{buf_name}.topk_idx: expert id {lo if lo < -1 else hi} out of range: ids must be -1 '
+                         f'(masked) or in [0, {buffer.num_experts})')
+    if bad_w:
+        raise ValueError(f'{buf_name}.topk_weights: must be finite')
+    if bad_sf:
+        raise ValueError(f'{buf_name}.x_sf: must be finite')
+
+
 def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fmt: str,
               names=('l1', 'l2', 'buffer')) -> int:
     l1_name, l2_name, buf_name = names
@@ -100,12 +117,8 @@ def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fm
         raise ValueError(f'y: too many tokens: {t} > num_max_tokens_per_rank = {buffer.num_max_tokens_per_rank}')
     # Value checks read the device (a host sync), which a CUDA graph capture forbids: while capturing
     # they are skipped, and the kernels ignore ids outside [0, num_experts) (treated as masked).
-    if not _capturing(buffer.device):
-        check_expert_ids(f'{buf_name}.topk_idx', buffer.topk_idx[:t], buffer.num_experts)
-        if t and not bool(torch.isfinite(buffer.topk_weights[:t]).all()):
-            raise ValueError(f'{buf_name}.topk_weights: must be finite')
-        if t and not bool(torch.isfinite(buffer.x_sf[:t]).all()):
-            raise ValueError(f'{buf_name}.x_sf: must be finite')
+    if t and not _capturing(buffer.device):
+        _check_values(buffer, t, buf_name)
     e_l = buffer.num_experts_per_rank
     if stats is not None:
         check_tensor('cumulative_local_expert_recv_stats', stats, dtype=torch.int32, shape=(e_l,),
