@@ -138,7 +138,12 @@ def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fm
 
 
 def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, backend, t: int):
-    backend = select_backend(backend, buffer.device)
+    requested, backend = backend, select_backend(backend, buffer.device)
+    if requested == 'auto' and backend != 'reference' and buffer.num_ranks > 1 and \
+            not getattr(_backend_module(backend), 'MULTI_RANK', False):
+        warnings.warn(f"backend='auto': deep_gemm.mega.{backend} runs one rank only; using the reference backend "
+                      f"for this {buffer.num_ranks}-rank buffer")
+        backend = 'reference'
     if backend == 'reference':
         out = reference_mega_moe(buffer.x[:t], buffer.x_sf[:t], buffer.topk_idx[:t], buffer.topk_weights[:t],
                                  _LazyDequant(l1), l1.alpha, _LazyDequant(l2), l2.alpha, group=buffer.group,

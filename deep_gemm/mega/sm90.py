@@ -16,7 +16,9 @@ import torch
 from .. import gemm
 from . import kernels
 
-__all__ = ['run']
+__all__ = ['run', 'MULTI_RANK']
+
+MULTI_RANK = False   # backend='auto' uses the reference for multi-rank buffers until EP lands
 
 
 class _Workspace:
