@@ -78,18 +78,22 @@ def test_masked_plain(fmt, expected_m):
     else:
         sc = torch.randint(118, 130, (e, n, k // 32), dtype=torch.uint8, generator=gen)
         b = transform_mxfp4_weights_for_grouped_gemm(codes.cuda(), sc.cuda())
+    check_masked_plain(b, [expected_m, 0, max(1, expected_m // 3), min(max_m, expected_m + 5)], max_m,
+                       expected_m, gen)
+
+
+def check_masked_plain(b, counts, max_m, expected_m, gen):
+    """Masked plain GEMM on poisoned output: valid rows against float64, rows past the counts untouched."""
+    e, n, k = b.num_experts, b.n, b.k
     w = b.dequantize()
-    counts = [expected_m, 0, max(1, expected_m // 3), min(max_m, expected_m + 5)]
-    x = rand_tokens(e * max_m, k, gen)
-    q, sf = quant_tokens(x)
+    q, sf = quant_tokens(rand_tokens(e * max_m, k, gen))
     d = torch.full((e, max_m, n), float('nan'), dtype=torch.bfloat16, device='cuda')
     m_grouped_fp8_nvfp4_gemm_nt_masked((q.view(e, max_m, k).cuda(), sf.view(e, max_m, -1).cuda()), b, d,
                                        torch.tensor(counts, dtype=torch.int32, device='cuda'), expected_m)
     tok = dequant_tokens(q, sf).view(e, max_m, k)
     for i, c in enumerate(counts):
-        ref = ref_plain(tok[i, :c], w[i], b.alpha[i, 0].item())
         if c:
-            assert rel_err(d[i, :c].cpu(), ref) < TOL
+            assert rel_err(d[i, :c].cpu(), ref_plain(tok[i, :c], w[i], b.alpha[i, 0].item())) < TOL
         assert torch.isnan(d[i, c:].float()).all(), 'rows past masked_m were written'
 
 
@@ -102,18 +106,7 @@ def test_every_tile_config(block_t, ctas, monkeypatch):
     e, n, k, max_m = 3, 256, 640, 2 * block_t + 8
     codes, scale, g2 = rand_nvfp4(e, n, k, gen)
     b = transform_nvfp4_weights_for_grouped_gemm(codes.cuda(), scale.cuda(), g2.cuda())
-    w = b.dequantize()
-    counts = [max_m, 0, block_t + 3]
-    x = rand_tokens(e * max_m, k, gen)
-    q, sf = quant_tokens(x)
-    d = torch.full((e, max_m, n), float('nan'), dtype=torch.bfloat16, device='cuda')
-    m_grouped_fp8_nvfp4_gemm_nt_masked((q.view(e, max_m, k).cuda(), sf.view(e, max_m, -1).cuda()), b, d,
-                                       torch.tensor(counts, dtype=torch.int32, device='cuda'), block_t)
-    tok = dequant_tokens(q, sf).view(e, max_m, k)
-    for i, c in enumerate(counts):
-        if c:
-            assert rel_err(d[i, :c].cpu(), ref_plain(tok[i, :c], w[i], b.alpha[i, 0].item())) < TOL
-        assert torch.isnan(d[i, c:].float()).all(), 'rows past masked_m were written'
+    check_masked_plain(b, [max_m, 0, block_t + 3], max_m, block_t, gen)
 
 
 @pytest.mark.parametrize('counts', [[300, 0, 77, 1], [1024, 513, 0, 256]])

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include <deep_gemm/comm/routing.cuh>
+#include <deep_gemm/common/warp_scan.cuh>
 
 namespace deep_gemm {
 
@@ -30,7 +31,7 @@ smxx_moe_dispatch_layout(const int64_t* __restrict__ topk_idx, const float* __re
         if (e >= 0) atomicAdd(count + e, 1);
     }
     __syncthreads();
-    if (threadIdx.x < 32) comm::warp_exclusive_scan(count, cursor, num_local_experts, threadIdx.x);
+    if (threadIdx.x < 32) warp_exclusive_scan(num_local_experts, threadIdx.x, [&](int e) { return count[e]; }, cursor);
     __syncthreads();
     for (int e = threadIdx.x; e <= num_local_experts; e += kNumThreads) {
         expert_offsets[e] = min(cursor[e], max_rows);

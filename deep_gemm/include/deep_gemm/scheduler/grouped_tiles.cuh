@@ -8,6 +8,8 @@
 // shared memory once.
 #include <cstdint>
 
+#include <deep_gemm/common/warp_scan.cuh>
+
 namespace deep_gemm {
 
 enum class GroupMode : int { Contiguous = 0, Masked = 1 };
@@ -32,23 +34,7 @@ struct GroupedTiles {
 
     // Called by one full warp; the caller syncs the block afterwards.
     __device__ __forceinline__ void build_prefix(int lane) {
-        const int per_lane = (num_experts + 31) / 32;
-        const int begin = lane * per_lane, end = min(begin + per_lane, num_experts);
-        int local = 0;
-        for (int e = begin; e < end; ++e)
-            local += (count(e) + kBlockT - 1) / kBlockT;
-        int incl = local;
-        #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int v = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += v;
-        }
-        int run = incl - local;
-        for (int e = begin; e < end; ++e) {
-            smem_prefix[e] = run;
-            run += (count(e) + kBlockT - 1) / kBlockT;
-        }
-        if (lane == 31) smem_prefix[num_experts] = incl;
+        warp_exclusive_scan(num_experts, lane, [&](int e) { return (count(e) + kBlockT - 1) / kBlockT; }, smem_prefix);
     }
 
     __device__ __forceinline__ int num_tiles() const { return smem_prefix[num_experts] * num_row_tiles; }
