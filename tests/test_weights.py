@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from deep_gemm.mega.weights import (BLOCK_K, CODE_BYTES, transform_nvfp4_weights_for_mega_moe,
-                                    transform_weights_for_mega_moe, _code_index, _scale_index)
+                                    transform_weights_for_mega_moe, _code_index, _scale_index,
+                                    _CODE_WORD_PERM, _NVFP4_SCALE_WORD_PERM, _WORD_BIT_CELL, _permute_word_bits)
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
@@ -31,6 +32,33 @@ def test_index_maps_are_permutations():
     assert sorted(_code_index().tolist()) == list(range(128 * 128))
     assert sorted(_scale_index('nvfp4').tolist()) == list(range(128 * 8))
     assert sorted(_scale_index('mxfp4').tolist()) == list(range(128 * 4))
+    assert sorted(_CODE_WORD_PERM) == list(range(32))
+    assert sorted(_NVFP4_SCALE_WORD_PERM) == list(range(32))
+
+
+def test_word_bit_permutation_roundtrip():
+    gen = torch.Generator().manual_seed(4)
+    data = torch.randint(0, 256, (3, 64), dtype=torch.uint8, generator=gen)
+    for perm in (_CODE_WORD_PERM, _NVFP4_SCALE_WORD_PERM):
+        moved = _permute_word_bits(data, perm)
+        assert torch.equal(_permute_word_bits(moved, perm, inverse=True), data)
+        # a single set bit lands where the table says, in every byte position of the word
+        for i in range(32):
+            one = torch.zeros(4, dtype=torch.uint8)
+            one[i // 8] = 1 << (i % 8)
+            w = int.from_bytes(bytes(_permute_word_bits(one, perm).tolist()), 'little')
+            assert w == 1 << perm[i]
+
+
+def test_word_cells_feed_the_kernel_shifts():
+    """Each cell is where the kernel's shift for that fragment register picks the bit up."""
+    for o in range(4):
+        for h in range(2):
+            for c in range(4):
+                p = 16 * h + (6, 7, 8, 15)[c]
+                cell = _WORD_BIT_CELL[o][h][c]
+                shift = {0: 0, 1: 4, 2: 10, 3: -2 if c == 2 else 6}[o]
+                assert (cell + shift) % 32 == p
 
 
 @pytest.mark.parametrize('n,k', [(256, 256), (512, 384)])
@@ -46,10 +74,12 @@ def test_nvfp4_roundtrip_bit_exact(n, k):
     assert torch.equal(l1.dequantize().double(), direct_dequant(w1, s1, 16, 'nvfp4'))
     assert torch.equal(l2.dequantize().double(), direct_dequant(w2, s2, 16, 'nvfp4'))
     assert torch.equal(l1.alpha, g1) and torch.equal(l2.alpha[:, 0], g2[:, 0])
-    # the transform only permutes: the multiset of bytes-as-nibbles is unchanged per expert
+    # the transform only permutes: with the in-word bit permutation undone, the multiset of
+    # nibbles is unchanged per expert
     for i in range(e):
         a = torch.cat([w1[i] & 0xF, w1[i] >> 4]).flatten().sort().values
-        b = torch.cat([l1.codes[i] & 0xF, l1.codes[i] >> 4]).flatten().sort().values
+        c = _permute_word_bits(l1.codes[i].reshape(-1, CODE_BYTES), _CODE_WORD_PERM, inverse=True)
+        b = torch.cat([c & 0xF, c >> 4]).flatten().sort().values
         assert torch.equal(a, b)
 
 

@@ -1,27 +1,34 @@
-"""Kernel-side expert weights: NVFP4 / MXFP4 bytes re-ordered (never re-quantized) for the kernels.
+"""Kernel-side expert weights: NVFP4 / MXFP4 bits re-ordered (never re-quantized) for the kernels.
 
 The Hopper kernels make the weights the *register* operand of BF16 ``wgmma`` (swap A/B: weight
 rows are the M side, tokens the N side).  Each consumer thread therefore needs, per k16 step,
 the 8 E2M1 codes of its A fragment (rows g and g+8 of its warp's 16 rows, k = 2q, 2q+1, 2q+8,
 2q+9) in one 32-bit word, and the block scales of those two rows.  The transform below only
-permutes nibbles and scale bytes so that every thread reads its fragment with 16-byte,
-conflict-free shared-memory loads; ``dequantize()`` inverts the permutation exactly.
+permutes nibbles, bits inside 32-bit words and scale bytes, so that every thread reads its
+fragment with 16-byte, conflict-free shared-memory loads and turns it into BF16 with as few
+integer instructions as possible; ``dequantize()`` inverts the permutation exactly.
 
 Layout (per expert ``e``, row tile ``rt`` of ``BLOCK_N = 128`` kernel rows, k block ``kb`` of
 ``BLOCK_K = 128``):
 
-* ``codes[e, rt, kb]`` -- 8192 bytes.  Byte ``((wg * 2 + half) * 128 + tid) * 16 + jj * 4 + b``
-  is byte ``b`` (little endian) of the word of thread ``tid`` of consumer warpgroup ``wg`` for
-  k16 step ``j = 4 * half + jj``.  With ``warp = tid // 32``, ``g = lane // 4``, ``q = lane % 4``,
-  ``r0 = 64 * wg + 16 * warp + g`` and ``r1 = r0 + 8``, the word's nibble ``p`` (bits
-  ``4p..4p+3``) holds the code of ``(row, k)``:
-  ``p = 3: (r0, 2q)``, ``7: (r0, 2q+1)``, ``2: (r1, 2q)``, ``6: (r1, 2q+1)``,
-  ``1: (r0, 2q+8)``, ``5: (r0, 2q+9)``, ``0: (r1, 2q+8)``, ``4: (r1, 2q+9)`` (k relative to
-  ``16 j``).  A bf16x2 pair is then ``(w & 0x80008000) | ((w >> 6) & 0x01C001C0)`` for the
-  nibbles at bits 12 and 28, and the same after ``w <<= 4`` for the next pair.
+* ``codes[e, rt, kb]`` -- 8192 bytes = 2048 little-endian 32-bit words.  Word
+  ``(wg * 2 + half) * 512 + tid * 4 + jj`` belongs to thread ``tid`` of consumer warpgroup ``wg``
+  for k16 step ``j = 4 * half + jj``.  With ``warp = tid // 32``, ``g = lane // 4``,
+  ``q = lane % 4``, ``r0 = 64 * wg + 16 * warp + g`` and ``r1 = r0 + 8``, the word holds the
+  8 codes of the wgmma A fragment registers ``a[o]``, ``o = 0..3``, each a bf16 pair ``h = 0, 1``:
+  ``a0: (r0, 2q + h)``, ``a1: (r1, 2q + h)``, ``a2: (r0, 2q + 8 + h)``, ``a3: (r1, 2q + 8 + h)``
+  (k relative to ``16 j``).  Bit ``c`` of code ``(o, h)`` (``c = 0: m, 1: e0, 2: e1, 3: sign``)
+  sits at word bit ``_WORD_BIT_CELL[o][h][c]``: the cell from which the kernel's
+  ``a0 = w & T``, ``a1 = (w << 4) & T``, ``a2 = rotl(w, 10) & T``,
+  ``a3 = ((w << 6) & T_mes) | ((w >> 2) & T_e1)`` move it to bf16 bit
+  ``16 h + (6, 7, 8, 15)[c]`` (see ``sm90_fp4.cuh``).  Built in two steps: ``_code_index()`` puts
+  code ``(o, h)`` in nibble ``2 o + h`` of the word, then ``_CODE_WORD_PERM`` (the same map, by
+  nibble bit ``4 (2 o + h) + c``) permutes the bits.
 * ``scales[e, rt, kb]`` -- NVFP4: 1024 bytes, 16 per row pair ``(r0, r1)`` at
-  ``(64 * wg + 16 * warp + g) / ... = (wg * 32 + warp * 8 + g) * 16``: word ``jp`` holds
-  ``[s(r0, 2jp), s(r0, 2jp+1), s(r1, 2jp), s(r1, 2jp+1)]`` (UE4M3 bytes, unchanged).
+  ``(wg * 32 + warp * 8 + g) * 16``: word ``jp`` holds UE4M3 ``[s(r0, 2jp), s(r0, 2jp+1),
+  s(r1, 2jp), s(r1, 2jp+1)]`` as bytes 0..3, then its bits are permuted by
+  ``_NVFP4_SCALE_WORD_PERM`` so that ``w & 0x07F007F0`` is the even step's bf16x2 scale bits and
+  ``rotr(w, 7) & 0x07F007F0`` the odd step's (the always-zero sign bits fill the 4 cells left).
   MXFP4: 512 bytes, 8 per row pair: word ``wd`` holds
   ``[s(r0, 2wd), s(r0, 2wd+1), s(r1, 2wd), s(r1, 2wd+1)]`` (UE8M0 bytes, unchanged).
 
@@ -50,18 +57,64 @@ _E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float32)
 
 
+# bf16 bit of code bit c (m, e0, e1, sign) in half h of a fragment register.
+_BF16_BIT = (6, 7, 8, 15)
+
+
+def _word_bit_cell(o: int, h: int, c: int) -> int:
+    p = 16 * h + _BF16_BIT[c]
+    if o == 0:
+        return p                     # w & T
+    if o == 1:
+        return p - 4                 # (w << 4) & T
+    if o == 2:
+        return (p - 10) % 32         # rotl(w, 10) & T
+    return p + 2 if c == 2 else p - 6  # e1 from (w >> 2), the rest from (w << 6)
+
+
+#: ``_WORD_BIT_CELL[o][h][c]``: word bit holding bit ``c`` of the code of fragment register
+#: ``o``, half ``h`` (mirrors ``e2m1x8_to_bf16x8_bits`` in ``sm90_fp4.cuh``).
+_WORD_BIT_CELL = tuple(tuple(tuple(_word_bit_cell(o, h, c) for c in range(4)) for h in range(2)) for o in range(4))
+# canonical word bit 4 * (2 o + h) + c -> cell
+_CODE_WORD_PERM = tuple(_WORD_BIT_CELL[n // 8][(n // 4) % 2][n % 4] for n in range(32))
+# canonical scale word bit 8 * b + i (UE4M3 byte b, bit i) -> cell: bytes 0 / 2 (even step, rows
+# r0 / r1) at bf16 bits 4..10 of each half, bytes 1 / 3 (odd step) 7 bits higher, cyclically.
+_NVFP4_SCALE_WORD_PERM = tuple(
+    (16 * (b // 2) + 4 + i + 7 * (b % 2)) % 32 if i < 7 else (2, 3, 18, 19)[b] for b in range(4) for i in range(8))
+
+
 @functools.lru_cache(maxsize=None)
 def _code_index() -> torch.Tensor:
-    """For each nibble of a code chunk (16384 nibbles), the flat index ``row * 128 + k`` in the tile."""
-    wg, half, tid, jj, p = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(128),
+    """For each nibble of a code chunk (16384 nibbles), the flat index ``row * 128 + k`` in the tile.
+
+    Nibble order: byte-major, low nibble first, so nibble ``n`` of a word is code ``(o, h) =
+    (n // 2, n % 2)``, before the bits are permuted by ``_CODE_WORD_PERM``.
+    """
+    wg, half, tid, jj, n = torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(128),
                                           torch.arange(4), torch.arange(8), indexing='ij')
     warp, lane = tid // 32, tid % 32
     g, q = lane // 4, lane % 4
+    o, h = n // 2, n % 2
     r0 = 64 * wg + 16 * warp + g
-    row = torch.where(p % 2 == 1, r0, r0 + 8)
-    k = 16 * (4 * half + jj) + 2 * q + torch.where((p % 4) >= 2, 0, 8) + (p >= 4).long()
-    # nibble order inside the chunk: byte-major, low nibble first -> (word bytes b = p // 2)
+    row = torch.where(o % 2 == 0, r0, r0 + 8)
+    k = 16 * (4 * half + jj) + 2 * q + torch.where(o >= 2, 8, 0) + h
     return (row * BLOCK_K + k).reshape(-1)
+
+
+def _permute_word_bits(data: torch.Tensor, perm: Sequence[int], inverse: bool = False) -> torch.Tensor:
+    """uint8 ``[..., 4 m]`` read as little-endian 32-bit words: bit ``i`` of each word moves to bit
+    ``perm[i]`` (or back, with ``inverse``).  One mask-and-shift per distinct distance."""
+    moves = [(perm[i], i) if inverse else (i, perm[i]) for i in range(32)]
+    words = data.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(words)
+    by_shift = {}
+    for src, dst in moves:
+        by_shift[dst - src] = by_shift.get(dst - src, 0) | (1 << src)
+    for shift, mask in by_shift.items():
+        part = words & mask
+        out |= (part << shift) if shift >= 0 else (part >> -shift)
+    out = torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+    return out.view(torch.uint8).reshape(data.shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,13 +170,15 @@ class ExpertWeights:
     def _dequantize_one(self, e: int) -> torch.Tensor:
         n, k, fmt = self.n, self.k, self.fmt
         tn, tk = n // BLOCK_N, k // BLOCK_K
-        chunk = self.codes[e].cpu().reshape(tn * tk, CODE_BYTES)
+        chunk = _permute_word_bits(self.codes[e].cpu().reshape(tn * tk, CODE_BYTES), _CODE_WORD_PERM, inverse=True)
         nib = torch.stack([chunk & 0xF, chunk >> 4], dim=-1).reshape(tn * tk, -1).long()
         tile = torch.empty(tn * tk, BLOCK_N * BLOCK_K, dtype=torch.long)
         tile[:, _code_index()] = nib
         vals = _E2M1_VALUES[tile].reshape(tn, tk, BLOCK_N, BLOCK_K)
         groups = BLOCK_K // SCALE_GRAN[fmt]
         sch = self.scales[e].cpu().reshape(tn * tk, -1)
+        if fmt == 'nvfp4':
+            sch = _permute_word_bits(sch, _NVFP4_SCALE_WORD_PERM, inverse=True)
         st = torch.empty(tn * tk, BLOCK_N * groups, dtype=torch.uint8)
         st[:, _scale_index(fmt)] = sch
         st = st.reshape(tn, tk, BLOCK_N, groups)
@@ -210,10 +265,11 @@ def _transform_one(obj, what: str, kind: str, fmt: str) -> ExpertWeights:
         nib = torch.stack([wi & 0xF, wi >> 4], dim=-1).reshape(tn, BLOCK_N, tk, BLOCK_K)
         nib = nib.permute(0, 2, 1, 3).reshape(tn * tk, BLOCK_N * BLOCK_K)[:, code_idx]
         nib = nib.reshape(tn, tk, CODE_BYTES, 2)
-        codes[i] = nib[..., 0] | (nib[..., 1] << 4)
+        codes[i] = _permute_word_bits(nib[..., 0] | (nib[..., 1] << 4), _CODE_WORD_PERM)
         si = sbytes[i].index_select(0, rows).reshape(tn, BLOCK_N, tk, groups)
         si = si.permute(0, 2, 1, 3).reshape(tn * tk, BLOCK_N * groups)[:, scale_idx]
-        scales[i] = si.reshape(tn, tk, -1)
+        si = si.reshape(tn, tk, -1)
+        scales[i] = _permute_word_bits(si, _NVFP4_SCALE_WORD_PERM) if fmt == 'nvfp4' else si
     return ExpertWeights(fmt=fmt, kind=kind, codes=codes, scales=scales, alpha=alpha,
                          num_experts=e, n=n, k=k)
 

@@ -153,35 +153,49 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
         // A registers, and a second register set written meanwhile was measured to corrupt them
         // (BLOCK_T 128).  Overlap comes from the other consumer warpgroup(s) instead.
 
-        // smem -> registers: the thread's 8 step code words and its row pair's scale words.
+        // smem -> registers: the thread's 8 step code words and its row pair's scale words.  Shared
+        // addresses and ld.shared (LDS.128 with immediate offsets) rather than generic pointers,
+        // which compiled to 64-bit address math and LD.E.128; volatile keeps them after the wait.
+        const uint32_t codes_addr = cute::cast_smem_ptr_to_uint(smem_codes) + (cw * 2 * 128 + wg_tid) * 16;
+        const uint32_t scales_addr = cute::cast_smem_ptr_to_uint(smem_scales) + row_pair * Block::kScaleBytesPerRowPair;
         auto load_block = [&](uint32_t (&codes)[8], uint32_t (&scales)[4]) {
             full[stage].wait(phase);
-            const auto* cptr = reinterpret_cast<const uint4*>(smem_codes + stage * kCodeBytes);
-            const uint4 c0 = cptr[(cw * 2 + 0) * 128 + wg_tid];
-            const uint4 c1 = cptr[(cw * 2 + 1) * 128 + wg_tid];
-            codes[0] = c0.x, codes[1] = c0.y, codes[2] = c0.z, codes[3] = c0.w;
-            codes[4] = c1.x, codes[5] = c1.y, codes[6] = c1.z, codes[7] = c1.w;
-            const uint8_t* sptr = smem_scales + stage * Layout::kScaleBytes + row_pair * Block::kScaleBytesPerRowPair;
+            const uint32_t c = codes_addr + stage * kCodeBytes;
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(codes[0]), "=r"(codes[1]), "=r"(codes[2]), "=r"(codes[3]) : "r"(c));
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4 + %5];"   // steps 4..7, 128 uint4 further
+                         : "=r"(codes[4]), "=r"(codes[5]), "=r"(codes[6]), "=r"(codes[7]) : "r"(c), "n"(128 * 16));
+            const uint32_t sa = scales_addr + stage * Layout::kScaleBytes;
             if constexpr (kFmt == sm90::WeightFormat::NVFP4) {
-                const uint4 s = *reinterpret_cast<const uint4*>(sptr);
-                scales[0] = s.x, scales[1] = s.y, scales[2] = s.z, scales[3] = s.w;
+                asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(scales[0]), "=r"(scales[1]), "=r"(scales[2]), "=r"(scales[3]) : "r"(sa));
             } else {
-                const uint2 s = *reinterpret_cast<const uint2*>(sptr);
-                scales[0] = s.x, scales[1] = s.y, scales[2] = 0, scales[3] = 0;
+                asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(scales[0]), "=r"(scales[1]) : "r"(sa));
+                scales[2] = 0, scales[3] = 0;
             }
         };
         // Steps [kFirst, kFirst + kCount) of the current block: dequant into `a`, then async wgmmas.
+        // The descriptors differ only in the start address field (address >> 4, 14 bits); every
+        // address is a real shared address below 2^18, so adding stage and step offsets to the low
+        // word never carries out of that field, and the high word is a constant.
+        const uint32_t desc_lo_base = static_cast<uint32_t>(
+            sm90::make_kmajor_sw128_desc(cute::cast_smem_ptr_to_uint(smem_tokens)));
+        const uint32_t desc_hi = static_cast<uint32_t>(sm90::make_kmajor_sw128_desc(0) >> 32);
         auto mma_steps = [&](auto first_tag, auto count_tag, int kb, const uint32_t (&codes)[8],
                              const uint32_t (&scales)[4], auto& a) {
             constexpr int kFirst = decltype(first_tag)::value, kCount = decltype(count_tag)::value;
             Block::template dequant<kFirst, kCount>(codes, scales, a);
-            const uint32_t tok_base = cute::cast_smem_ptr_to_uint(smem_tokens + stage * Layout::kTokenBytes);
+            const uint32_t desc0_lo = desc_lo_base + stage * (Layout::kTokenBytes >> 4);
             #pragma unroll
             for (int i = 0; i < MMA::kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
             cute::warpgroup_arrive();
             #pragma unroll
             for (int j = kFirst; j < kFirst + kCount; ++j) {
-                const uint64_t desc = sm90::make_kmajor_sw128_desc(tok_base + (j / 4) * kBlockT * 128 + (j % 4) * 32);
+                constexpr int kStride = kBlockT * 128;
+                const uint32_t offset = ((j / 4) * kStride + (j % 4) * 32) >> 4;
+                // mov.b64 hides the no-carry fact from LLVM, which otherwise widens this to a 64-bit add.
+                uint64_t desc;
+                asm("mov.b64 %0, {%1, %2};" : "=l"(desc) : "r"(desc0_lo + offset), "r"(desc_hi));
                 MMA::mma(a[j - kFirst], desc, acc, kb > 0 || j > 0);
             }
             cute::warpgroup_commit_batch();
