@@ -31,11 +31,10 @@ def baseline(buf, l1, l2, t, k, e_l):
     """Unfused: torch-op dispatch and combine around the same grouped GEMMs."""
     idx = buf.topk_idx[:t].reshape(-1)
     valid = idx >= 0
-    order = torch.argsort(torch.where(valid, idx, e_l), stable=True)
+    rows = torch.argsort(torch.where(valid, idx, e_l), stable=True)   # masked pairs sort last, past offsets[-1]
     counts = torch.bincount(idx[valid], minlength=e_l).to(torch.int32)
     offsets = torch.zeros(e_l + 1, dtype=torch.int32, device=idx.device)
     offsets[1:] = torch.cumsum(counts, 0)
-    rows = order                                       # masked pairs sort last, past offsets[-1]
     tok = rows // k
     x = (buf.x[:t].float().view(t, -1, 32) * buf.x_sf[:t].unsqueeze(-1)).view(t, -1).to(torch.bfloat16)
     a = x[tok]
