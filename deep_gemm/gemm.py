@@ -143,16 +143,30 @@ def _smem_bytes(fmt: str, block_t: int, stages: int, num_experts: int) -> int:
     return 1024 + stages * (stage + 16) + 4 * (num_experts + 1) + 64
 
 
-def _launch_grouped(tokens: torch.Tensor, b: ExpertWeights, d: torch.Tensor, layout: torch.Tensor, mode: str,
-                    max_rows: int, tokens_per_expert: int, epilogue: str, route_weights: Optional[torch.Tensor],
-                    clamp: Optional[float], fast_math: bool, block_t: Optional[int] = None):
-    from .jit.tma import make_tma_2d
+def _grouped_config(b: ExpertWeights, tokens_per_expert: int, epilogue: str, fast_math: bool, mode: str,
+                    device: int, block_t: Optional[int] = None):
+    """(kernel, BLOCK_T, CTAs per SM, stages) for one launch; compiles and loads the kernel if needed."""
     block_t = block_t or int(os.environ.get('DG_GROUPED_GEMM_BLOCK_T', 0)) or _pick_block_t(tokens_per_expert)
     ctas = _ctas_per_sm(block_t)
     stages = _stages(b.fmt, block_t, b.num_experts, ctas)
     params = {'fmt': _FMT[b.fmt], 'block_t': block_t, 'stages': stages, 'epilogue': _EPI[epilogue],
               'mode': _MODE[mode], 'fast_math': bool(fast_math), 'ctas_per_sm': ctas}
-    kernel = registry.get_kernel(GROUPED_GEMM.name, params, device=tokens.device.index)
+    return registry.get_kernel(GROUPED_GEMM.name, params, device=device), block_t, ctas, stages
+
+
+def prepare_grouped_contiguous(b: ExpertWeights, expected_m: int, epilogue: str = 'plain', fast_math: bool = True) -> None:
+    """Compile and load the kernel that ``m_grouped_fp8_nvfp4_gemm_nt_contiguous`` with these arguments
+    will launch (so that a later launch does no JIT or driver set-up work, e.g. while peers wait at a barrier)."""
+    kernel, block_t, _, stages = _grouped_config(b, expected_m, epilogue, fast_math, 'contiguous', b.codes.device.index)
+    kernel.ensure_dynamic_smem(_smem_bytes(b.fmt, block_t, stages, b.num_experts))
+
+
+def _launch_grouped(tokens: torch.Tensor, b: ExpertWeights, d: torch.Tensor, layout: torch.Tensor, mode: str,
+                    max_rows: int, tokens_per_expert: int, epilogue: str, route_weights: Optional[torch.Tensor],
+                    clamp: Optional[float], fast_math: bool, block_t: Optional[int] = None):
+    from .jit.tma import make_tma_2d
+    kernel, block_t, ctas, stages = _grouped_config(b, tokens_per_expert, epilogue, fast_math, mode,
+                                                    tokens.device.index, block_t)
     tmap = make_tma_2d(tokens, block_t, 64, 128)
     smem = _smem_bytes(b.fmt, block_t, stages, b.num_experts)
     clamp_v = math.inf if clamp is None else float(clamp)

@@ -133,6 +133,10 @@ def load(cubin_path, device: Optional[int] = None) -> Kernel:
                 check(d.cuModuleUnload(module))
                 raise RuntimeError(f'{cubin_path} has {count} kernels, expected exactly one')
             function = check(d.cuModuleEnumerateFunctions(1, module))[0]
+            # Load the code now, not at the first launch (CUDA's lazy loading): a lazy load may
+            # synchronise the context, which deadlocks when a running kernel (a cross-rank barrier
+            # of ranks emulated on one GPU) waits for work launched after it.
+            check(d.cuFuncLoad(function))
             name = check(d.cuFuncGetName(function))
         name = name.decode() if isinstance(name, bytes) else str(name)
         kernel = Kernel(cubin_path, device, module, function, name)

@@ -117,7 +117,9 @@ def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fm
         raise ValueError(f'y: too many tokens: {t} > num_max_tokens_per_rank = {buffer.num_max_tokens_per_rank}')
     # Value checks read the device (a host sync), which a CUDA graph capture forbids: while capturing
     # they are skipped, and the kernels ignore ids outside [0, num_experts) (treated as masked).
-    if t and not _capturing(buffer.device):
+    # Ranks emulated on one GPU skip them too: a host sync (or an allocation) while another rank's
+    # barrier kernel waits for this rank's launches would stall those launches until the timeout.
+    if t and not _capturing(buffer.device) and not buffer.emulated:
         _check_values(buffer, t, buf_name)
     e_l = buffer.num_experts_per_rank
     if stats is not None:
@@ -138,6 +140,9 @@ def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fm
 
 
 def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, backend, t: int):
+    # A timed-out cross-rank wait of an earlier call (the record is host memory: no sync) fails
+    # every later call on this buffer: its ranks are out of step.
+    buffer.check_comm(synchronize=False)
     requested, backend = backend, select_backend(backend, buffer.device)
     if requested == 'auto' and backend != 'reference' and buffer.num_ranks > 1 and \
             not getattr(_backend_module(backend), 'MULTI_RANK', False):
@@ -145,6 +150,9 @@ def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, back
                       f"for this {buffer.num_ranks}-rank buffer")
         backend = 'reference'
     if backend == 'reference':
+        if buffer.num_ranks > 1 and buffer.group is None:
+            raise ValueError(f'buffer: an emulated {buffer.num_ranks}-rank group has no process group; '
+                             f'the reference backend needs one')
         out = reference_mega_moe(buffer.x[:t], buffer.x_sf[:t], buffer.topk_idx[:t], buffer.topk_weights[:t],
                                  _LazyDequant(l1), l1.alpha, _LazyDequant(l2), l2.alpha, group=buffer.group,
                                  activation_clamp=activation_clamp, num_experts=buffer.num_experts,

@@ -3,7 +3,7 @@
 Layout (:func:`get_symm_buffer_layout`), one byte buffer per rank, identical on every rank, every
 region starting at a multiple of 128 bytes, in this order (``T = num_max_tokens_per_rank``,
 ``E_l = num_experts / num_ranks``, ``R = num_ranks * T * min(num_topk, E_l)``, the most
-(token, slot) pairs one rank can receive):
+(token, slot) pairs one rank can receive when a token's top-k experts are distinct):
 
 ==================  ===================  ==================================================
 region              dtype, shape         use
@@ -12,35 +12,60 @@ region              dtype, shape         use
 ``x_sf``            float32 [T, H/32]    their per-32 scales
 ``topk_idx``        int64 [T, k]         global expert ids, -1 = masked
 ``topk_weights``    float32 [T, k]       routing weights
-``l1_x``            fp8 e4m3 [R, H]      dispatched rows (L1 input), grouped by local expert
-``l1_x_sf``         float32 [R, H/32]    their scales
-``l1_src``          int32 [R, 4]         (source rank, token, slot, expert) of each row
+``l1_x``            bf16 [R, H]          dispatched rows (L1 input, FP8 x scale, exact), by local expert
+``l1_src``          int32 [R, 4]         (source rank, token, slot, local expert) of each row
 ``l1_topk_weights`` float32 [R]          routing weight of each row
 ``l2_x``            bf16 [R, I]          L2 input ``h``
-``combine``         bf16 [T, k, H]       per-slot outputs sent back to this (source) rank
-``recv_count``      int32 [ranks, E_l]   rows received per (source rank, local expert)
-``flags``           int32 [4 * ranks]    dispatch / combine signals
+``combine``         bf16 [R, H]          L2 output rows, pulled by their source ranks' combine
+``pair_row``        int32 [T, k]         row of each of this rank's pairs in its expert owner's
+                                         ``combine`` (written by the owner; -1 = overflow)
+``expert_offsets``  int32 [E_l + 1]      first row of each local expert
+``meta``            int32 [16]           published token count, per-phase call counters, abort
+``flags``           int32 [2, ranks]     barrier signals received from each rank, per phase
 ==================  ===================  ==================================================
 
-``get_symm_buffer_size_for_mega_moe`` is the end of the last region rounded up to 128 bytes.
+Size: ``get_symm_buffer_size_for_mega_moe`` is the end of the last region rounded up to 128 bytes,
+about ``T x (9 H / 8 + 16 k) + R x (4 H + 2 I + 20)`` bytes: with H = 7168, I = 3072, k = 6,
+8 local experts and T = 4096 it is 0.89 GB for one rank and 3.46 GB per rank for 4 ranks (R grows
+with the ranks: every rank's tokens may all pick this rank's experts).
+
 On CPU, or with a group of one, the buffer is ordinary memory; on CUDA with more than one rank it
-is allocated with ``torch.distributed._symmetric_memory`` (``empty`` + ``rendezvous``).
+is allocated with ``torch.distributed._symmetric_memory`` (``empty`` + ``rendezvous``) and
+``peer_bases`` holds every rank's mapping of it.  :meth:`SymmBuffer.emulated_group` builds the
+buffers of several ranks on one GPU (tests of the multi-rank kernels where only one GPU exists).
+
+Timeouts: every cross-rank wait gives up after ``timeout_s`` (default ``$DG_MEGA_MOE_TIMEOUT_S``
+or 300 s), records which rank it waited for in a host-mapped word, and the layer raises
+:class:`MegaMoETimeoutError` naming that rank on this buffer's next call (or at once from
+:meth:`SymmBuffer.check_comm`).  A buffer whose wait timed out stays failed.
 """
 from __future__ import annotations
 
+import ctypes
+import math
+import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..utils.validation import check_multiple, check_positive_int
 
 __all__ = ['SymmBuffer', 'get_symm_buffer_for_mega_moe', 'get_symm_buffer_size_for_mega_moe',
-           'get_symm_buffer_layout', 'Region', 'ALIGNMENT']
+           'get_symm_buffer_layout', 'Region', 'ALIGNMENT', 'MegaMoETimeoutError']
 
 ALIGNMENT = 128
 X_SF_GRAN = 32
+META_INTS = 16          # comm/symm.cuh: Meta
+NUM_PHASES = 2          # barrier phases per call (impls/smxx_moe_barrier.cuh)
+DEFAULT_TIMEOUT_S = 300.0   # generous: a peer's first call may include its JIT compiles
+_PHASE_NAMES = ('dispatch (inputs ready)', 'combine (expert outputs ready)')
+
+
+class MegaMoETimeoutError(RuntimeError):
+    """A rank waited longer than the buffer's timeout for another rank."""
 
 
 @dataclass(frozen=True)
@@ -86,14 +111,15 @@ def get_symm_buffer_layout(num_ranks: int, num_experts: int, num_max_tokens_per_
         ('x_sf', torch.float32, (t, h // X_SF_GRAN)),
         ('topk_idx', torch.int64, (t, k)),
         ('topk_weights', torch.float32, (t, k)),
-        ('l1_x', torch.float8_e4m3fn, (r, h)),
-        ('l1_x_sf', torch.float32, (r, h // X_SF_GRAN)),
+        ('l1_x', torch.bfloat16, (r, h)),
         ('l1_src', torch.int32, (r, 4)),
         ('l1_topk_weights', torch.float32, (r,)),
         ('l2_x', torch.bfloat16, (r, i)),
-        ('combine', torch.bfloat16, (t, k, h)),
-        ('recv_count', torch.int32, (num_ranks, e_l)),
-        ('flags', torch.int32, (4 * num_ranks,)),
+        ('combine', torch.bfloat16, (r, h)),
+        ('pair_row', torch.int32, (t, k)),
+        ('expert_offsets', torch.int32, (e_l + 1,)),
+        ('meta', torch.int32, (META_INTS,)),
+        ('flags', torch.int32, (NUM_PHASES, num_ranks)),
     ]
     layout: 'OrderedDict[str, Region]' = OrderedDict()
     off = 0
@@ -119,13 +145,16 @@ class SymmBuffer:
     ``topk_idx[:T]``, ``topk_weights[:T]`` before calling the layer."""
 
     def __init__(self, group, num_experts: int, num_max_tokens_per_rank: int, num_topk: int, hidden: int,
-                 intermediate_hidden: int, device=None):
+                 intermediate_hidden: int, device=None, timeout_s: Optional[float] = None, _emulated=None):
         import torch.distributed as dist
-        if group is not None and not (dist.is_available() and dist.is_initialized()):
-            raise ValueError('group: torch.distributed is not initialized')
+        if _emulated is not None:
+            self.rank, self.num_ranks = _emulated
+        else:
+            if group is not None and not (dist.is_available() and dist.is_initialized()):
+                raise ValueError('group: torch.distributed is not initialized')
+            self.num_ranks = 1 if group is None else dist.get_world_size(group)
+            self.rank = 0 if group is None else dist.get_rank(group)
         self.group = group
-        self.num_ranks = 1 if group is None else dist.get_world_size(group)
-        self.rank = 0 if group is None else dist.get_rank(group)
         self.layout = get_symm_buffer_layout(self.num_ranks, num_experts, num_max_tokens_per_rank, num_topk,
                                              hidden, intermediate_hidden)
         self.num_bytes = get_symm_buffer_size_for_mega_moe(self.num_ranks, num_experts, num_max_tokens_per_rank,
@@ -136,6 +165,7 @@ class SymmBuffer:
         self.num_topk = num_topk
         self.hidden = hidden
         self.intermediate_hidden = intermediate_hidden
+        self.timeout_s = _check_timeout(timeout_s)
         if device is None:
             device = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
         device = torch.device(device)
@@ -143,16 +173,50 @@ class SymmBuffer:
             device = torch.device('cuda', torch.cuda.current_device())
         self.device = device
         self.handle = None
-        if device.type == 'cuda' and self.num_ranks > 1:
+        self._peers = None           # emulated group: every rank's SymmBuffer
+        if device.type == 'cuda' and self.num_ranks > 1 and _emulated is None:
             self.raw, self.handle = self._alloc_symmetric(group, self.num_bytes, device)
+            ptrs = list(self.handle.buffer_ptrs)
         else:
             self.raw = torch.zeros(self.num_bytes, dtype=torch.uint8, device=device)
+            ptrs = [self.raw.data_ptr()] if self.num_ranks == 1 else None
+        self.peer_bases = None if ptrs is None else self._bases_tensor(ptrs)
         self.views: Dict[str, torch.Tensor] = {name: self._view(self.raw, reg) for name, reg in self.layout.items()}
         self.x = self.views['x']
         self.x_sf = self.views['x_sf']
         self.topk_idx = self.views['topk_idx']
         self.topk_weights = self.views['topk_weights']
         self.topk_idx.fill_(-1)
+        self._error = _HostErrorRecord(device) if device.type == 'cuda' else None
+
+    @classmethod
+    def emulated_group(cls, num_ranks: int, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
+                       hidden: int, intermediate_hidden: int, device=None,
+                       timeout_s: Optional[float] = None) -> List['SymmBuffer']:
+        """The buffers of ``num_ranks`` ranks emulated on one device, each rank's kernels reading and
+        signalling the others' buffers through plain device pointers (what NVLink peer mappings are on
+        several GPUs).  Run each rank's call on its own CUDA stream, all launched before any is
+        waited for: the ranks' barriers wait for each other, and nothing that synchronises the device
+        or allocates device memory or loads a kernel may run between the first rank's launch and the
+        last's: the layer skips its value checks on these buffers, and the caller runs
+        ``deep_gemm.mega.sm90.prepare`` for every rank before launching any.  For tests on one GPU."""
+        check_positive_int('num_ranks', num_ranks)
+        bufs = [cls(None, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, device,
+                    timeout_s, _emulated=(r, num_ranks)) for r in range(num_ranks)]
+        ptrs = [b.raw.data_ptr() for b in bufs]
+        for b in bufs:
+            b.peer_bases = b._bases_tensor(ptrs)
+            b._peers = bufs
+        return bufs
+
+    @property
+    def emulated(self) -> bool:
+        """True for the buffers of :meth:`emulated_group`."""
+        return self._peers is not None
+
+    def _bases_tensor(self, ptrs) -> torch.Tensor:
+        return torch.tensor([p - (1 << 64) if p >= (1 << 63) else p for p in ptrs], dtype=torch.int64,
+                            device=self.device)
 
     @staticmethod
     def _alloc_symmetric(group, nbytes: int, device: torch.device):
@@ -164,6 +228,8 @@ class SymmBuffer:
         raw = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(raw, group)
         raw.zero_()
+        # every rank's zeroed flags before any rank's first signal
+        handle.barrier()
         return raw, handle
 
     @staticmethod
@@ -174,27 +240,110 @@ class SymmBuffer:
         """The named region on this rank (see :func:`get_symm_buffer_layout`)."""
         return self.views[name]
 
+    def offset(self, name: str) -> int:
+        """Byte offset of the named region (the same on every rank)."""
+        return self.layout[name].offset
+
     def peer_region(self, name: str, rank: int) -> torch.Tensor:
-        """The named region of another rank's buffer (CUDA symmetric memory only)."""
+        """The named region of another rank's buffer (CUDA symmetric memory or an emulated group)."""
         if rank == self.rank:
             return self.views[name]
+        if self._peers is not None:
+            return self._peers[rank].views[name]
         if self.handle is None:
             raise RuntimeError('peer_region: this buffer is not symmetric memory (CPU or a single rank)')
         reg = self.layout[name]
         peer = self.handle.get_buffer(rank, (self.num_bytes,), torch.uint8)
         return self._view(peer, reg)
 
+    @property
+    def error_record_ptr(self) -> int:
+        """Device address of the host-mapped record of the first timed-out wait (CUDA only)."""
+        return self._error.device_ptr
+
+    def comm_error(self) -> Optional[str]:
+        """The first timed-out cross-rank wait as a message, or None.  Reads host memory only: it sees
+        what the kernels finished so far (synchronise the stream first to see the last call)."""
+        if self._error is None:
+            return None
+        code, phase, rank, peer, epoch = self._error.read()
+        if code != 1:
+            return None
+        phase_name = _PHASE_NAMES[phase] if 0 <= phase < len(_PHASE_NAMES) else f'phase {phase}'
+        return (f'rank {rank} timed out after {self.timeout_s:g} s waiting for rank {peer} at the {phase_name} '
+                f'barrier of call {epoch} of this buffer (rank {peer} never arrived: it crashed, hung, or skipped '
+                f'the layer); this buffer stays failed, and y of that call was set to NaN')
+
+    def check_comm(self, synchronize: bool = True) -> None:
+        """Raise :class:`MegaMoETimeoutError` if a cross-rank wait of this buffer timed out
+        (after synchronising the device, by default)."""
+        if synchronize and self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        msg = self.comm_error()
+        if msg is not None:
+            raise MegaMoETimeoutError(msg)
+
     def __repr__(self) -> str:
-        return (f'SymmBuffer(ranks={self.num_ranks}, experts={self.num_experts}, '
+        return (f'SymmBuffer(rank={self.rank}/{self.num_ranks}, experts={self.num_experts}, '
                 f'max_tokens={self.num_max_tokens_per_rank}, topk={self.num_topk}, hidden={self.hidden}, '
                 f'intermediate={self.intermediate_hidden}, bytes={self.num_bytes}, device={self.device})')
 
 
+def _check_timeout(timeout_s) -> float:
+    if timeout_s is None:
+        env = os.environ.get('DG_MEGA_MOE_TIMEOUT_S')
+        if env is None:
+            return DEFAULT_TIMEOUT_S
+        try:
+            timeout_s = float(env)
+        except ValueError:
+            raise ValueError(f'DG_MEGA_MOE_TIMEOUT_S: expected seconds, got {env!r}') from None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f'timeout_s: expected seconds as a float, got {type(timeout_s).__name__}')
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ValueError(f'timeout_s: expected a finite positive number of seconds, got {timeout_s}')
+    return float(timeout_s)
+
+
+class _HostErrorRecord:
+    """int32 [8] in pinned, device-mapped host memory (comm/symm.cuh: CommError): kernels write it,
+    Python reads it without synchronising.  Records are slots of 4 KiB pages that are never freed:
+    freeing pinned memory synchronises the device, which must not happen from a destructor (the
+    garbage collector may run one while another rank's barrier kernel waits)."""
+
+    _SLOTS_PER_PAGE = 128
+    _pages = []          # (host address, device address, slots used)
+    _lock = threading.Lock()
+
+    def __init__(self, device: torch.device):
+        from ..jit import runtime
+        d = runtime.driver()
+        with self._lock:
+            if not self._pages or self._pages[-1][2] == self._SLOTS_PER_PAGE:
+                runtime._ensure_context(device.index)
+                flags = int(d.CU_MEMHOSTALLOC_PORTABLE) | int(d.CU_MEMHOSTALLOC_DEVICEMAP)
+                with torch.cuda.device(device):
+                    host = int(runtime.check(d.cuMemHostAlloc(32 * self._SLOTS_PER_PAGE, flags)))
+                    dev = int(runtime.check(d.cuMemHostGetDevicePointer(host, 0)))
+                self._pages.append([host, dev, 0])
+            page = self._pages[-1]
+            slot, page[2] = page[2], page[2] + 1
+        self._ints = (ctypes.c_int32 * 8).from_address(page[0] + 32 * slot)
+        ctypes.memset(ctypes.addressof(self._ints), 0, 32)
+        self.device_ptr = page[1] + 32 * slot
+
+    def read(self):
+        return tuple(self._ints[:5])
+
+
 def get_symm_buffer_for_mega_moe(group, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
-                                 hidden: int, intermediate_hidden: int, device=None) -> SymmBuffer:
-    """Allocate the Mega MoE buffer for ``group`` (``None`` = one process).
+                                 hidden: int, intermediate_hidden: int, device=None,
+                                 timeout_s: Optional[float] = None) -> SymmBuffer:
+    """Allocate the Mega MoE buffer for ``group`` (``None`` = one process); collective over ``group``.
 
     ``hidden`` and ``intermediate_hidden`` must be multiples of 128, ``num_experts`` a multiple of the
-    group size; ``device`` defaults to the current CUDA device, else CPU.
+    group size; ``device`` defaults to the current CUDA device, else CPU.  ``timeout_s`` bounds every
+    cross-rank wait of the layer (default ``$DG_MEGA_MOE_TIMEOUT_S`` or 300 s).
     """
-    return SymmBuffer(group, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, device)
+    return SymmBuffer(group, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, device,
+                      timeout_s)

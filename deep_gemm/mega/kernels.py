@@ -1,8 +1,10 @@
-"""Arch-neutral Mega MoE kernels (dispatch layout, dispatch gather, combine) and their launchers.
+"""Arch-neutral Mega MoE kernels (barrier, dispatch layout, dispatch gather, combine) and their launchers.
 
 The kernels are JIT-compiled for sm_90a and sm_100a; their semantics are the reference's
 (``deep_gemm.reference``): rows of a local expert in any order, combine in increasing slot order
-in FP32 with one BF16 rounding.  Launchers take device tensors only and never synchronise.
+in FP32 with one BF16 rounding.  Every kernel addresses the symmetric buffer through the peer
+base table (``SymmBuffer.peer_bases``) and region offsets, so one code path serves one rank and
+many.  Launchers take device tensors only and never synchronise.
 """
 from __future__ import annotations
 
@@ -12,10 +14,19 @@ import torch
 
 from ..jit import registry, runtime
 
+BARRIER_THREADS = 32
 LAYOUT_THREADS = 1024
 GATHER_THREADS = 128
 COMBINE_THREADS = 128
 MAX_TOPK = 16
+
+BARRIER = registry.register_kernel(registry.KernelSpec(
+    name='smxx_moe_barrier',
+    header='smxx_moe_barrier.cuh',
+    kernel_expr_fn=lambda p: f'deep_gemm::smxx_moe_barrier<{p["threads"]}>',
+    required_sass=(r'\bSTG\.E\.STRONG\.SYS\b', r'\bLDG\.E\.STRONG\.SYS\b', r'\bSR_GLOBALTIMER'),
+    default_params=({'threads': BARRIER_THREADS},),
+))
 
 DISPATCH_LAYOUT = registry.register_kernel(registry.KernelSpec(
     name='smxx_moe_dispatch_layout',
@@ -44,35 +55,63 @@ COMBINE = registry.register_kernel(registry.KernelSpec(
 ))
 
 
-def dispatch_layout(topk_idx: torch.Tensor, topk_weights: torch.Tensor, expert_begin: int, num_local_experts: int,
-                    expert_offsets: torch.Tensor, pair_row: torch.Tensor, row_src: torch.Tensor,
-                    row_weight: torch.Tensor, stats: Optional[torch.Tensor]) -> None:
-    """Route ``topk_idx`` ``[T, k]`` (int64) to local experts: offsets ``[E_l + 1]``, ``pair_row [T * k]``,
-    ``row_src [R, 4]`` (rank, token, slot, local expert), ``row_weight [R]``; ``stats += counts``."""
-    t, k = topk_idx.shape
-    kernel = registry.get_kernel(DISPATCH_LAYOUT.name, {'threads': LAYOUT_THREADS}, device=topk_idx.device.index)
-    runtime.launch(kernel, 1, LAYOUT_THREADS, 4 * (2 * num_local_experts + 1),
-                   [topk_idx, topk_weights, runtime.i32(t * k), runtime.i32(k), runtime.i32(expert_begin),
-                    runtime.i32(num_local_experts), runtime.i32(row_src.shape[0]), expert_offsets, pair_row,
-                    row_src, row_weight, stats])
+def prepare(buffer) -> None:
+    """Compile and load every kernel of this module that a call on ``buffer`` launches."""
+    dev = buffer.device.index
+    registry.get_kernel(BARRIER.name, {'threads': BARRIER_THREADS}, device=dev)
+    registry.get_kernel(DISPATCH_LAYOUT.name, {'threads': LAYOUT_THREADS}, device=dev)
+    registry.get_kernel(DISPATCH_GATHER.name, {'gran_k': buffer.hidden // buffer.x_sf.shape[1],
+                                               'threads': GATHER_THREADS}, device=dev)
+    registry.get_kernel(COMBINE.name, {'threads': COMBINE_THREADS, 'max_topk': MAX_TOPK}, device=dev)
 
 
-def dispatch_gather(x: torch.Tensor, x_sf: torch.Tensor, row_src: torch.Tensor, expert_offsets: torch.Tensor,
-                    out: torch.Tensor) -> None:
-    """``out[row] = bf16(x[token] * x_sf[token])`` for every dispatched row (grid: all ``R`` row slots)."""
-    gran = x.shape[1] // x_sf.shape[1]
+def _u64(v: int):
+    return runtime.u64(v)
+
+
+def barrier(buffer, phase: int, num_tokens: int) -> None:
+    """Signal every rank and wait for every rank at barrier ``phase`` (0: inputs, 1: expert outputs)."""
+    kernel = registry.get_kernel(BARRIER.name, {'threads': BARRIER_THREADS}, device=buffer.device.index)
+    runtime.launch(kernel, 1, BARRIER_THREADS, 0,
+                   [buffer.peer_bases, _u64(buffer.offset('flags')), buffer.region('meta'), buffer.region('flags'),
+                    runtime.i32(phase), runtime.i32(buffer.rank), runtime.i32(buffer.num_ranks),
+                    runtime.i32(num_tokens), _u64(int(buffer.timeout_s * 1e9)), _u64(buffer.error_record_ptr)])
+
+
+def dispatch_layout(buffer, num_tokens: int, row_src: torch.Tensor, row_weight: torch.Tensor,
+                    stats: Optional[torch.Tensor]) -> None:
+    """Route every rank's pairs to this rank's experts: ``expert_offsets`` ``[E_l + 1]``, ``row_src``
+    ``[R, 4]`` (rank, token, slot, local expert), ``row_weight`` ``[R]``, the sources' ``pair_row``;
+    ``stats += counts``."""
+    e_l = buffer.num_experts_per_rank
+    kernel = registry.get_kernel(DISPATCH_LAYOUT.name, {'threads': LAYOUT_THREADS}, device=buffer.device.index)
+    runtime.launch(kernel, 1, LAYOUT_THREADS, 4 * (2 * e_l + 1 + buffer.num_ranks + 1),
+                   [buffer.peer_bases, _u64(buffer.offset('topk_idx')), _u64(buffer.offset('topk_weights')),
+                    _u64(buffer.offset('pair_row')), _u64(buffer.offset('meta')), runtime.i32(buffer.rank),
+                    runtime.i32(buffer.num_ranks), runtime.i32(num_tokens),
+                    runtime.i32(buffer.num_max_tokens_per_rank), runtime.i32(buffer.num_topk), runtime.i32(e_l),
+                    runtime.i32(row_src.shape[0]), buffer.region('expert_offsets'), row_src, row_weight, stats])
+
+
+def dispatch_gather(buffer, row_src: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[row] = bf16(x[token] * x_sf[token])`` of each row's source rank (grid: all ``R`` row slots)."""
+    gran = buffer.hidden // buffer.x_sf.shape[1]
     kernel = registry.get_kernel(DISPATCH_GATHER.name, {'gran_k': gran, 'threads': GATHER_THREADS},
-                                 device=x.device.index)
+                                 device=buffer.device.index)
     runtime.launch(kernel, out.shape[0], GATHER_THREADS, 0,
-                   [x.view(torch.uint8), x_sf, row_src, expert_offsets, runtime.i32(expert_offsets.shape[0] - 1),
-                    runtime.i32(x.shape[1]), out])
+                   [buffer.peer_bases, _u64(buffer.offset('x')), _u64(buffer.offset('x_sf')), row_src,
+                    buffer.region('expert_offsets'), runtime.i32(buffer.num_experts_per_rank),
+                    runtime.i32(buffer.hidden), out])
 
 
-def combine(o: torch.Tensor, pair_row: torch.Tensor, topk: int, y: torch.Tensor) -> None:
-    """``y[t] = bf16(sum_j o[pair_row[t, j]])`` in increasing ``j`` (``-1`` rows skipped)."""
-    if y.shape[0] == 0:
+def combine(buffer, y: torch.Tensor) -> None:
+    """``y[t] = bf16(sum_j combine_owner(j)[pair_row[t, j]])`` in increasing ``j`` (masked slots skipped)."""
+    t = y.shape[0]
+    if t == 0:
         return
     kernel = registry.get_kernel(COMBINE.name, {'threads': COMBINE_THREADS, 'max_topk': MAX_TOPK},
-                                 device=y.device.index)
-    runtime.launch(kernel, y.shape[0], COMBINE_THREADS, 0,
-                   [o, pair_row, runtime.i32(topk), runtime.i32(y.shape[1]), y])
+                                 device=buffer.device.index)
+    runtime.launch(kernel, t, COMBINE_THREADS, 0,
+                   [buffer.peer_bases, _u64(buffer.offset('combine')), buffer.topk_idx, buffer.region('pair_row'),
+                    buffer.region('meta'), runtime.i32(buffer.num_topk), runtime.i32(buffer.num_experts_per_rank),
+                    runtime.i32(buffer.num_ranks), runtime.i32(buffer.hidden), y])

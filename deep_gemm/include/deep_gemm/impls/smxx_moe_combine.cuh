@@ -1,25 +1,42 @@
 #pragma once
-// Combine: y[t] = sum over slots j in increasing order of o[pair_row[t, j]], in FP32, rounded
-// once to BF16 (masked slots skipped) -- the reference's order, so y is bit-stable.
+// Combine, on the source rank: y[t] = sum over slots j in increasing order of the expert output of
+// pair (t, j), pulled from the `combine` rows of the rank owning expert topk_idx[t, j] (NVLink for
+// peers) at the row that rank wrote into pair_row[t, j]; FP32 accumulation, one BF16 rounding
+// (the reference's order, so y is bit-stable).  Masked, out-of-range and overflowed slots are
+// skipped.  A call whose barrier timed out writes NaN.
 #include <cstdint>
 #include <cuda_bf16.h>
+
+#include <deep_gemm/comm/symm.cuh>
 
 namespace deep_gemm {
 
 template <int kNumThreads, int kMaxTopk>
 __global__ void __launch_bounds__(kNumThreads)
-smxx_moe_combine(const __nv_bfloat16* __restrict__ o, const int* __restrict__ pair_row, int topk, int hidden,
-                 __nv_bfloat16* __restrict__ y) {
+smxx_moe_combine(const uint64_t* bases, uint64_t combine_offset, const int64_t* __restrict__ topk_idx,
+                 const int* __restrict__ pair_row, const int* meta, int topk, int num_local_experts,
+                 int num_ranks, int hidden, __nv_bfloat16* __restrict__ y) {
     const int token = blockIdx.x;
-    int rows[kMaxTopk];
+    const comm::PeerBuffers peers{bases};
+    const uint4* rows[kMaxTopk];
     #pragma unroll
-    for (int j = 0; j < kMaxTopk; ++j) rows[j] = j < topk ? __ldg(pair_row + size_t(token) * topk + j) : -1;
+    for (int j = 0; j < kMaxTopk; ++j) {
+        rows[j] = nullptr;
+        if (j >= topk) continue;
+        const int64_t e = __ldg(topk_idx + size_t(token) * topk + j);
+        if (e < 0 || e >= int64_t(num_ranks) * num_local_experts) continue;
+        const int row = __ldg(pair_row + size_t(token) * topk + j);
+        if (row >= 0)
+            rows[j] = peers.at<const uint4>(int(e / num_local_experts),
+                                            combine_offset + uint64_t(row) * hidden * sizeof(__nv_bfloat16));
+    }
+    const bool aborted = *reinterpret_cast<const volatile int*>(meta + comm::kMetaAbort) != 0;
     for (int v = threadIdx.x; v < hidden / 8; v += kNumThreads) {
         float acc[8] = {};
         #pragma unroll
         for (int j = 0; j < kMaxTopk; ++j) {
-            if (rows[j] < 0) continue;
-            const uint4 w = __ldg(reinterpret_cast<const uint4*>(o + size_t(rows[j]) * hidden) + v);
+            if (rows[j] == nullptr) continue;
+            const uint4 w = rows[j][v];
             const uint32_t words[4] = {w.x, w.y, w.z, w.w};
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
@@ -31,7 +48,8 @@ smxx_moe_combine(const __nv_bfloat16* __restrict__ o, const int* __restrict__ pa
         uint32_t res[4];
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const __nv_bfloat162 b = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+            const __nv_bfloat162 b = aborted ? __float2bfloat162_rn(__int_as_float(0x7fc00000))
+                                             : __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
             res[i] = *reinterpret_cast<const uint32_t*>(&b);
         }
         reinterpret_cast<uint4*>(y + size_t(token) * hidden)[v] = make_uint4(res[0], res[1], res[2], res[3]);

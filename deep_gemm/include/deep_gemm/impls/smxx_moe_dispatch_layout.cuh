@@ -1,33 +1,60 @@
 #pragma once
-// Dispatch, step 1 (one CTA): route this rank's (token, slot) pairs to local experts.
-// Counts per local expert -> row offsets (and the receive statistics), then one row per pair:
-// pair_row[p] (-1 for masked, remote or overflowing pairs), the row's source and routing weight.
+// Dispatch, step 1 (one CTA): route every rank's (token, slot) pairs to this rank's experts.
+//
+// Reads each source rank's `topk_idx` (peer memory over NVLink; this rank's own buffer for a group
+// of one), counts rows per local expert (-> offsets and the receive statistics), then gives each
+// pair routed here a row: row_src / row_weight locally, and the row index into the source's
+// `pair_row[token, slot]`, from which the source's combine finds it.  Pairs that would overflow
+// `max_rows` get -1 there.  Masked (-1) and out-of-range ids are routed nowhere.
 #include <cstdint>
 
 #include <deep_gemm/comm/routing.cuh>
+#include <deep_gemm/comm/symm.cuh>
 #include <deep_gemm/common/warp_scan.cuh>
 
 namespace deep_gemm {
 
 template <int kNumThreads>
 __global__ void __launch_bounds__(kNumThreads)
-smxx_moe_dispatch_layout(const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
-                         int num_pairs, int topk, int expert_begin, int num_local_experts, int max_rows,
-                         int* __restrict__ expert_offsets, int* __restrict__ pair_row,
-                         comm::RowSource* __restrict__ row_src, float* __restrict__ row_weight,
-                         int* __restrict__ stats) {
+smxx_moe_dispatch_layout(const uint64_t* bases, uint64_t topk_idx_offset, uint64_t topk_weights_offset,
+                         uint64_t pair_row_offset, uint64_t meta_offset, int rank, int num_ranks, int num_tokens,
+                         int max_tokens, int topk, int num_local_experts, int max_rows,
+                         int* __restrict__ expert_offsets, comm::RowSource* __restrict__ row_src,
+                         float* __restrict__ row_weight, int* __restrict__ stats) {
     extern __shared__ int smem[];
-    int* count = smem;                              // [E_l]
-    int* cursor = smem + num_local_experts;         // [E_l + 1]
+    int* count = smem;                                  // [E_l]
+    int* cursor = count + num_local_experts;            // [E_l + 1]
+    int* src_begin = cursor + num_local_experts + 1;    // [num_ranks + 1]: first flat pair of each source
+    const comm::PeerBuffers peers{bases};
     for (int e = threadIdx.x; e < num_local_experts; e += kNumThreads) count[e] = 0;
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int s = 0; s < num_ranks; ++s) {
+            int n = s == rank ? num_tokens : *peers.at<volatile int>(s, meta_offset + 4 * comm::kMetaNumTokens);
+            n = min(max(n, 0), max_tokens);   // a peer that never arrived may hold anything
+            src_begin[s] = total;
+            total += n * topk;
+        }
+        src_begin[num_ranks] = total;
+    }
     __syncthreads();
+    const int num_pairs = src_begin[num_ranks];
+    const int64_t expert_begin = int64_t(rank) * num_local_experts;
 
-    auto local_expert = [&](int p) {
-        const int64_t e = __ldg(topk_idx + p) - expert_begin;
+    // flat pair g -> (source rank, pair index in that rank's [T, k] routing)
+    auto locate = [&](int g, int& s, int& p) {
+        s = 0;
+        while (g >= src_begin[s + 1]) ++s;
+        p = g - src_begin[s];
+    };
+    auto local_expert = [&](int s, int p) {
+        const int64_t e = peers.at<const int64_t>(s, topk_idx_offset)[p] - expert_begin;
         return (e >= 0 && e < num_local_experts) ? int(e) : -1;
     };
-    for (int p = threadIdx.x; p < num_pairs; p += kNumThreads) {
-        const int e = local_expert(p);
+    for (int g = threadIdx.x; g < num_pairs; g += kNumThreads) {
+        int s, p;
+        locate(g, s, p);
+        const int e = local_expert(s, p);
         if (e >= 0) atomicAdd(count + e, 1);
     }
     __syncthreads();
@@ -37,19 +64,19 @@ smxx_moe_dispatch_layout(const int64_t* __restrict__ topk_idx, const float* __re
         expert_offsets[e] = min(cursor[e], max_rows);
         if (stats != nullptr && e < num_local_experts) stats[e] += count[e];
     }
-    for (int p = threadIdx.x; p < num_pairs; p += kNumThreads) {
-        const int e = local_expert(p);
-        int row = -1;
-        if (e >= 0) {
-            row = atomicAdd(cursor + e, 1);
-            if (row < max_rows) {
-                row_src[row] = comm::RowSource{0, p / topk, p % topk, e};
-                row_weight[row] = __ldg(topk_weights + p);
-            } else {
-                row = -1;
-            }
+    for (int g = threadIdx.x; g < num_pairs; g += kNumThreads) {
+        int s, p;
+        locate(g, s, p);
+        const int e = local_expert(s, p);
+        if (e < 0) continue;
+        int row = atomicAdd(cursor + e, 1);
+        if (row < max_rows) {
+            row_src[row] = comm::RowSource{s, p / topk, p % topk, e};
+            row_weight[row] = peers.at<const float>(s, topk_weights_offset)[p];
+        } else {
+            row = -1;
         }
-        pair_row[p] = row;
+        peers.at<int>(s, pair_row_offset)[p] = row;
     }
 }
 

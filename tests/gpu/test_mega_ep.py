@@ -1,0 +1,221 @@
+"""Expert parallelism of the sm90 Mega MoE backend, with the ranks emulated on one GPU.
+
+``SymmBuffer.emulated_group`` gives every rank its own buffer on one device and lets each rank's
+kernels reach the others' buffers through plain pointers, as NVLink mappings do across GPUs; each
+rank's call runs on its own stream, so the cross-rank barriers really wait for each other.  The
+kernels are the multi-GPU ones: only the pointer table differs.  (Several processes cannot share
+one GPU through torch symmetric memory, which rejects overlapping devices.)
+
+Checked against the single-process reference on the concatenated tokens (which equals the
+multi-rank reference bit for bit, tests/test_multirank.py): fresh random non-uniform data, masked
+slots, uneven token counts, a rank with no tokens, an expert with no tokens, y poisoned with NaN,
+rel. error <= 1e-2, bitwise-identical repeats, exact receive statistics, CUDA graph replay, and a
+rank that never arrives.
+"""
+import contextlib
+import gc
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                                reason='needs a Hopper GPU')
+
+import deep_gemm  # noqa: E402
+from deep_gemm.mega import sm90  # noqa: E402
+from deep_gemm.mega.buffer import MegaMoETimeoutError, SymmBuffer  # noqa: E402
+from deep_gemm.reference import reference_mega_moe  # noqa: E402
+
+TOL = 1e-2
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), 'NaN in output'
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@contextlib.contextmanager
+def launch_window():
+    """Between the first rank's launch and the last's nothing may synchronise the device: no garbage
+    collection (freeing an earlier test's buffers could), nothing pending on the device before."""
+    gc.collect()
+    torch.cuda.synchronize()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+    torch.cuda.synchronize()
+
+
+class Group:
+    """One emulated EP group: per-rank buffers, weights, outputs and streams."""
+
+    def __init__(self, p, counts, max_tokens=None, timeout_s=30.0):
+        self.p, self.counts, self.world = p, counts, len(counts)
+        dev = torch.device('cuda')
+        e_l = p.experts // self.world
+        self.bufs = SymmBuffer.emulated_group(self.world, p.experts, max_tokens or max(max(counts), 1), p.topk,
+                                              p.hidden, p.inter, device=dev, timeout_s=timeout_s)
+        self.l1, self.l2 = [], []
+        for r in range(self.world):
+            es = slice(r * e_l, (r + 1) * e_l)
+            l1, l2 = deep_gemm.transform_nvfp4_weights_for_mega_moe(
+                {k: v[es].to(dev) for k, v in p.l1.items()}, {k: v[es].to(dev) for k, v in p.l2.items()})
+            self.l1.append(l1)
+            self.l2.append(l2)
+        self.streams = [torch.cuda.Stream() for _ in range(self.world)]
+        self.load(torch.arange(p.t))
+
+    def rows(self, r):
+        lo = sum(self.counts[:r])
+        return slice(lo, lo + self.counts[r])
+
+    def load(self, perm):
+        for r, b in enumerate(self.bufs):
+            idx = perm[self.rows(r)]
+            n = idx.numel()
+            b.x[:n].copy_(self.p.x[idx])
+            b.x_sf[:n].copy_(self.p.x_sf[idx])
+            b.topk_idx[:n].copy_(self.p.topk_idx[idx])
+            b.topk_weights[:n].copy_(self.p.topk_weights[idx])
+        torch.cuda.synchronize()
+
+    def run(self, ranks=None, clamp=None):
+        ys = [torch.full((c, self.p.hidden), float('nan'), dtype=torch.bfloat16, device='cuda') for c in self.counts]
+        stats = [torch.zeros(b.num_experts_per_rank, dtype=torch.int32, device='cuda') for b in self.bufs]
+        for r in range(self.world):
+            sm90.prepare(self.bufs[r], self.l1[r], self.l2[r], self.counts[r])
+        with launch_window():
+            for r in (range(self.world) if ranks is None else ranks):
+                with torch.cuda.stream(self.streams[r]):
+                    deep_gemm.fp8_nvfp4_mega_moe(ys[r], self.l1[r], self.l2[r], self.bufs[r],
+                                                 cumulative_local_expert_recv_stats=stats[r], activation_clamp=clamp,
+                                                 backend='sm90')
+        if ranks is None:
+            for b in self.bufs:
+                assert b.comm_error() is None, b.comm_error()
+        return ys, stats
+
+
+def reference(p, clamp=None):
+    stats = torch.zeros(p.experts, dtype=torch.int32)
+    y = reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, p.w1, p.w1_alpha, p.w2, p.w2_alpha,
+                           activation_clamp=clamp, cumulative_local_expert_recv_stats=stats)
+    return y, stats
+
+
+@pytest.mark.parametrize('counts,shape,clamp', [
+    ([7, 0], dict(hidden=256, inter=128, experts=8, topk=3), None),
+    ([5, 0, 9, 2], dict(hidden=512, inter=256, experts=16, topk=6, use_ue8m0=True), 3.0),
+    ([3, 11, 1, 6], dict(hidden=256, inter=128, experts=8, topk=6), None),       # 2 experts per rank
+    ([19, 6], dict(hidden=7168, inter=3072, experts=8, topk=6, use_ue8m0=True), None),
+])
+def test_matches_reference(make_problem, counts, shape, clamp):
+    p = make_problem(seed=sum(counts) + len(counts), t=sum(counts), mask_frac=0.25, **shape)
+    p.topk_idx[p.topk_idx == 1] = -1            # an expert that receives no tokens
+    g = Group(p, counts, max_tokens=max(counts) + 3)
+    ys, stats = g.run(clamp=clamp)
+    y_ref, stats_ref = reference(p, clamp)
+    for r in range(g.world):
+        assert ys[r].shape == (counts[r], p.hidden)
+        if counts[r]:
+            assert rel_err(ys[r].cpu(), y_ref[g.rows(r)]) < TOL, f'rank {r}'
+    assert torch.equal(torch.cat([s.cpu() for s in stats]), stats_ref)
+    assert stats_ref[1] == 0
+    ys2, stats2 = g.run(clamp=clamp)
+    for r in range(g.world):
+        assert torch.equal(ys[r].view(torch.int16), ys2[r].view(torch.int16)), f'rank {r}: not bitwise stable'
+    assert torch.equal(torch.cat(stats2).cpu(), stats_ref)
+
+
+def test_mxfp4_two_ranks(make_problem):
+    from deep_gemm.utils import cast_to_mxfp4
+    p = make_problem(seed=5, t=23, hidden=256, inter=128, experts=8, topk=4, use_ue8m0=True)
+    counts = [15, 8]
+    bufs = SymmBuffer.emulated_group(2, p.experts, 16, p.topk, p.hidden, p.inter, device='cuda', timeout_s=30.0)
+    ref_bufs = [deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, 32, p.topk, p.hidden, p.inter)]
+    w1 = deep_gemm.dequant_nvfp4(p.l1['weight'], p.l1['weight_scale'])
+    w2 = deep_gemm.dequant_nvfp4(p.l2['weight'], p.l2['weight_scale'])
+    (q1, s1), (q2, s2) = cast_to_mxfp4(w1), cast_to_mxfp4(w2)
+    full = deep_gemm.transform_weights_for_mega_moe((q1.cuda(), s1.cuda()), (q2.cuda(), s2.cuda()))
+    per_rank = [deep_gemm.transform_weights_for_mega_moe((q1[es].cuda(), s1[es].cuda()), (q2[es].cuda(), s2[es].cuda()))
+                for es in (slice(0, 4), slice(4, 8))]
+    lo = 0
+    for r, b in enumerate(bufs):
+        sl = slice(lo, lo + counts[r])
+        lo += counts[r]
+        for name in ('x', 'x_sf', 'topk_idx', 'topk_weights'):
+            getattr(b, name)[:counts[r]].copy_(getattr(p, name)[sl])
+    rb = ref_bufs[0]
+    for name in ('x', 'x_sf', 'topk_idx', 'topk_weights'):
+        getattr(rb, name)[:p.t].copy_(getattr(p, name))
+    ys = [torch.full((c, p.hidden), float('nan'), dtype=torch.bfloat16, device='cuda') for c in counts]
+    streams = [torch.cuda.Stream() for _ in counts]
+    for r in range(2):
+        sm90.prepare(bufs[r], per_rank[r][0], per_rank[r][1], counts[r])
+    with launch_window():
+        for r in range(2):
+            with torch.cuda.stream(streams[r]):
+                deep_gemm.fp8_fp4_mega_moe(ys[r], per_rank[r][0], per_rank[r][1], bufs[r], backend='sm90')
+    y_ref = torch.empty(p.t, p.hidden, dtype=torch.bfloat16, device='cuda')
+    deep_gemm.fp8_fp4_mega_moe(y_ref, full[0], full[1], rb, backend='reference')
+    for b in bufs:
+        b.check_comm()
+    assert rel_err(torch.cat(ys), y_ref) < TOL
+
+
+def test_cuda_graph_replay_new_routing(make_problem):
+    p = make_problem(seed=77, t=30, hidden=512, inter=256, experts=8, topk=4, use_ue8m0=True, mask_frac=0.1)
+    g = Group(p, [12, 18])
+    eager, _ = g.run()
+    ys = [torch.empty(c, p.hidden, dtype=torch.bfloat16, device='cuda') for c in g.counts]
+    graphs = []
+    for r in range(g.world):   # capture records launches only: no rank waits during capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            deep_gemm.fp8_nvfp4_mega_moe(ys[r], g.l1[r], g.l2[r], g.bufs[r], backend='sm90')
+        graphs.append(graph)
+
+    def replay():
+        for y in ys:
+            y.fill_(float('nan'))
+        with launch_window():
+            for r in range(g.world):
+                with torch.cuda.stream(g.streams[r]):
+                    graphs[r].replay()
+
+    replay()
+    for r in range(g.world):
+        assert torch.equal(ys[r].view(torch.int16), eager[r].view(torch.int16))
+    # new routing and tokens across ranks, same graphs: counts and barriers live on the device
+    perm = torch.randperm(p.t, generator=torch.Generator().manual_seed(1))
+    g.load(perm)
+    replay()
+    y_ref, _ = reference(p)
+    y_ref = y_ref[perm]
+    for r in range(g.world):
+        assert rel_err(ys[r].cpu(), y_ref[g.rows(r)]) < TOL
+        assert torch.equal(ys[r].cpu().view(torch.int16), torch.cat(eager).cpu()[perm][g.rows(r)].view(torch.int16))
+
+
+def test_rank_that_never_arrives_times_out(make_problem):
+    p = make_problem(seed=8, t=20, hidden=256, inter=128, experts=8, topk=3)
+    timeout = 0.5
+    g = Group(p, [10, 10], timeout_s=timeout)
+    g.run()                                   # both ranks: compiles the kernels, call 1 succeeds
+    assert g.bufs[0].comm_error() is None
+    start = time.monotonic()
+    ys, _ = g.run(ranks=[0])                  # rank 1 never arrives at call 2
+    elapsed = time.monotonic() - start
+    assert elapsed < timeout + 2.0, f'rank 0 waited {elapsed:.2f} s with a {timeout} s timeout'
+    assert elapsed >= timeout
+    with pytest.raises(MegaMoETimeoutError, match=r'rank 0 timed out after 0.5 s waiting for rank 1 at the dispatch'):
+        g.bufs[0].check_comm()
+    assert torch.isnan(ys[0].float()).all(), 'a timed-out call must not return stale data'
+    # the buffer stays failed: the next call raises before launching anything
+    y = torch.empty(10, p.hidden, dtype=torch.bfloat16, device='cuda')
+    with pytest.raises(MegaMoETimeoutError, match='waiting for rank 1'):
+        deep_gemm.fp8_nvfp4_mega_moe(y, g.l1[0], g.l2[0], g.bufs[0], backend='sm90')
