@@ -1,56 +1,143 @@
 """Benchmark: the whole Mega MoE layer (dispatch, L1 + SwiGLU, L2, combine) against its ceilings and peers.
 
 DeepSeek-V4 shape (hidden 7168, intermediate 3072, top-6), ``--experts-per-rank`` local experts,
-tokens per rank in ``--tokens`` (decode 128, prefill 4096 by default), random routing with a
-non-uniform expert popularity.  Measured in the same run, per rank: the device-copy bandwidth
-and the BF16 matmul rate (ceilings), our layer (``backend='sm90'``), and the unfused baseline:
-torch-op dispatch (sort by expert, gather, FP8 -> BF16), the same grouped GEMMs, torch-op combine
-(slot order).  Times are medians (triton.testing.do_bench).  Printed per row: us,
-TFLOPS (useful FLOPs: 2 x 3 x hidden x inter per routed pair), HBM GB/s of the FP4 weights of the
-experts that received tokens, % of the copy bandwidth and % of the BF16 rate, and ours / baseline.
+tokens per rank in ``--tokens`` (decode 128, prefill 4096 by default), random routing over all
+ranks' experts with a non-uniform expert popularity.  Measured in the same run, per rank:
 
-One GPU today: the sm90 backend has no multi-rank dispatch yet, so ``torchrun`` with more than one
-process exits with that message.
+* ceilings: the device-copy bandwidth, the BF16 matmul rate, and (several ranks) the NVLink write
+  bandwidth to the next rank (a copy into its symmetric buffer);
+* ours: ``fp8_nvfp4_mega_moe(backend='sm90')`` captured in a CUDA graph (as servers run it) and
+  eager (one Python call; on one rank it syncs once to validate expert ids);
+* the unfused baseline: on one rank, torch-op dispatch (sort by expert, gather, FP8 -> BF16) and
+  combine around the same grouped GEMMs; on several ranks, NCCL ``all_to_all_single`` dispatch
+  (token rows, scales, expert ids, weights), the same grouped GEMMs, ``all_to_all_single`` back
+  and a slot-order combine.
+
+Printed per token count: us (the slowest rank; fixed iteration counts, every rank in step), TFLOPS
+(useful: 2 x 3 x hidden x inter per routed pair of this rank's experts), HBM GB/s of the FP4
+weights of the local experts that received tokens, NVLink GB/s (bytes this rank pulled from peers:
+token rows + scales at dispatch, BF16 rows at combine, over our time), and baseline / ours.
 
     python scripts/bench_mega_moe.py [--experts-per-rank 8] [--tokens 128,4096]
+    torchrun --nproc-per-node 4 scripts/bench_mega_moe.py --tokens 128,4096
 """
 import argparse
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deep_gemm  # noqa: E402
 from deep_gemm.gemm import m_grouped_fp8_nvfp4_gemm_nt_contiguous  # noqa: E402
 from deep_gemm.utils import per_token_cast_to_fp8  # noqa: E402
-from scripts.bench_grouped_gemm import bench, ceilings, make_weights  # noqa: E402
+from scripts.bench_grouped_gemm import ceilings, make_weights  # noqa: E402
+
+WARMUP, ITERS = 5, 30
 
 
-def baseline(buf, l1, l2, t, k, e_l):
-    """Unfused: torch-op dispatch and combine around the same grouped GEMMs."""
-    idx = buf.topk_idx[:t].reshape(-1)
-    valid = idx >= 0
-    rows = torch.argsort(torch.where(valid, idx, e_l), stable=True)   # masked pairs sort last, past offsets[-1]
-    counts = torch.bincount(idx[valid], minlength=e_l).to(torch.int32)
-    offsets = torch.zeros(e_l + 1, dtype=torch.int32, device=idx.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    tok = rows // k
-    x = (buf.x[:t].float().view(t, -1, 32) * buf.x_sf[:t].unsqueeze(-1)).view(t, -1).to(torch.bfloat16)
-    a = x[tok]
-    w = buf.topk_weights[:t].reshape(-1)[rows].contiguous()
+def timed(fn, group) -> float:
+    """Median-free mean us per call over a fixed count (every rank runs the same count, so calls
+    that wait for each other stay in step); the slowest rank's figure."""
+    for _ in range(WARMUP):
+        fn()
+    torch.cuda.synchronize()
+    if group is not None:
+        dist.barrier(group)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(ITERS):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    us = torch.tensor(start.elapsed_time(end) * 1e3 / ITERS, device='cuda')
+    if group is not None:
+        dist.all_reduce(us, dist.ReduceOp.MAX, group)
+    return us.item()
+
+
+def _expert_gemms(a, offsets, w, l1, l2, k, e_l, t):
     h = torch.empty(a.shape[0], l1.n // 2, dtype=torch.bfloat16, device=a.device)
     m_grouped_fp8_nvfp4_gemm_nt_contiguous(a, l1, h, offsets, epilogue='swiglu', route_weights=w,
                                            expected_m=max(1, t * k // e_l))
     o = torch.empty(a.shape[0], l2.n, dtype=torch.bfloat16, device=a.device)
     m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, l2, o, offsets, expected_m=max(1, t * k // e_l))
-    per_slot = torch.zeros(t * k, l2.n, dtype=torch.float32, device=a.device)
-    per_slot[rows] = o.float()
+    return o
+
+
+def _slot_combine(o_rows, pair_ids, topk_idx, t, k, hidden):
+    per_slot = torch.zeros(t * k, hidden, dtype=torch.float32, device=o_rows.device)
+    per_slot[pair_ids] = o_rows.float()
     per_slot = per_slot.view(t, k, -1)
-    y = torch.zeros(t, l2.n, dtype=torch.float32, device=a.device)
+    y = torch.zeros(t, hidden, dtype=torch.float32, device=o_rows.device)
     for j in range(k):
-        y = torch.where((buf.topk_idx[:t, j] >= 0).unsqueeze(1), y + per_slot[:, j], y)
+        y = torch.where((topk_idx[:, j] >= 0).unsqueeze(1), y + per_slot[:, j], y)
     return y.to(torch.bfloat16)
+
+
+def _sort_by_expert(e, num_local_experts):
+    order = torch.argsort(e, stable=True)
+    counts = torch.bincount(e, minlength=num_local_experts).to(torch.int32)
+    offsets = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=e.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return order, offsets
+
+
+def baseline_one_rank(buf, l1, l2, t, k, e_l):
+    """Unfused on one GPU: torch-op dispatch and combine around the same grouped GEMMs."""
+    idx = buf.topk_idx[:t].reshape(-1)
+    valid = idx >= 0
+    rows = torch.argsort(torch.where(valid, idx, e_l), stable=True)   # masked pairs sort last, past offsets[-1]
+    _, offsets = _sort_by_expert(idx[valid], e_l)
+    x = (buf.x[:t].float().view(t, -1, 32) * buf.x_sf[:t].unsqueeze(-1)).view(t, -1).to(torch.bfloat16)
+    a = x[rows // k]
+    w = buf.topk_weights[:t].reshape(-1)[rows].contiguous()
+    o = _expert_gemms(a, offsets, w, l1, l2, k, e_l, t)
+    return _slot_combine(o, rows, buf.topk_idx[:t], t, k, l2.n)
+
+
+def baseline_nccl(buf, l1, l2, t, k, e_l, group):
+    """Unfused EP: NCCL all_to_all_single dispatch, the same grouped GEMMs, all_to_all_single back."""
+    world, rank, hidden = dist.get_world_size(group), dist.get_rank(group), l2.n
+    idx = buf.topk_idx[:t].reshape(-1)
+    dest = torch.where(idx >= 0, idx // e_l, world)
+    pairs = torch.argsort(dest, stable=True)
+    send = torch.bincount(dest, minlength=world + 1)[:world]
+    pairs = pairs[:int(send.sum())]
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    send_l, recv_l = send.tolist(), recv.tolist()      # the split sizes: a host sync, as NCCL needs
+    n_recv = sum(recv_l)
+    tok = pairs // k
+
+    def a2a(src, rows_out, in_split, out_split):
+        out = torch.empty((rows_out,) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+        dist.all_to_all_single(out, src.contiguous(), out_split, in_split, group=group)
+        return out
+
+    rx = a2a(buf.x[:t].view(torch.uint8)[tok], n_recv, send_l, recv_l).view(torch.float8_e4m3fn)
+    rsf = a2a(buf.x_sf[:t][tok], n_recv, send_l, recv_l)
+    re = a2a(idx[pairs], n_recv, send_l, recv_l) - rank * e_l
+    rw = a2a(buf.topk_weights[:t].reshape(-1)[pairs], n_recv, send_l, recv_l)
+    order, offsets = _sort_by_expert(re, e_l)
+    a = (rx[order].float().view(n_recv, -1, 32) * rsf[order].unsqueeze(-1)).view(n_recv, -1).to(torch.bfloat16)
+    o = _expert_gemms(a, offsets, rw[order].contiguous(), l1, l2, k, e_l, t)
+    back = torch.empty_like(o)
+    back[order] = o
+    o_src = a2a(back, pairs.numel(), recv_l, send_l)
+    return _slot_combine(o_src, pairs, buf.topk_idx[:t], t, k, hidden)
+
+
+def nvlink_ceiling(buf, group) -> float:
+    """GB/s of one copy into the next rank's symmetric buffer (every rank writes at once)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    dst = buf.peer_region('l1_x', (rank + 1) % world).view(-1)
+    n = min(dst.numel(), 1 << 27)
+    src = torch.randn(n, device='cuda').to(torch.bfloat16)
+    us = timed(lambda: dst[:n].copy_(src), group)
+    dist.barrier(group)
+    return n * 2 / us / 1e3
 
 
 def main():
@@ -61,49 +148,81 @@ def main():
     ap.add_argument('--topk', type=int, default=6)
     ap.add_argument('--tokens', default='128,4096')
     args = ap.parse_args()
-    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
-        sys.exit('bench_mega_moe: the sm90 backend has no multi-rank dispatch yet; run it on one GPU')
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    group = None
+    if world > 1:
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+        dist.init_process_group('nccl', device_id=torch.device('cuda', torch.cuda.current_device()))
+        group = dist.group.WORLD
+    rank = 0 if group is None else dist.get_rank()
+    say = print if rank == 0 else (lambda *a, **kw: None)
     e_l, hidden, inter, k = args.experts_per_rank, args.hidden, args.inter, args.topk
-    gen = torch.Generator(device='cuda').manual_seed(0)
+    num_experts = e_l * world
+    gen = torch.Generator(device='cuda').manual_seed(rank)
     copy_gbs, bf16_tflops = ceilings()
-    print(f'device: {torch.cuda.get_device_name()}; device copy {copy_gbs:.0f} GB/s (read+write); '
-          f'bf16 8192^3 matmul {bf16_tflops:.0f} TFLOPS; EP 1, {e_l} experts, top-{k}, {hidden}/{inter}')
     l1, l2 = make_weights(e_l, hidden, inter, gen)
     per_expert_bytes = sum(v.numel() for v in (l1.codes, l1.scales, l2.codes, l2.scales)) / e_l
-    print(f'{"tokens":>7} {"graph us":>9} {"eager us":>9} {"TFLOPS":>7} {"wt GB/s":>8} {"%copy":>6} {"%bf16":>6} '
-          f'{"baseline us":>12} {"x base":>7} {"rel err":>8}')
-    print('(graph: the layer captured in a CUDA graph, as servers run it; eager: one Python call, which syncs once\n'
-          ' to validate expert ids / scales; x base = baseline / eager; rates use the graph time)')
+    max_t = max(int(v) for v in args.tokens.split(','))
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(group, num_experts, max_t, k, hidden, inter)
+    nvl_gbs = nvlink_ceiling(buf, group) if group is not None else float('nan')
+    say(f'device: {torch.cuda.get_device_name()} x {world}; rank 0: device copy {copy_gbs:.0f} GB/s (read+write), '
+        f'bf16 8192^3 matmul {bf16_tflops:.0f} TFLOPS' + (f', NVLink write to the next rank {nvl_gbs:.0f} GB/s'
+                                                          if group is not None else '') +
+        f'; EP {world}, {e_l} experts per rank, top-{k}, {hidden}/{inter}')
+    say(f'{"tokens":>7} {"graph us":>9} {"eager us":>9} {"TFLOPS":>7} {"%bf16":>6} {"wt GB/s":>8} {"%copy":>6} '
+        f'{"NVL GB/s":>9} {"%NVL":>5} {"baseline us":>12} {"x graph":>8} {"x eager":>8} {"rel err":>8}')
     for t in [int(v) for v in args.tokens.split(',')]:
-        buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e_l, t, k, hidden, inter)
-        xg = torch.Generator().manual_seed(t)
+        xg = torch.Generator().manual_seed(1000 * t + rank)
         x = torch.randn(t, hidden, generator=xg) * torch.exp(0.5 * torch.randn(t, 1, generator=xg))
         q, sf = per_token_cast_to_fp8(x, 32, use_ue8m0=True)
-        scores = torch.rand(t, e_l, generator=xg) + torch.linspace(0, 0.5, e_l)
-        buf.x.copy_(q)
-        buf.x_sf.copy_(sf)
-        buf.topk_idx.copy_(scores.topk(k, dim=1).indices)
-        buf.topk_weights.copy_(torch.softmax(torch.randn(t, k, generator=xg), 1))
+        scores = torch.rand(t, num_experts, generator=xg) + torch.linspace(0, 0.5, num_experts)
+        buf.x[:t].copy_(q)
+        buf.x_sf[:t].copy_(sf)
+        buf.topk_idx[:t].copy_(scores.topk(k, dim=1).indices)
+        buf.topk_weights[:t].copy_(torch.softmax(torch.randn(t, k, generator=xg), 1))
         y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
         run = lambda: deep_gemm.fp8_nvfp4_mega_moe(y, l1, l2, buf, backend='sm90')  # noqa: E731
+        base = (lambda: baseline_nccl(buf, l1, l2, t, k, e_l, group)) if group is not None else \
+            (lambda: baseline_one_rank(buf, l1, l2, t, k, e_l))
         run()
-        y_base = baseline(buf, l1, l2, t, k, e_l)
+        torch.cuda.synchronize()
+        y_base = base()
         err = ((y.double() - y_base.double()).norm() / y_base.double().norm()).item()
-        t_eager = bench(run)
+        t_eager = timed(run, group)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             run()
-        t_ours = bench(graph.replay)
-        t_base = bench(lambda: baseline(buf, l1, l2, t, k, e_l))
-        pairs = int((buf.topk_idx >= 0).sum())
-        touched = int(torch.unique(buf.topk_idx[buf.topk_idx >= 0]).numel())
+        t_ours = timed(graph.replay, group)
+        t_base = timed(base, group)
+        buf.check_comm()
+        # this rank's work and traffic, from every rank's routing
+        all_idx = buf.topk_idx[:t]
+        if group is not None:
+            parts = [torch.empty_like(all_idx) for _ in range(world)]
+            dist.all_gather(parts, all_idx.contiguous(), group=group)
+        else:
+            parts = [all_idx]
+        mine = torch.stack([((p >= rank * e_l) & (p < (rank + 1) * e_l)).sum() for p in parts]).cpu()
+        pairs = int(mine.sum())
+        pulled_rows = int(mine.sum() - mine[rank])
+        own = parts[rank]
+        remote_pairs = int(((own >= 0) & ((own < rank * e_l) | (own >= (rank + 1) * e_l))).sum())
+        nvl_bytes = pulled_rows * (hidden + hidden // 32 * 4) + remote_pairs * hidden * 2
+        touched = int(torch.unique(torch.cat([p[(p >= rank * e_l) & (p < (rank + 1) * e_l)] for p in parts])).numel())
         flops = 2 * 3 * hidden * inter * pairs
         wgbs = touched * per_expert_bytes / t_ours / 1e3
-        print(f'{t:>7} {t_ours:>9.1f} {t_eager:>9.1f} {flops / t_ours / 1e6:>7.1f} {wgbs:>8.0f} {100 * wgbs / copy_gbs:>6.1f} '
-              f'{100 * flops / t_ours / 1e6 / bf16_tflops:>6.1f} {t_base:>12.1f} {t_base / t_eager:>7.2f} {err:>8.1e}')
-        del buf
-    print(f'ceilings: copy {copy_gbs:.0f} GB/s, bf16 {bf16_tflops:.0f} TFLOPS; weight floor '
-          f'{e_l * per_expert_bytes / copy_gbs / 1e3:.0f} us for all {e_l} experts')
+        nvl = nvl_bytes / t_ours / 1e3
+        say(f'{t:>7} {t_ours:>9.1f} {t_eager:>9.1f} {flops / t_ours / 1e6:>7.1f} '
+            f'{100 * flops / t_ours / 1e6 / bf16_tflops:>6.1f} {wgbs:>8.0f} {100 * wgbs / copy_gbs:>6.1f} '
+            f'{nvl:>9.1f} {100 * nvl / nvl_gbs if group is not None else float("nan"):>5.1f} {t_base:>12.1f} '
+            f'{t_base / t_ours:>8.2f} {t_base / t_eager:>8.2f} {err:>8.1e}')
+        del graph
+    say('(us: slowest rank, graph = the layer captured in a CUDA graph; rates are rank 0\'s over the graph time; '
+        'x graph / x eager = baseline us / ours)')
+    say(f'ceilings: copy {copy_gbs:.0f} GB/s, bf16 {bf16_tflops:.0f} TFLOPS; weight floor '
+        f'{e_l * per_expert_bytes / copy_gbs / 1e3:.0f} us for all {e_l} local experts')
+    if group is not None:
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -5,7 +5,7 @@ import torch
 import deep_gemm
 from deep_gemm import (fp8_fp4_mega_moe, fp8_nvfp4_mega_moe, get_symm_buffer_for_mega_moe,
                        get_symm_buffer_size_for_mega_moe, reference_mega_moe)
-from deep_gemm.mega.buffer import ALIGNMENT, get_symm_buffer_layout
+from deep_gemm.mega.buffer import ALIGNMENT, SymmBuffer, get_symm_buffer_layout
 from deep_gemm.utils import check_expert_ids, check_multiple, check_tensor
 
 H, I, E, K, TMAX = 256, 128, 8, 3, 16
@@ -93,6 +93,63 @@ def test_bad_buffer_args(kwargs, exc, name):
 def test_buffer_num_experts_multiple_of_ranks():
     with pytest.raises(ValueError, match='^num_experts:'):
         get_symm_buffer_size_for_mega_moe(3, E, TMAX, K, H, I)
+
+
+def test_multi_rank_layout():
+    """The regions the EP kernels index: receive pools sized for every rank's tokens, per-pair rows
+    of this rank's tokens, per-phase flags per rank."""
+    for ranks in (1, 2, 4, 8):
+        lay = get_symm_buffer_layout(ranks, 8 * ranks, TMAX, 6, H, I)
+        r = ranks * TMAX * min(6, 8)
+        assert lay['l1_x'].shape == (r, H) and lay['l1_x'].dtype == torch.bfloat16
+        assert lay['combine'].shape == (r, H) and lay['l2_x'].shape == (r, I) and lay['l1_src'].shape == (r, 4)
+        assert lay['pair_row'].shape == (TMAX, 6) and lay['expert_offsets'].shape == (9,)
+        assert lay['flags'].shape == (2, ranks) and lay['meta'].shape == (16,)
+    # top-k above the local expert count: at most E_l distinct experts of a token land on one rank
+    assert get_symm_buffer_layout(4, 8, TMAX, 6, H, I)['l1_x'].shape == (4 * TMAX * 2, H)
+
+
+def test_emulated_group_views():
+    bufs = SymmBuffer.emulated_group(4, 8, TMAX, K, H, I, device='cpu')
+    assert [b.rank for b in bufs] == [0, 1, 2, 3] and all(b.num_ranks == 4 and b.emulated for b in bufs)
+    ptrs = [b.raw.data_ptr() for b in bufs]
+    for b in bufs:
+        assert b.peer_bases.tolist() == ptrs
+        assert b.num_experts_per_rank == 2
+    bufs[2].topk_weights.fill_(3.5)
+    assert (bufs[0].peer_region('topk_weights', 2) == 3.5).all()
+    assert bufs[1].peer_region('x', 1).data_ptr() == bufs[1].x.data_ptr()
+    assert bufs[0].offset('flags') == bufs[3].offset('flags')
+    assert bufs[0].comm_error() is None
+    bufs[0].check_comm()    # CPU: nothing to report
+
+
+def test_emulated_group_rejects_reference(make_problem, fake_weights):
+    p = make_problem(seed=1, t=4, hidden=H, inter=I, experts=E, topk=K)
+    bufs = SymmBuffer.emulated_group(2, E, TMAX, K, H, I, device='cpu')
+    y = torch.empty(4, H, dtype=torch.bfloat16)
+    l1 = fake_weights(p.w1[:4], p.w1_alpha[:4])
+    l2 = fake_weights(p.w2[:4], p.w2_alpha[:4])
+    with pytest.raises(ValueError, match='^buffer: an emulated 2-rank group'):
+        fp8_nvfp4_mega_moe(y, l1, l2, bufs[0], backend='reference')
+
+
+@pytest.mark.parametrize('value,exc', [(0, ValueError), (-1.0, ValueError), (float('inf'), ValueError),
+                                       ('5', TypeError), (True, TypeError)])
+def test_bad_timeout(value, exc):
+    with pytest.raises(exc, match='^timeout_s:'):
+        get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', timeout_s=value)
+
+
+def test_timeout_default_and_env(monkeypatch):
+    monkeypatch.delenv('DG_MEGA_MOE_TIMEOUT_S', raising=False)
+    assert get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu').timeout_s == 300.0
+    assert get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', timeout_s=2).timeout_s == 2.0
+    monkeypatch.setenv('DG_MEGA_MOE_TIMEOUT_S', '7.5')
+    assert get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu').timeout_s == 7.5
+    monkeypatch.setenv('DG_MEGA_MOE_TIMEOUT_S', 'soon')
+    with pytest.raises(ValueError, match='^DG_MEGA_MOE_TIMEOUT_S:'):
+        get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu')
 
 
 # ------------------------------------------------------------------------------------------ the API
