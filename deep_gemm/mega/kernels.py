@@ -111,7 +111,9 @@ def combine(buffer, y: torch.Tensor) -> None:
         return
     kernel = registry.get_kernel(COMBINE.name, {'threads': COMBINE_THREADS, 'max_topk': MAX_TOPK},
                                  device=buffer.device.index)
-    runtime.launch(kernel, t, COMBINE_THREADS, 0,
+    # at least ~1024 CTAs while a row has chunks of COMBINE_THREADS uint4 left to split
+    chunks = max(1, min(-(-buffer.hidden // (8 * COMBINE_THREADS)), -(-1024 // t)))
+    runtime.launch(kernel, (t, chunks), COMBINE_THREADS, 0,
                    [buffer.peer_bases, _u64(buffer.offset('combine')), buffer.topk_idx, buffer.region('pair_row'),
                     buffer.region('meta'), runtime.i32(buffer.num_topk), runtime.i32(buffer.num_experts_per_rank),
                     runtime.i32(buffer.num_ranks), runtime.i32(buffer.hidden), y])

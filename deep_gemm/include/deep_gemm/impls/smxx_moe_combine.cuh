@@ -3,7 +3,9 @@
 // pair (t, j), pulled from the `combine` rows of the rank owning expert topk_idx[t, j] (NVLink for
 // peers) at the row that rank wrote into pair_row[t, j]; FP32 accumulation, one BF16 rounding
 // (the reference's order, so y is bit-stable).  Masked, out-of-range and overflowed slots are
-// skipped.  A call whose barrier timed out writes NaN.
+// skipped.  A call whose barrier timed out writes NaN.  Grid: (tokens, hidden chunks): a decode
+// batch of a few tokens splits each row so that it still fills the GPU; a prefill batch keeps one
+// CTA per token (the per-CTA slot lookups are then paid once per row).
 #include <cstdint>
 #include <cuda_bf16.h>
 
@@ -31,7 +33,10 @@ smxx_moe_combine(const uint64_t* bases, uint64_t combine_offset, const int64_t* 
                                             combine_offset + uint64_t(row) * hidden * sizeof(__nv_bfloat16));
     }
     const bool aborted = *reinterpret_cast<const volatile int*>(meta + comm::kMetaAbort) != 0;
-    for (int v = threadIdx.x; v < hidden / 8; v += kNumThreads) {
+    const int num_v = hidden / 8;
+    const int chunk = (num_v + gridDim.y - 1) / gridDim.y;
+    const int v_end = min(num_v, int(blockIdx.y + 1) * chunk);
+    for (int v = blockIdx.y * chunk + threadIdx.x; v < v_end; v += kNumThreads) {
         float acc[8] = {};
         #pragma unroll
         for (int j = 0; j < kMaxTopk; ++j) {

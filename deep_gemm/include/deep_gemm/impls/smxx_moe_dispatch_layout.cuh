@@ -51,11 +51,31 @@ smxx_moe_dispatch_layout(const uint64_t* bases, uint64_t topk_idx_offset, uint64
         const int64_t e = peers.at<const int64_t>(s, topk_idx_offset)[p] - expert_begin;
         return (e >= 0 && e < num_local_experts) ? int(e) : -1;
     };
-    for (int g = threadIdx.x; g < num_pairs; g += kNumThreads) {
-        int s, p;
-        locate(g, s, p);
-        const int e = local_expert(s, p);
-        if (e >= 0) atomicAdd(count + e, 1);
+    // Whole warps step through the pairs together so that lanes routed to the same expert merge
+    // into one shared-memory atomic (few experts, many pairs: per-lane atomics serialise); each
+    // thread loads kBatch routing entries before using any, so their latencies (NVLink for peers)
+    // overlap instead of adding up.
+    constexpr int kBatch = 4;
+    const int lane = threadIdx.x % 32;
+    auto load_batch = [&](int base, int (&src)[kBatch], int (&pair)[kBatch], int (&exp)[kBatch]) {
+        #pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+            const int g = base + i * kNumThreads + threadIdx.x;
+            src[i] = 0, pair[i] = 0, exp[i] = -1;
+            if (g < num_pairs) {
+                locate(g, src[i], pair[i]);
+                exp[i] = local_expert(src[i], pair[i]);
+            }
+        }
+    };
+    for (int base = 0; base < num_pairs; base += kBatch * kNumThreads) {
+        int src[kBatch], pair[kBatch], exp[kBatch];
+        load_batch(base, src, pair, exp);
+        #pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+            const unsigned same = __match_any_sync(0xffffffffu, exp[i]);
+            if (exp[i] >= 0 && lane == __ffs(same) - 1) atomicAdd(count + exp[i], __popc(same));
+        }
     }
     __syncthreads();
     if (threadIdx.x < 32) warp_exclusive_scan(num_local_experts, threadIdx.x, [&](int e) { return count[e]; }, cursor);
@@ -64,19 +84,28 @@ smxx_moe_dispatch_layout(const uint64_t* bases, uint64_t topk_idx_offset, uint64
         expert_offsets[e] = min(cursor[e], max_rows);
         if (stats != nullptr && e < num_local_experts) stats[e] += count[e];
     }
-    for (int g = threadIdx.x; g < num_pairs; g += kNumThreads) {
-        int s, p;
-        locate(g, s, p);
-        const int e = local_expert(s, p);
-        if (e < 0) continue;
-        int row = atomicAdd(cursor + e, 1);
-        if (row < max_rows) {
-            row_src[row] = comm::RowSource{s, p / topk, p % topk, e};
-            row_weight[row] = peers.at<const float>(s, topk_weights_offset)[p];
-        } else {
-            row = -1;
+    __syncthreads();   // the offsets above read cursor[], which the row assignment below advances
+    for (int base = 0; base < num_pairs; base += kBatch * kNumThreads) {
+        int src[kBatch], pair[kBatch], exp[kBatch];
+        load_batch(base, src, pair, exp);
+        #pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+            const int e = exp[i];
+            const unsigned same = __match_any_sync(0xffffffffu, e);
+            if (e < 0) continue;
+            const int leader = __ffs(same) - 1;
+            int first = 0;
+            if (lane == leader) first = atomicAdd(cursor + e, __popc(same));
+            int row = __shfl_sync(same, first, leader) + __popc(same & ((1u << lane) - 1));
+            const int s = src[i], p = pair[i];
+            if (row < max_rows) {
+                row_src[row] = comm::RowSource{s, p / topk, p % topk, e};
+                row_weight[row] = peers.at<const float>(s, topk_weights_offset)[p];
+            } else {
+                row = -1;
+            }
+            peers.at<int>(s, pair_row_offset)[p] = row;
         }
-        peers.at<int>(s, pair_row_offset)[p] = row;
     }
 }
 
