@@ -94,7 +94,11 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
     auto* empty = full + kNumStages;
     int* smem_prefix = reinterpret_cast<int*>(empty + kNumStages);
 
-    const int warpgroup = threadIdx.x / 128;
+    // The role and the tile count are warp-uniform, but ptxas cannot prove it for threadIdx or a
+    // shared-memory load; through a shuffle it can, and then the consumer k loop (stage, phase,
+    // barrier addresses, wgmma descriptors) runs on the uniform datapath: no R2UR per wgmma and no
+    // vector ALU slots for loop control.
+    const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
     const int wg_tid = threadIdx.x % 128;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -111,7 +115,7 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
     if (threadIdx.x == 64) cute::prefetch_tma_descriptor(&tokens_map);
     __syncthreads();
 
-    const int num_tiles = sched.num_tiles();
+    const int num_tiles = __shfl_sync(0xffffffffu, sched.num_tiles(), 0);
     const int num_k_blocks = p.k / kBlockK;
     const int num_row_tiles = p.n / kBlockN;
 
@@ -175,28 +179,21 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
             }
         };
         // Steps [kFirst, kFirst + kCount) of the current block: dequant into `a`, then async wgmmas.
-        // The descriptors differ only in the start address field (address >> 4, 14 bits); every
-        // address is a real shared address below 2^18, so adding stage and step offsets to the low
-        // word never carries out of that field, and the high word is a constant.
-        const uint32_t desc_lo_base = static_cast<uint32_t>(
-            sm90::make_kmajor_sw128_desc(cute::cast_smem_ptr_to_uint(smem_tokens)));
-        const uint32_t desc_hi = static_cast<uint32_t>(sm90::make_kmajor_sw128_desc(0) >> 32);
+        // Descriptors as plain 64-bit adds to a uniform base: one UIADD3.64 per wgmma (a 32-bit add
+        // joined by mov.b64 cost a uniform add and two moves each).
+        const uint64_t desc_base = sm90::make_kmajor_sw128_desc(cute::cast_smem_ptr_to_uint(smem_tokens));
         auto mma_steps = [&](auto first_tag, auto count_tag, int kb, const uint32_t (&codes)[8],
                              const uint32_t (&scales)[4], auto& a) {
             constexpr int kFirst = decltype(first_tag)::value, kCount = decltype(count_tag)::value;
             Block::template dequant<kFirst, kCount>(codes, scales, a);
-            const uint32_t desc0_lo = desc_lo_base + stage * (Layout::kTokenBytes >> 4);
+            const uint64_t desc0 = desc_base + static_cast<uint32_t>(stage * (Layout::kTokenBytes >> 4));
             #pragma unroll
             for (int i = 0; i < MMA::kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
             cute::warpgroup_arrive();
             #pragma unroll
             for (int j = kFirst; j < kFirst + kCount; ++j) {
                 constexpr int kStride = kBlockT * 128;
-                const uint32_t offset = ((j / 4) * kStride + (j % 4) * 32) >> 4;
-                // mov.b64 hides the no-carry fact from LLVM, which otherwise widens this to a 64-bit add.
-                uint64_t desc;
-                asm("mov.b64 %0, {%1, %2};" : "=l"(desc) : "r"(desc0_lo + offset), "r"(desc_hi));
-                MMA::mma(a[j - kFirst], desc, acc, kb > 0 || j > 0);
+                MMA::mma(a[j - kFirst], desc0 + (((j / 4) * kStride + (j % 4) * 32) >> 4), acc, kb > 0 || j > 0);
             }
             cute::warpgroup_commit_batch();
         };
