@@ -67,9 +67,10 @@ def _expert_gemms(a, offsets, w, l1, l2, k, e_l, t):
 
 
 def _slot_combine(o_rows, pair_ids, topk_idx, t, k, hidden):
+    """y[t] = sum over slots j in increasing order of the pair's row (masked slots skipped), FP32."""
     per_slot = torch.zeros(t * k, hidden, dtype=torch.float32, device=o_rows.device)
     per_slot[pair_ids] = o_rows.float()
-    per_slot = per_slot.view(t, k, -1)
+    per_slot = per_slot.view(t, k, hidden)
     y = torch.zeros(t, hidden, dtype=torch.float32, device=o_rows.device)
     for j in range(k):
         y = torch.where((topk_idx[:, j] >= 0).unsqueeze(1), y + per_slot[:, j], y)
@@ -97,11 +98,14 @@ def baseline_one_rank(buf, l1, l2, t, k, e_l):
     return _slot_combine(o, rows, buf.topk_idx[:t], t, k, l2.n)
 
 
-def baseline_nccl(buf, l1, l2, t, k, e_l, group):
-    """Unfused EP: NCCL all_to_all_single dispatch, the same grouped GEMMs, all_to_all_single back."""
-    world, rank, hidden = dist.get_world_size(group), dist.get_rank(group), l2.n
+def ep_all_to_all(buf, t, k, e_l, group, experts):
+    """Unfused EP around ``experts``: all_to_all_single dispatch of every routed pair's FP8 row, scales,
+    local expert id and routing weight to the expert's owner, ``experts(x, x_sf, local_expert, weight)
+    -> o`` (BF16 ``[n, hidden]``, one row per received pair, in received order) there,
+    all_to_all_single back, and a slot-order combine at the source.  NCCL on GPUs, gloo on CPU."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     idx = buf.topk_idx[:t].reshape(-1)
-    dest = torch.where(idx >= 0, idx // e_l, world)
+    dest = torch.where((idx >= 0) & (idx < world * e_l), idx // e_l, world)
     pairs = torch.argsort(dest, stable=True)
     send = torch.bincount(dest, minlength=world + 1)[:world]
     pairs = pairs[:int(send.sum())]
@@ -120,13 +124,22 @@ def baseline_nccl(buf, l1, l2, t, k, e_l, group):
     rsf = a2a(buf.x_sf[:t][tok], n_recv, send_l, recv_l)
     re = a2a(idx[pairs], n_recv, send_l, recv_l) - rank * e_l
     rw = a2a(buf.topk_weights[:t].reshape(-1)[pairs], n_recv, send_l, recv_l)
-    order, offsets = _sort_by_expert(re, e_l)
-    a = (rx[order].float().view(n_recv, -1, 32) * rsf[order].unsqueeze(-1)).view(n_recv, -1).to(torch.bfloat16)
-    o = _expert_gemms(a, offsets, rw[order].contiguous(), l1, l2, k, e_l, t)
-    back = torch.empty_like(o)
-    back[order] = o
-    o_src = a2a(back, pairs.numel(), recv_l, send_l)
-    return _slot_combine(o_src, pairs, buf.topk_idx[:t], t, k, hidden)
+    o = experts(rx, rsf, re, rw)
+    o_src = a2a(o, pairs.numel(), recv_l, send_l)
+    return _slot_combine(o_src, pairs, buf.topk_idx[:t], t, k, buf.hidden)
+
+
+def baseline_nccl(buf, l1, l2, t, k, e_l, group):
+    """Unfused EP on GPUs: NCCL all_to_all_single around the same grouped GEMMs."""
+    def experts(rx, rsf, re, rw):
+        n = rx.shape[0]
+        order, offsets = _sort_by_expert(re, e_l)
+        a = (rx[order].float().view(n, -1, 32) * rsf[order].unsqueeze(-1)).view(n, -1).to(torch.bfloat16)
+        o = _expert_gemms(a, offsets, rw[order].contiguous(), l1, l2, k, e_l, t)
+        back = torch.empty_like(o)
+        back[order] = o
+        return back
+    return ep_all_to_all(buf, t, k, e_l, group, experts)
 
 
 def nvlink_ceiling(buf, group) -> float:

@@ -1,4 +1,12 @@
-"""The multi-rank reference (gloo, 2 and 4 spawned processes) equals the single-process reference bit for bit."""
+"""Multi-rank protocol on CPU (gloo, 2 and 4 spawned processes).
+
+* The multi-rank reference (and the public entry point on a CPU group) equals the single-process
+  reference bit for bit.
+* The benchmark's unfused EP baseline (``scripts/bench_mega_moe.ep_all_to_all``: all_to_all_single
+  dispatch of FP8 rows, scales, expert ids and weights, experts at the owner, all_to_all_single back,
+  slot-order combine) gives the reference's bits when its experts are the reference's, so the
+  figures it is compared with on GPUs come from a correct dispatch/combine.
+"""
 import os
 import socket
 import time
@@ -61,8 +69,42 @@ def _worker(rank, world, port, data_path, out_dir):
         dist.destroy_process_group()
 
 
-def _run_spawned(world, data_path, out_dir):
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), data_path, out_dir), nprocs=world, join=False,
+def _baseline_worker(rank, world, port, data_path, out_dir):
+    os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
+    torch.set_num_threads(1)
+    from datetime import timedelta
+    import deep_gemm
+    from deep_gemm.reference import reference_moe_forward
+    from scripts.bench_mega_moe import ep_all_to_all
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        d = torch.load(data_path)
+        counts = d['counts']
+        lo, t = sum(counts[:rank]), counts[rank]
+        e_l = d['experts'] // world
+        es = slice(rank * e_l, (rank + 1) * e_l)
+        buf = deep_gemm.get_symm_buffer_for_mega_moe(dist.group.WORLD, d['experts'], max(counts) + 1, d['topk'],
+                                                     d['hidden'], d['inter'], device='cpu')
+        for name in ('x', 'x_sf', 'topk_idx', 'topk_weights'):
+            getattr(buf, name)[:t].copy_(d[name][lo:lo + t])
+        received = []
+
+        def experts(rx, rsf, re, rw):
+            assert re.numel() == 0 or (0 <= int(re.min()) and int(re.max()) < e_l)
+            received.append(re.numel())
+            out, _ = reference_moe_forward(rx, rsf, re.unsqueeze(1), rw.unsqueeze(1), d['w1'][es], d['w1_alpha'][es],
+                                           d['w2'][es], d['w2_alpha'][es])
+            return out[:, 0]
+
+        y = ep_all_to_all(buf, t, d['topk'], e_l, dist.group.WORLD, experts)
+        torch.save({'y': y, 'received': received[0]}, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_spawned(world, data_path, out_dir, worker=_worker):
+    ctx = mp.start_processes(worker, args=(world, _free_port(), data_path, out_dir), nprocs=world, join=False,
                              start_method='spawn')
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -106,4 +148,24 @@ def test_multirank_equals_single_process(tmp_path, make_problem, world, counts, 
     y = torch.cat(ys)
     assert torch.equal(y.view(torch.int16), y_full.view(torch.int16))  # bit for bit
     assert torch.equal(torch.cat(st), stats)
+    assert y_full.float().abs().sum() > 0
+
+
+@pytest.mark.parametrize('world,counts', [(2, [6, 0]), (4, [3, 7, 0, 5])])
+def test_ep_all_to_all_baseline_matches_reference(tmp_path, make_problem, world, counts):
+    p = make_problem(seed=200 + world, t=sum(counts), hidden=256, inter=128, experts=8, topk=3, mask_frac=0.25)
+    stats = torch.zeros(p.experts, dtype=torch.int32)
+    y_full = reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, p.w1, p.w1_alpha, p.w2, p.w2_alpha,
+                                cumulative_local_expert_recv_stats=stats)
+    data = dict(x=p.x, x_sf=p.x_sf, topk_idx=p.topk_idx, topk_weights=p.topk_weights, w1=p.w1, w1_alpha=p.w1_alpha,
+                w2=p.w2, w2_alpha=p.w2_alpha, counts=counts, experts=p.experts, topk=p.topk, hidden=p.hidden,
+                inter=p.inter)
+    data_path = str(tmp_path / 'data.pt')
+    torch.save(data, data_path)
+    _run_spawned(world, data_path, str(tmp_path), _baseline_worker)
+    res = [torch.load(tmp_path / f'rank{r}.pt') for r in range(world)]
+    y = torch.cat([r['y'] for r in res])
+    assert torch.equal(y.view(torch.int16), y_full.view(torch.int16))
+    e_l = p.experts // world
+    assert [r['received'] for r in res] == [int(stats[r * e_l:(r + 1) * e_l].sum()) for r in range(world)]
     assert y_full.float().abs().sum() > 0
