@@ -55,14 +55,19 @@ COMBINE = registry.register_kernel(registry.KernelSpec(
 ))
 
 
+def _kernel(spec, buffer, **params):
+    return registry.get_kernel(spec.name, {**spec.default_params[0], **params}, device=buffer.device.index)
+
+
+def _gran(buffer) -> int:
+    return buffer.hidden // buffer.x_sf.shape[1]
+
+
 def prepare(buffer) -> None:
     """Compile and load every kernel of this module that a call on ``buffer`` launches."""
-    dev = buffer.device.index
-    registry.get_kernel(BARRIER.name, {'threads': BARRIER_THREADS}, device=dev)
-    registry.get_kernel(DISPATCH_LAYOUT.name, {'threads': LAYOUT_THREADS}, device=dev)
-    registry.get_kernel(DISPATCH_GATHER.name, {'gran_k': buffer.hidden // buffer.x_sf.shape[1],
-                                               'threads': GATHER_THREADS}, device=dev)
-    registry.get_kernel(COMBINE.name, {'threads': COMBINE_THREADS, 'max_topk': MAX_TOPK}, device=dev)
+    for spec in (BARRIER, DISPATCH_LAYOUT, COMBINE):
+        _kernel(spec, buffer)
+    _kernel(DISPATCH_GATHER, buffer, gran_k=_gran(buffer))
 
 
 def _u64(v: int):
@@ -71,8 +76,7 @@ def _u64(v: int):
 
 def barrier(buffer, phase: int, num_tokens: int) -> None:
     """Signal every rank and wait for every rank at barrier ``phase`` (0: inputs, 1: expert outputs)."""
-    kernel = registry.get_kernel(BARRIER.name, {'threads': BARRIER_THREADS}, device=buffer.device.index)
-    runtime.launch(kernel, 1, BARRIER_THREADS, 0,
+    runtime.launch(_kernel(BARRIER, buffer), 1, BARRIER_THREADS, 0,
                    [buffer.peer_bases, _u64(buffer.offset('flags')), buffer.region('meta'), buffer.region('flags'),
                     runtime.i32(phase), runtime.i32(buffer.rank), runtime.i32(buffer.num_ranks),
                     runtime.i32(num_tokens), _u64(int(buffer.timeout_s * 1e9)), _u64(buffer.error_record_ptr)])
@@ -84,8 +88,7 @@ def dispatch_layout(buffer, num_tokens: int, row_src: torch.Tensor, row_weight: 
     ``[R, 4]`` (rank, token, slot, local expert), ``row_weight`` ``[R]``, the sources' ``pair_row``;
     ``stats += counts``."""
     e_l = buffer.num_experts_per_rank
-    kernel = registry.get_kernel(DISPATCH_LAYOUT.name, {'threads': LAYOUT_THREADS}, device=buffer.device.index)
-    runtime.launch(kernel, 1, LAYOUT_THREADS, 4 * (2 * e_l + 1 + buffer.num_ranks + 1),
+    runtime.launch(_kernel(DISPATCH_LAYOUT, buffer), 1, LAYOUT_THREADS, 4 * (2 * e_l + 1 + buffer.num_ranks + 1),
                    [buffer.peer_bases, _u64(buffer.offset('topk_idx')), _u64(buffer.offset('topk_weights')),
                     _u64(buffer.offset('pair_row')), _u64(buffer.offset('meta')), runtime.i32(buffer.rank),
                     runtime.i32(buffer.num_ranks), runtime.i32(num_tokens),
@@ -95,10 +98,7 @@ def dispatch_layout(buffer, num_tokens: int, row_src: torch.Tensor, row_weight: 
 
 def dispatch_gather(buffer, row_src: torch.Tensor, out: torch.Tensor) -> None:
     """``out[row] = bf16(x[token] * x_sf[token])`` of each row's source rank (grid: all ``R`` row slots)."""
-    gran = buffer.hidden // buffer.x_sf.shape[1]
-    kernel = registry.get_kernel(DISPATCH_GATHER.name, {'gran_k': gran, 'threads': GATHER_THREADS},
-                                 device=buffer.device.index)
-    runtime.launch(kernel, out.shape[0], GATHER_THREADS, 0,
+    runtime.launch(_kernel(DISPATCH_GATHER, buffer, gran_k=_gran(buffer)), out.shape[0], GATHER_THREADS, 0,
                    [buffer.peer_bases, _u64(buffer.offset('x')), _u64(buffer.offset('x_sf')), row_src,
                     buffer.region('expert_offsets'), runtime.i32(buffer.num_experts_per_rank),
                     runtime.i32(buffer.hidden), out])
@@ -109,8 +109,7 @@ def combine(buffer, y: torch.Tensor) -> None:
     t = y.shape[0]
     if t == 0:
         return
-    kernel = registry.get_kernel(COMBINE.name, {'threads': COMBINE_THREADS, 'max_topk': MAX_TOPK},
-                                 device=buffer.device.index)
+    kernel = _kernel(COMBINE, buffer)
     # at least ~1024 CTAs while a row has chunks of COMBINE_THREADS uint4 left to split
     chunks = max(1, min(-(-buffer.hidden // (8 * COMBINE_THREADS)), -(-1024 // t)))
     runtime.launch(kernel, (t, chunks), COMBINE_THREADS, 0,
