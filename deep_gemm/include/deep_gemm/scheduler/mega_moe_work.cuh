@@ -1,0 +1,152 @@
+#pragma once
+// Work order of one rank's Mega MoE layer for a persistent kernel (arch-neutral, host or device).
+//
+// Units are L1 tiles (expert, L1 weight-row tile, token tile) and L2 tiles (expert, L2 weight-row
+// tile, token tile) of the experts that received rows; CTAs claim them in one global order through
+// one counter (`i = atomicAdd(&next, 1)`).  An L1 unit waits until its expert's rows have arrived;
+// an L2 unit waits until the L1 tiles of all row tiles of its (expert, token tile) are done.
+//
+// Progress: every unit waits only on units earlier in the order.  Those were all claimed before
+// it (one counter), by CTAs that are running (a CTA claims only while resident and is never
+// evicted), so the earliest unfinished unit always has its inputs and runs.  This needs every
+// producer outside the order (the dispatch that delivers rows) to progress on its own, e.g.
+// because all CTAs of the grid are resident; and a CTA must never hold up an earlier claimed unit
+// to wait for a later one.
+//
+// Order: the L1 blocks of the active experts a_0 < a_1 < ... in turn; the L2 block of a_k goes
+// right after the L1 block of a_g(k): the first a_j with j >= k + lookahead_experts whose L1
+// blocks a_{k+1} .. a_j hold at least lookahead_units units, or the last active expert; e.g.
+//     L1(a_0) L1(a_1) L1(a_2) L2(a_0) L1(a_3) L2(a_1) ...      (lookahead_experts 2)
+// A CTA reaching L2(a_k) finds that many L1 units claimed after a_k's last one, so with
+// lookahead_units at about the units in flight (the CTA count, or twice it for stragglers) that
+// tile has usually finished.  The lookahead is in units as well as experts because an expert is
+// 48 L1 units at decode (one token tile) and ten times that at prefill.  L2 still starts after a
+// bounded amount of L1 work, not after all of it, which bounds the L1 output that is live
+// (written, not yet consumed) at prefill.  Inside a block, weight-row tile outer, token tile
+// inner (as GroupedTiles): CTAs running together share a weight tile through L2.
+//
+// Rows of the experts lie back to back in expert order from row 0 (the dispatch layout's
+// `expert_offsets`).  Only per-expert arrays: unit -> tile is two binary searches over experts.
+#ifndef DG_HOST_DEVICE
+#if defined(__CUDACC__)
+#define DG_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DG_HOST_DEVICE inline
+#endif
+#endif
+
+namespace deep_gemm {
+
+enum class MegaPhase : int { L1 = 0, L2 = 1 };
+
+// What a unit waits for: counters[counter] >= target.  L1: counter = local expert, counting rows
+// that arrived (an array of num_experts).  L2: counter = token tile index, counting finished L1
+// units of that (expert, token tile) (an array of num_token_tiles()).  Targets are per call;
+// counters that keep growing across calls add their base.
+struct MegaWait { int counter, target; };
+
+struct MegaUnit {
+    MegaPhase phase;
+    int expert;         // local expert id
+    int row_tile;       // weight-row tile: L1 in [0, l1_row_tiles), L2 in [0, l2_row_tiles)
+    int token_tile;     // token tile of this expert
+    int tile_index;     // token tile over all experts (GroupedTiles' numbering): the L2 counter
+                        // an L1 unit bumps when done
+    int row_start;      // first row of the tile
+    int num_rows;       // rows in the tile, in [1, block_t]
+    int expert_rows;    // rows of the expert
+};
+
+// Plain data (no constructor), so a kernel can keep it in shared memory; build() runs on one
+// thread, O(E) for E up to ~64 local experts, then the block syncs.
+template <int kMaxExperts>
+struct MegaMoEWork {
+    int num_active;                     // experts with rows
+    int block_t, l1_row_tiles, l2_row_tiles;
+    int expert[kMaxExperts];            // k-th active expert -> local expert id
+    int tile_prefix[kMaxExperts + 1];   // token tiles of the active experts before the k-th
+    int row_prefix[kMaxExperts + 1];    // rows of the active experts before the k-th
+    int l2_before[kMaxExperts + 1];     // L2 blocks placed before the k-th L1 block (non-decreasing)
+
+    // False (and no units) if num_experts is outside [0, kMaxExperts], a tile count is not
+    // positive, or the rows or units overflow int.  Negative counts and lookaheads are taken as 0.
+    DG_HOST_DEVICE bool build(const int* counts, int num_experts, int block_t_, int l1_row_tiles_,
+                              int l2_row_tiles_, int lookahead_experts, int lookahead_units) {
+        block_t = block_t_, l1_row_tiles = l1_row_tiles_, l2_row_tiles = l2_row_tiles_;
+        num_active = 0, tile_prefix[0] = 0, row_prefix[0] = 0, l2_before[0] = 0;
+        if (num_experts < 0 || num_experts > kMaxExperts || block_t <= 0 || l1_row_tiles <= 0 || l2_row_tiles <= 0)
+            return false;
+        long long tiles = 0, rows = 0;
+        for (int e = 0; e < num_experts; ++e) {
+            const int n = counts[e] > 0 ? counts[e] : 0;
+            if (n == 0) continue;
+            tiles += (n + block_t - 1LL) / block_t, rows += n;
+            expert[num_active++] = e;
+            tile_prefix[num_active] = int(tiles), row_prefix[num_active] = int(rows);
+        }
+        if (rows > 0x7fffffffLL || tiles * (l1_row_tiles + l2_row_tiles) > 0x7fffffffLL) {
+            num_active = 0;
+            return false;
+        }
+        // g(k) (the L1 block that L2 block k follows) is non-decreasing in k; l2_before[j] = #{k : g(k) < j}.
+        int g = 0, filled = 0;
+        for (int k = 0; k < num_active; ++k) {
+            const int least = k + (lookahead_experts > 0 ? lookahead_experts : 0);
+            g = least < g ? g : (least < num_active - 1 ? least : num_active - 1);
+            while (g < num_active - 1 &&
+                   (long long)l1_row_tiles * (tile_prefix[g + 1] - tile_prefix[k + 1]) < lookahead_units)
+                ++g;
+            while (filled < g) l2_before[++filled] = k;
+        }
+        while (filled < num_active) l2_before[++filled] = num_active;
+        return true;
+    }
+
+    DG_HOST_DEVICE int num_token_tiles() const { return tile_prefix[num_active]; }
+    DG_HOST_DEVICE int num_units() const { return num_token_tiles() * (l1_row_tiles + l2_row_tiles); }
+
+    // First unit of step j in [0, num_active]: L1 block j, then L2 blocks l2_before[j] .. l2_before[j + 1] - 1.
+    DG_HOST_DEVICE int step_start(int j) const {
+        return l1_row_tiles * tile_prefix[j] + l2_row_tiles * tile_prefix[l2_before[j]];
+    }
+
+    // i in [0, num_units()).
+    DG_HOST_DEVICE MegaUnit get(int i) const {
+        // Every step holds an L1 block, so the largest j with step_start(j) <= i is the step of i.
+        int lo = 0, hi = num_active - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (step_start(mid) <= i) lo = mid; else hi = mid - 1;
+        }
+        int local = i - step_start(lo), k = lo;
+        MegaUnit u;
+        u.phase = MegaPhase::L1;
+        const int l1_units = l1_row_tiles * (tile_prefix[k + 1] - tile_prefix[k]);
+        if (local >= l1_units) {
+            // position in the stream of L2 blocks -> the L2 block holding it
+            const int l2 = l2_row_tiles * tile_prefix[l2_before[lo]] + local - l1_units;
+            k = l2_before[lo], hi = l2_before[lo + 1] - 1;
+            while (k < hi) {
+                const int mid = (k + hi + 1) / 2;
+                if (l2_row_tiles * tile_prefix[mid] <= l2) k = mid; else hi = mid - 1;
+            }
+            local = l2 - l2_row_tiles * tile_prefix[k], u.phase = MegaPhase::L2;
+        }
+        const int tiles = tile_prefix[k + 1] - tile_prefix[k];
+        u.expert = expert[k];
+        u.row_tile = local / tiles;
+        u.token_tile = local % tiles;
+        u.tile_index = tile_prefix[k] + u.token_tile;
+        u.expert_rows = row_prefix[k + 1] - row_prefix[k];
+        u.row_start = row_prefix[k] + u.token_tile * block_t;
+        const int left = u.expert_rows - u.token_tile * block_t;
+        u.num_rows = left < block_t ? left : block_t;
+        return u;
+    }
+
+    DG_HOST_DEVICE MegaWait wait_for(const MegaUnit& u) const {
+        return u.phase == MegaPhase::L1 ? MegaWait{u.expert, u.expert_rows} : MegaWait{u.tile_index, l1_row_tiles};
+    }
+};
+
+}  // namespace deep_gemm
