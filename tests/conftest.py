@@ -1,5 +1,7 @@
 """Shared helpers for the CPU tests (exposed as fixtures so that no test imports this module)."""
 import os
+import socket
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -55,6 +57,35 @@ def make_problem():
 @pytest.fixture
 def fake_weights():
     return FakeExpertWeights
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _spawn_ranks(worker, world: int, args=(), timeout_s: float = 180):
+    """Run ``worker(rank, world, port, *args)`` in ``world`` spawned processes (a free TCP port for the
+    process group); fail the test if they do not all finish within ``timeout_s``."""
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(worker, args=(world, _free_port(), *args), nprocs=world, join=False,
+                             start_method='spawn')
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f'{world}-process run did not finish in {timeout_s} s')
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+@pytest.fixture
+def spawn_ranks():
+    return _spawn_ranks
 
 
 @pytest.fixture(autouse=True, scope='session')

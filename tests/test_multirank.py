@@ -8,31 +8,26 @@
   figures it is compared with on GPUs come from a correct dispatch/combine.
 """
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from deep_gemm.reference import reference_mega_moe
 
 TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, data_path, out_dir):
+def _init_gloo(rank, world, port):
     os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
     torch.set_num_threads(1)
     from datetime import timedelta
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
+
+
+def _worker(rank, world, port, data_path, out_dir):
+    _init_gloo(rank, world, port)
     try:
         d = torch.load(data_path)
         counts = d['counts']
@@ -70,14 +65,10 @@ def _worker(rank, world, port, data_path, out_dir):
 
 
 def _baseline_worker(rank, world, port, data_path, out_dir):
-    os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
-    torch.set_num_threads(1)
-    from datetime import timedelta
     import deep_gemm
     from deep_gemm.reference import reference_moe_forward
     from scripts.bench_mega_moe import ep_all_to_all
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    _init_gloo(rank, world, port)
     try:
         d = torch.load(data_path)
         counts = d['counts']
@@ -103,26 +94,11 @@ def _baseline_worker(rank, world, port, data_path, out_dir):
         dist.destroy_process_group()
 
 
-def _run_spawned(world, data_path, out_dir, worker=_worker):
-    ctx = mp.start_processes(worker, args=(world, _free_port(), data_path, out_dir), nprocs=world, join=False,
-                             start_method='spawn')
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f'{world}-rank gloo run did not finish in {TIMEOUT_S} s')
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-
-
 @pytest.mark.parametrize('world,counts,clamp', [
     (2, [7, 0], None),
     (4, [5, 0, 9, 2], 0.1),
 ])
-def test_multirank_equals_single_process(tmp_path, make_problem, world, counts, clamp):
+def test_multirank_equals_single_process(tmp_path, make_problem, spawn_ranks, world, counts, clamp):
     p = make_problem(seed=100 + world, t=sum(counts), hidden=256, inter=128, experts=8, topk=3, mask_frac=0.25)
     stats = torch.zeros(p.experts, dtype=torch.int32)
     y_full = reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, p.w1, p.w1_alpha, p.w2, p.w2_alpha,
@@ -132,7 +108,7 @@ def test_multirank_equals_single_process(tmp_path, make_problem, world, counts, 
                 hidden=p.hidden, inter=p.inter, clamp=clamp)
     data_path = str(tmp_path / 'data.pt')
     torch.save(data, data_path)
-    _run_spawned(world, data_path, str(tmp_path))
+    spawn_ranks(_worker, world, (data_path, str(tmp_path)), TIMEOUT_S)
     ys, st = [], []
     for r in range(world):
         res = torch.load(tmp_path / f'rank{r}.pt')
@@ -152,7 +128,7 @@ def test_multirank_equals_single_process(tmp_path, make_problem, world, counts, 
 
 
 @pytest.mark.parametrize('world,counts', [(2, [6, 0]), (4, [3, 7, 0, 5])])
-def test_ep_all_to_all_baseline_matches_reference(tmp_path, make_problem, world, counts):
+def test_ep_all_to_all_baseline_matches_reference(tmp_path, make_problem, spawn_ranks, world, counts):
     p = make_problem(seed=200 + world, t=sum(counts), hidden=256, inter=128, experts=8, topk=3, mask_frac=0.25)
     stats = torch.zeros(p.experts, dtype=torch.int32)
     y_full = reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, p.w1, p.w1_alpha, p.w2, p.w2_alpha,
@@ -162,7 +138,7 @@ def test_ep_all_to_all_baseline_matches_reference(tmp_path, make_problem, world,
                 inter=p.inter)
     data_path = str(tmp_path / 'data.pt')
     torch.save(data, data_path)
-    _run_spawned(world, data_path, str(tmp_path), _baseline_worker)
+    spawn_ranks(_baseline_worker, world, (data_path, str(tmp_path)), TIMEOUT_S)
     res = [torch.load(tmp_path / f'rank{r}.pt') for r in range(world)]
     y = torch.cat([r['y'] for r in res])
     assert torch.equal(y.view(torch.int16), y_full.view(torch.int16))

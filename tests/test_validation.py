@@ -303,3 +303,11 @@ def test_api_with_transformed_mxfp4_weights(make_problem):
     want = reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, dequant_mxfp4(w1p, w1s), torch.ones(E, 2),
                               dequant_mxfp4(w2p, w2s), torch.ones(E, 1))
     assert torch.equal(y, want)
+
+
+def test_relative_error():
+    ref = torch.tensor([3.0, 4.0])
+    assert deep_gemm.utils.relative_error(ref.to(torch.bfloat16), ref) == 0.0
+    assert abs(deep_gemm.utils.relative_error(torch.tensor([3.0, 5.0]), ref) - 0.2) < 1e-12
+    with pytest.raises(ValueError, match='^out: NaN'):
+        deep_gemm.utils.relative_error(torch.tensor([float('nan'), 4.0]), ref)

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
                                 reason='needs a Hopper GPU')
 
 from deep_gemm.gemm import (m_grouped_fp8_nvfp4_gemm_nt_contiguous, m_grouped_fp8_nvfp4_gemm_nt_masked)  # noqa: E402
+from deep_gemm.utils import relative_error  # noqa: E402
 from deep_gemm.mega.weights import (transform_mxfp4_weights_for_grouped_gemm,  # noqa: E402
                                     transform_nvfp4_weights_for_grouped_gemm, transform_nvfp4_weights_for_mega_moe)
 
@@ -45,12 +46,6 @@ def rand_tokens(rows, k, gen):
     x = torch.randn(rows, k, generator=gen) * torch.exp2(torch.randint(-4, 5, (rows, 1), generator=gen).float())
     x[:, :: 97] *= 8
     return x
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    assert not torch.isnan(out).any(), 'NaN in output'
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def ref_plain(tok64, w, alpha):
@@ -93,7 +88,7 @@ def check_masked_plain(b, counts, max_m, expected_m, gen):
     tok = dequant_tokens(q, sf).view(e, max_m, k)
     for i, c in enumerate(counts):
         if c:
-            assert rel_err(d[i, :c].cpu(), ref_plain(tok[i, :c], w[i], b.alpha[i, 0].item())) < TOL
+            assert relative_error(d[i, :c].cpu(), ref_plain(tok[i, :c], w[i], b.alpha[i, 0].item())) < TOL
         assert torch.isnan(d[i, c:].float()).all(), 'rows past masked_m were written'
 
 
@@ -124,7 +119,7 @@ def test_contiguous_plain(counts):
     m_grouped_fp8_nvfp4_gemm_nt_contiguous((q.cuda(), sf.cuda()), b, d, offsets.cuda())
     tok = dequant_tokens(q, sf)
     ref = torch.cat([ref_plain(tok[offsets[i]:offsets[i + 1]], w[i], b.alpha[i, 0].item()) for i in range(e)])
-    assert rel_err(d.cpu(), ref) < TOL
+    assert relative_error(d.cpu(), ref) < TOL
 
 
 @pytest.mark.parametrize('clamp', [None, 7.0])
@@ -152,7 +147,7 @@ def test_swiglu_epilogue(clamp, layout):
             rows = slice(i * max_m, i * max_m + c)
             if c:
                 ref = ref_swiglu(tok[rows], w[i], l1.alpha[i].double().cpu(), clamp, rw[rows].double())
-                assert rel_err(d[i, :c].cpu(), ref) < TOL
+                assert relative_error(d[i, :c].cpu(), ref) < TOL
             assert torch.isnan(d[i, c:].float()).all()
     else:
         offsets = torch.tensor([0, 32, 41, 41], dtype=torch.int32)
@@ -162,7 +157,7 @@ def test_swiglu_epilogue(clamp, layout):
                                                epilogue='swiglu', route_weights=rw[:rows].cuda(), activation_clamp=clamp)
         ref = torch.cat([ref_swiglu(tok[offsets[i]:offsets[i + 1]], w[i], l1.alpha[i].double().cpu(), clamp,
                                     rw[offsets[i]:offsets[i + 1]].double()) for i in range(e)])
-        assert rel_err(d.cpu(), ref) < TOL
+        assert relative_error(d.cpu(), ref) < TOL
 
 
 def test_edge_data():
@@ -189,10 +184,10 @@ def test_edge_data():
     tok = dequant_tokens(q, sf).view(e, max_m, k)
     for i in range(e):
         ref = ref_plain(tok[i], w[i], b.alpha[i, 0].item())
-        assert rel_err(d[i].cpu(), ref) < TOL
+        assert relative_error(d[i].cpu(), ref) < TOL
     # the subnormal-scale rows alone (a flush-to-zero would zero them)
     ref0 = ref_plain(tok[0], w[0], b.alpha[0, 0].item())[:, :32]
-    assert ref0.abs().max() > 0 and rel_err(d[0, :, :32].cpu(), ref0) < TOL
+    assert ref0.abs().max() > 0 and relative_error(d[0, :, :32].cpu(), ref0) < TOL
 
 
 def test_deepseek_shape_and_graph_capture():
@@ -221,10 +216,10 @@ def test_deepseek_shape_and_graph_capture():
     tok = dequant_tokens(q, sf).view(e, max_m, hidden)
     for i, c in enumerate(counts.tolist()):
         h_ref = ref_swiglu(tok[i, :c], w1[i], l1.alpha[i].double().cpu(), None, None)
-        assert rel_err(h[i, :c].cpu(), h_ref) < TOL
+        assert relative_error(h[i, :c].cpu(), h_ref) < TOL
         hq, hsf = quant_tokens(h[i, :c].float().cpu())
         y_ref = ref_plain(dequant_tokens(hq, hsf), w2[i], l2.alpha[i, 0].item())
-        assert rel_err(y[i, :c].cpu(), y_ref) < TOL
+        assert relative_error(y[i, :c].cpu(), y_ref) < TOL
     y_eager = y.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

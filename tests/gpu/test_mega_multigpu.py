@@ -8,13 +8,11 @@ tokens, rel. error <= 1e-2, bitwise-identical repeats, exact receive statistics;
 that never arrives makes the others raise a timeout error naming it within the configured time.
 """
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = pytest.mark.skipif(NUM_GPUS < 2 or torch.cuda.get_device_capability()[0] != 9,
@@ -22,12 +20,6 @@ pytestmark = pytest.mark.skipif(NUM_GPUS < 2 or torch.cuda.get_device_capability
 
 TOL = 1e-2
 TIMEOUT_S = 600
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, data_path, out_dir, mode):
@@ -76,21 +68,6 @@ def _worker(rank, world, port, data_path, out_dir, mode):
         dist.destroy_process_group()
 
 
-def _spawn(world, data_path, out_dir, mode):
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), data_path, out_dir, mode), nprocs=world,
-                             join=False, start_method='spawn')
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f'{world}-GPU run did not finish in {TIMEOUT_S} s')
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-
-
 def _data(tmp_path, p, counts, timeout=60.0):
     data = dict(x=p.x, x_sf=p.x_sf, topk_idx=p.topk_idx, topk_weights=p.topk_weights, l1=p.l1, l2=p.l2,
                 counts=counts, experts=p.experts, topk=p.topk, hidden=p.hidden, inter=p.inter, timeout=timeout)
@@ -105,13 +82,13 @@ def _data(tmp_path, p, counts, timeout=60.0):
     (2, [21, 8], dict(hidden=7168, inter=3072, experts=8, topk=6, use_ue8m0=True)),
     (4, [6, 11, 0, 3], dict(hidden=7168, inter=3072, experts=8, topk=6, use_ue8m0=True)),
 ])
-def test_matches_reference(tmp_path, make_problem, world, counts, shape):
+def test_matches_reference(tmp_path, make_problem, spawn_ranks, world, counts, shape):
     if NUM_GPUS < world:
         pytest.skip(f'needs {world} GPUs')
     from deep_gemm.reference import reference_mega_moe
     p = make_problem(seed=world * 100 + sum(counts), t=sum(counts), mask_frac=0.25, **shape)
     p.topk_idx[p.topk_idx == 1] = -1            # an expert that receives no tokens
-    _spawn(world, _data(tmp_path, p, counts), str(tmp_path), 'check')
+    spawn_ranks(_worker, world, (_data(tmp_path, p, counts), str(tmp_path), 'check'), TIMEOUT_S)
     stats_ref = torch.zeros(p.experts, dtype=torch.int32)
     y_ref = reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, p.w1, p.w1_alpha, p.w2, p.w2_alpha,
                                cumulative_local_expert_recv_stats=stats_ref)
@@ -130,10 +107,10 @@ def test_matches_reference(tmp_path, make_problem, world, counts, shape):
     assert torch.equal(torch.cat(stats), stats_ref) and stats_ref[1] == 0
 
 
-def test_rank_that_never_arrives(tmp_path, make_problem):
+def test_rank_that_never_arrives(tmp_path, make_problem, spawn_ranks):
     world, timeout = 2, 2.0
     p = make_problem(seed=3, t=12, hidden=256, inter=128, experts=8, topk=3)
-    _spawn(world, _data(tmp_path, p, [6, 6], timeout), str(tmp_path), 'timeout')
+    spawn_ranks(_worker, world, (_data(tmp_path, p, [6, 6], timeout), str(tmp_path), 'timeout'), TIMEOUT_S)
     res = torch.load(tmp_path / 'rank0.pt')
     assert timeout <= res['elapsed'] < timeout + 3.0, res['elapsed']
     assert res['error'] is not None and 'waiting for rank 1' in res['error'], res['error']
