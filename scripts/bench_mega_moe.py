@@ -6,7 +6,8 @@ ranks' experts with a non-uniform expert popularity.  Measured in the same run, 
 
 * ceilings: the device-copy bandwidth, the BF16 matmul rate, and (several ranks) the NVLink write
   bandwidth to the next rank (a copy into its symmetric buffer);
-* ours: ``fp8_nvfp4_mega_moe(backend='sm90')`` captured in a CUDA graph (as servers run it) and
+* ours: ``fp8_nvfp4_mega_moe(backend='sm90')`` (the fused kernel; ``DG_MEGA_MOE_FUSED=0``: the
+  kernel sequence) captured in a CUDA graph (as servers run it) and
   eager (one Python call; on one rank it syncs once to validate expert ids);
 * the unfused baseline: on one rank, torch-op dispatch (sort by expert, gather, FP8 -> BF16) and
   combine around the same grouped GEMMs; on several ranks, NCCL ``all_to_all_single`` dispatch
@@ -31,6 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deep_gemm  # noqa: E402
 from deep_gemm.gemm import m_grouped_fp8_nvfp4_gemm_nt_contiguous  # noqa: E402
+from deep_gemm.mega import sm90  # noqa: E402
 from deep_gemm.utils import per_token_cast_to_fp8, relative_error  # noqa: E402
 from scripts.bench_grouped_gemm import ceilings, make_weights  # noqa: E402
 
@@ -183,7 +185,8 @@ def main():
                                                           if group is not None else '') +
         f'; EP {world}, {e_l} experts per rank, top-{k}, {hidden}/{inter}')
     say(f'{"tokens":>7} {"graph us":>9} {"eager us":>9} {"TFLOPS":>7} {"%bf16":>6} {"wt GB/s":>8} {"%copy":>6} '
-        f'{"NVL GB/s":>9} {"%NVL":>5} {"baseline us":>12} {"x graph":>8} {"x eager":>8} {"rel err":>8}')
+        f'{"NVL GB/s":>9} {"%NVL":>5} {"baseline us":>12} {"x graph":>8} {"x eager":>8} {"rel err":>8} '
+        f'{"seq us":>8} {"x seq":>6} {"compute":>8} {"comm":>7} {"/max":>5} {"seq err":>8} {"bitwise":>7}')
     for t in [int(v) for v in args.tokens.split(',')]:
         xg = torch.Generator().manual_seed(1000 * t + rank)
         x = torch.randn(t, hidden, generator=xg) * torch.exp(0.5 * torch.randn(t, 1, generator=xg))
@@ -207,6 +210,25 @@ def main():
             run()
         t_ours = timed(graph.replay, group)
         t_base = timed(base, group)
+        # the unfused sm90 sequence, and its compute-only (expert GEMMs) and communication-only (barriers,
+        # dispatch, combine) parts, each in a CUDA graph (issue #6: fused <= 1.15 x max(compute, comm))
+        y_seq = torch.empty_like(y)
+        seq_times = []
+        for parts in (dict(), dict(comm=False), dict(compute=False)):
+            out = y_seq if not parts else torch.empty_like(y)
+            fn = lambda: sm90.run_sequence(out, l1, l2, buf, **parts)  # noqa: E731
+            fn()
+            g2 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g2):
+                fn()
+            seq_times.append(timed(g2.replay, group))
+            del g2
+        t_seq, t_compute, t_comm = seq_times
+        sm90.run_sequence(y_seq, l1, l2, buf)
+        run()
+        torch.cuda.synchronize()
+        seq_err = relative_error(y, y_seq)
+        bitwise = bool(torch.equal(y.view(torch.int16), y_seq.view(torch.int16)))
         buf.check_comm()
         # this rank's work and traffic, from every rank's routing
         all_idx = buf.topk_idx[:t]
@@ -228,10 +250,13 @@ def main():
         say(f'{t:>7} {t_ours:>9.1f} {t_eager:>9.1f} {flops / t_ours / 1e6:>7.1f} '
             f'{100 * flops / t_ours / 1e6 / bf16_tflops:>6.1f} {wgbs:>8.0f} {100 * wgbs / copy_gbs:>6.1f} '
             f'{nvl:>9.1f} {100 * nvl / nvl_gbs if group is not None else float("nan"):>5.1f} {t_base:>12.1f} '
-            f'{t_base / t_ours:>8.2f} {t_base / t_eager:>8.2f} {err:>8.1e}')
+            f'{t_base / t_ours:>8.2f} {t_base / t_eager:>8.2f} {err:>8.1e} {t_seq:>8.1f} {t_seq / t_ours:>6.2f} '
+            f'{t_compute:>8.1f} {t_comm:>7.1f} {t_ours / max(t_compute, t_comm):>5.2f} {seq_err:>8.1e} {str(bitwise):>7}')
         del graph
     say('(us: slowest rank, graph = the layer captured in a CUDA graph; rates are rank 0\'s over the graph time; '
-        'x graph / x eager = baseline us / ours)')
+        'x graph / x eager = baseline us / ours; seq = the unfused sm90 kernel sequence, x seq = seq / ours; '
+        'compute / comm = its GEMMs alone / its barriers+dispatch+combine alone; /max = ours / max(compute, comm); '
+        'seq err, bitwise: ours vs seq)')
     say(f'ceilings: copy {copy_gbs:.0f} GB/s, bf16 {bf16_tflops:.0f} TFLOPS; weight floor '
         f'{e_l * per_expert_bytes / copy_gbs / 1e3:.0f} us for all {e_l} local experts')
     if group is not None:

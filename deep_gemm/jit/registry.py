@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 from . import compiler
 
 # Modules that register kernels when imported; missing ones (not written yet) are skipped
-KERNEL_MODULES = ['deep_gemm.jit.smoke', 'deep_gemm.gemm', 'deep_gemm.mega.kernels']
+KERNEL_MODULES = ['deep_gemm.jit.smoke', 'deep_gemm.gemm', 'deep_gemm.mega.kernels', 'deep_gemm.mega.sm90']
 
 Params = Mapping[str, object]
 SassPatterns = Union[Sequence[str], Mapping[str, Sequence[str]]]

@@ -22,6 +22,9 @@ region              dtype, shape         use
 ``expert_offsets``  int32 [E_l + 1]      first row of each local expert
 ``meta``            int32 [16]           published token count, per-phase call counters, abort
 ``flags``           int32 [2, ranks]     barrier signals received from each rank, per phase
+``work``            int32 [W]            the fused kernel's counters, zero between calls
+                                         (``W = 8 + 3 E_l + 2 R``: header, per-expert counts,
+                                         gathered rows and finished L1 units per token tile)
 ==================  ===================  ==================================================
 
 Size: ``get_symm_buffer_size_for_mega_moe`` is the end of the last region rounded up to 128 bytes,
@@ -60,8 +63,10 @@ ALIGNMENT = 128
 X_SF_GRAN = 32
 META_INTS = 16          # comm/symm.cuh: Meta
 NUM_PHASES = 2          # barrier phases per call (impls/smxx_moe_barrier.cuh)
+WORK_HEADER_INTS = 8    # impls/sm90_fp8_nvfp4_mega_moe.cuh: MegaWork
 DEFAULT_TIMEOUT_S = 300.0   # generous: a peer's first call may include its JIT compiles
 _PHASE_NAMES = ('dispatch (inputs ready)', 'combine (expert outputs ready)')
+PHASE_INTERNAL = 2      # a wait between the CTAs of one rank's fused kernel
 
 
 class MegaMoETimeoutError(RuntimeError):
@@ -120,6 +125,7 @@ def get_symm_buffer_layout(num_ranks: int, num_experts: int, num_max_tokens_per_
         ('expert_offsets', torch.int32, (e_l + 1,)),
         ('meta', torch.int32, (META_INTS,)),
         ('flags', torch.int32, (NUM_PHASES, num_ranks)),
+        ('work', torch.int32, (WORK_HEADER_INTS + 3 * e_l + 2 * r,)),
     ]
     layout: 'OrderedDict[str, Region]' = OrderedDict()
     off = 0
@@ -269,6 +275,10 @@ class SymmBuffer:
         code, phase, rank, peer, epoch = self._error.read()
         if code != 1:
             return None
+        if phase == PHASE_INTERNAL:
+            return (f'rank {rank} timed out after {self.timeout_s:g} s inside the fused Mega MoE kernel of call '
+                    f'{epoch} (its CTAs were not all resident: another kernel occupied SMs, or deep_gemm.set_num_sms '
+                    f'exceeds the GPU); this buffer stays failed, and y of that call was set to NaN')
         phase_name = _PHASE_NAMES[phase] if 0 <= phase < len(_PHASE_NAMES) else f'phase {phase}'
         return (f'rank {rank} timed out after {self.timeout_s:g} s waiting for rank {peer} at the {phase_name} '
                 f'barrier of call {epoch} of this buffer (rank {peer} never arrived: it crashed, hung, or skipped '

@@ -1,4 +1,7 @@
-"""The Hopper backend of the Mega MoE layer, as a sequence of kernels on one stream.
+"""The Hopper backend of the Mega MoE layer: one fused persistent kernel (default), or the same
+protocol as a sequence of kernels on one stream (``fused=False``, or ``DG_MEGA_MOE_FUSED=0``).
+
+Unfused sequence:
 
 barrier (inputs ready on every rank) -> dispatch layout (every rank's routing -> local rows) ->
 dispatch gather (pull FP8 tokens from their source ranks, -> BF16 rows grouped by local expert) ->
@@ -11,16 +14,71 @@ captured in a CUDA graph (the barriers count calls on the device).
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional
 
 import torch
 
 from .. import gemm
+from ..jit import registry, runtime
 from . import kernels
 
-__all__ = ['run', 'prepare', 'MULTI_RANK']
+__all__ = ['run', 'prepare', 'MULTI_RANK', 'FUSED', 'fused_enabled']
 
 MULTI_RANK = True
+
+FUSED = registry.register_kernel(registry.KernelSpec(
+    name='sm90_fp8_nvfp4_mega_moe',
+    header='sm90_fp8_nvfp4_mega_moe.cuh',
+    kernel_expr_fn=lambda p: (f'deep_gemm::sm90_fp8_nvfp4_mega_moe<{p["fmt"]}, {p["block_t"]}, {p["stages"]}, '
+                              f'{p["fast_math"]}, {p["ctas_per_sm"]}, {p["max_experts"]}, {p["gran_k"]}>'),
+    archs=('sm_90a',),
+    required_sass=(r'\bHGMMA\.64x\d+x16\.F32\.BF16\b', r'\bUTMALDG\b', r'\bUBLKCP\b', r'\bSTG\.E\.STRONG\.SYS\b',
+                   r'\bSR_GLOBALTIMER'),
+    forbid_local_memory=True,
+    default_params=(
+        {'fmt': gemm._FMT['nvfp4'], 'block_t': 16, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 2,
+         'max_experts': 8, 'gran_k': 32},
+        {'fmt': gemm._FMT['nvfp4'], 'block_t': 128, 'stages': 5, 'fast_math': True, 'ctas_per_sm': 1,
+         'max_experts': 64, 'gran_k': 32},
+        {'fmt': gemm._FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'fast_math': True, 'ctas_per_sm': 1,
+         'max_experts': 8, 'gran_k': 32},
+        {'fmt': gemm._FMT['mxfp4'], 'block_t': 64, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 1,
+         'max_experts': 8, 'gran_k': 32},
+    ),
+))
+
+_MAX_RANKS = 128              # mega::kMaxRanks
+_LOOKAHEAD_EXPERTS = 2        # docs/perf-notes.md, "Fused kernel (issue #6)"
+
+
+def fused_enabled(fused: Optional[bool] = None) -> bool:
+    if fused is not None:
+        return bool(fused)
+    return os.environ.get('DG_MEGA_MOE_FUSED', '1') != '0'
+
+
+def _fused_shared_bytes(max_experts: int) -> int:
+    # mega::Shared: MegaMoEWork (4 + M + 3 (M + 1) ints), three per-expert arrays, source prefix, 4 ints
+    m = max_experts
+    return 4 * (4 + m + 3 * (m + 1)) + 12 * m + 4 * (_MAX_RANKS + 1) + 16
+
+
+def _fused_config(buffer, l1, expected_m: int, fast_math: bool):
+    block_t = int(os.environ.get('DG_GROUPED_GEMM_BLOCK_T', 0)) or gemm._pick_block_t(expected_m)
+    ctas = gemm._ctas_per_sm(block_t)
+    max_experts = max(8, 1 << (buffer.num_experts_per_rank - 1).bit_length())
+    stage = block_t * gemm.BLOCK_K * 2 + gemm.BLOCK_N * gemm.BLOCK_K // 2 + (1024 if l1.fmt == 'nvfp4' else 512)
+    # dynamic: alignment slack + stages (mega::Shared is static shared memory, counted against the same cap)
+    capacity = (gemm._SMEM_CAPACITY if ctas == 1 else gemm._SMEM_PER_SM // ctas - 1024) - _fused_shared_bytes(max_experts)
+    stages = max(2, min(gemm._MAX_STAGES, (capacity - 1024 - 64) // (stage + 16)))
+    smem = 1024 + stages * (stage + 16) + 64
+    params = {'fmt': gemm._FMT[l1.fmt], 'block_t': block_t, 'stages': stages, 'fast_math': bool(fast_math),
+              'ctas_per_sm': ctas, 'max_experts': max_experts, 'gran_k': kernels._gran(buffer)}
+    kernel = registry.get_kernel(FUSED.name, params, device=buffer.device.index)
+    kernel.ensure_dynamic_smem(smem)
+    return kernel, block_t, ctas, smem
 
 
 def _expected_m(buffer, t: int) -> int:
@@ -29,18 +87,68 @@ def _expected_m(buffer, t: int) -> int:
     return max(1, -(-t * buffer.num_topk * buffer.num_ranks // buffer.num_experts))
 
 
-def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True) -> None:
+def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Optional[bool] = None) -> None:
     """Compile and load every kernel a call with ``num_tokens`` tokens launches.  ``run`` does this
     itself before its first barrier; ranks emulated on one GPU must do it for every rank before the
     first rank launches (a module load while a barrier kernel runs may wait for that kernel)."""
     expected_m = _expected_m(buffer, num_tokens)
+    if fused_enabled(fused):
+        _fused_config(buffer, l1, expected_m, fast_math)
+        return
     kernels.prepare(buffer)
     gemm.prepare_grouped_contiguous(l1, expected_m, 'swiglu', fast_math)
     gemm.prepare_grouped_contiguous(l2, expected_m)
 
 
+def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
+              activation_clamp: Optional[float] = None, fast_math: bool = True) -> torch.Tensor:
+    """The layer as one launch of ``impls/sm90_fp8_nvfp4_mega_moe.cuh`` (grid: every SM, all resident)."""
+    from ..jit.tma import make_tma_2d
+    t = y.shape[0]
+    if buffer.num_ranks > _MAX_RANKS:
+        raise ValueError(f'buffer: {buffer.num_ranks} ranks > {_MAX_RANKS}, the most the fused kernel takes')
+    kernel, block_t, ctas, smem = _fused_config(buffer, l1, _expected_m(buffer, t), fast_math)
+    # Every CTA must be resident (the kernel's grid-wide waits): one or two per SM; ranks emulated on
+    # one GPU share its SMs.
+    grid = max(1, gemm.get_num_sms() // (buffer.num_ranks if buffer.emulated else 1)) * ctas
+    l1_x, l2_x = buffer.region('l1_x'), buffer.region('l2_x')
+    clamp = math.inf if activation_clamp is None else float(activation_clamp)
+    u64, i32 = runtime.u64, runtime.i32
+    runtime.launch(kernel, grid, 384, smem, [
+        make_tma_2d(l1_x, block_t, 64, 128), make_tma_2d(l2_x, block_t, 64, 128),
+        l1.codes, l1.scales, l1.alpha, l2.codes, l2.scales, l2.alpha,
+        buffer.peer_bases, u64(buffer.offset('x')), u64(buffer.offset('x_sf')), u64(buffer.offset('topk_idx')),
+        u64(buffer.offset('topk_weights')), u64(buffer.offset('pair_row')), u64(buffer.offset('combine')),
+        u64(buffer.offset('meta')), u64(buffer.offset('flags')),
+        l1_x, buffer.region('l1_src'), buffer.region('l1_topk_weights'), l2_x, buffer.region('combine'),
+        buffer.region('expert_offsets'), buffer.region('meta'), buffer.region('flags'), buffer.region('work'),
+        buffer.topk_idx, buffer.region('pair_row'), y, stats,
+        i32(buffer.rank), i32(buffer.num_ranks), i32(t), i32(buffer.num_max_tokens_per_rank), i32(buffer.num_topk),
+        i32(buffer.num_experts_per_rank), i32(l1_x.shape[0]), i32(buffer.hidden), i32(buffer.intermediate_hidden),
+        runtime.f32(clamp), i32(_LOOKAHEAD_EXPERTS), i32(2 * grid), u64(int(buffer.timeout_s * 1e9)),
+        u64(buffer.error_record_ptr)])
+    return y
+
+
 def run(y: torch.Tensor, l1, l2, buffer, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-        activation_clamp: Optional[float] = None, fast_math: bool = True) -> torch.Tensor:
+        activation_clamp: Optional[float] = None, fast_math: bool = True, fused: Optional[bool] = None) -> torch.Tensor:
+    if fused_enabled(fused):
+        if buffer.peer_bases is None:
+            raise ValueError('buffer: a multi-rank buffer without peer mappings (CPU?); sm90 needs symmetric memory')
+        if l1.alpha.stride(0) != 2 or l2.alpha.stride(0) != 1 or not (l1.alpha.is_contiguous() and l2.alpha.is_contiguous()):
+            raise ValueError('l1.alpha / l2.alpha: the fused kernel needs contiguous [E, 2] / [E, 1] alphas')
+        if y.shape[0] == 0 and buffer.num_ranks == 1:
+            return y
+        return run_fused(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math)
+    return run_sequence(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math)
+
+
+def run_sequence(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
+                 activation_clamp: Optional[float] = None, fast_math: bool = True, compute: bool = True,
+                 comm: bool = True) -> torch.Tensor:
+    """The layer as a kernel sequence.  ``compute=False`` / ``comm=False`` leave out the expert GEMMs
+    / the dispatch, barriers and combine (benchmarks: the compute-only and communication-only times
+    of the fused kernel's target; the result is then not the layer's)."""
     if buffer.num_topk > kernels.MAX_TOPK:
         raise ValueError(f'buffer: num_topk = {buffer.num_topk} > {kernels.MAX_TOPK}, the most the combine kernel takes')
     if buffer.peer_bases is None:
@@ -55,15 +163,19 @@ def run(y: torch.Tensor, l1, l2, buffer, cumulative_local_expert_recv_stats: Opt
     if multi:
         # JIT work (a cold compile takes tens of seconds) happens before this rank signals, never
         # while it holds peers at a barrier.
-        prepare(buffer, l1, l2, t, fast_math)
-        kernels.barrier(buffer, 0, t)
-    kernels.dispatch_layout(buffer, t, row_src, row_weight, cumulative_local_expert_recv_stats)
-    kernels.dispatch_gather(buffer, row_src, tokens)
-    gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(tokens, l1, h, offsets, epilogue='swiglu',
-                                                route_weights=row_weight, activation_clamp=activation_clamp,
-                                                fast_math=fast_math, expected_m=expected_m)
-    gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, l2, o, offsets, expected_m=expected_m)
-    if multi:
+        prepare(buffer, l1, l2, t, fast_math, fused=False)
+        if comm:
+            kernels.barrier(buffer, 0, t)
+    if comm:
+        kernels.dispatch_layout(buffer, t, row_src, row_weight, stats)
+        kernels.dispatch_gather(buffer, row_src, tokens)
+    if compute:
+        gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(tokens, l1, h, offsets, epilogue='swiglu',
+                                                    route_weights=row_weight, activation_clamp=activation_clamp,
+                                                    fast_math=fast_math, expected_m=expected_m)
+        gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, l2, o, offsets, expected_m=expected_m)
+    if multi and comm:
         kernels.barrier(buffer, 1, t)
-    kernels.combine(buffer, y)
+    if comm:
+        kernels.combine(buffer, y)
     return y

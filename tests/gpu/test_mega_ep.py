@@ -19,8 +19,9 @@ import time
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                                reason='needs a Hopper GPU')
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                                reason='needs a Hopper GPU'),
+              pytest.mark.usefixtures('mega_path')]   # fused kernel and kernel sequence (gpu/conftest.py)
 
 import deep_gemm  # noqa: E402
 from deep_gemm.mega import sm90  # noqa: E402

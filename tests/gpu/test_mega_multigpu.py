@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-pytestmark = pytest.mark.skipif(NUM_GPUS < 2 or torch.cuda.get_device_capability()[0] != 9,
-                                reason='needs 2 or more Hopper GPUs')
+pytestmark = [pytest.mark.skipif(NUM_GPUS < 2 or torch.cuda.get_device_capability()[0] != 9,
+                                reason='needs 2 or more Hopper GPUs'),
+              pytest.mark.usefixtures('mega_path')]   # fused kernel and kernel sequence (gpu/conftest.py)
 
 TOL = 1e-2
 TIMEOUT_S = 600

@@ -8,8 +8,9 @@ values (its only roundings are the design's BF16 points).
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                                reason='needs a Hopper GPU')
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                                reason='needs a Hopper GPU'),
+              pytest.mark.usefixtures('mega_path')]   # fused kernel and kernel sequence (gpu/conftest.py)
 
 import deep_gemm  # noqa: E402
 from deep_gemm.utils import relative_error, cast_to_mxfp4  # noqa: E402

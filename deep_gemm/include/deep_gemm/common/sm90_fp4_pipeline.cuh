@@ -1,0 +1,243 @@
+#pragma once
+// The MMA core of the Hopper expert GEMMs, shared by the grouped GEMM and the fused Mega MoE kernel:
+// a multi-stage shared-memory pipeline of (weight codes, weight scales, token tile) per 128-wide k
+// block, one producer thread that fills it, and consumer warpgroups that dequantize the weights in
+// registers (E2M1 x UE4M3 is exact in BF16) and run BF16 wgmma with them as the A operand (swap
+// A/B: weight rows are the M side, tokens the N side).
+//
+// One tile = 128 weight rows x kBlockT tokens, the whole K.  Consumer warpgroup cw owns rows
+// [64 cw, 64 cw + 64).  Producer and consumers walk the same tile sequence; each keeps its own
+// (stage, phase) cursor, so the pipeline runs across tile boundaries.
+#include <cstdint>
+#include <cuda.h>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include <deep_gemm/common/sm90_fp4.cuh>
+#include <deep_gemm/common/sm90_wgmma.cuh>
+
+namespace deep_gemm::sm90 {
+
+constexpr int kTileRows = 128;                          // weight rows per tile
+constexpr int kTileK = 128;                             // k per pipeline stage
+constexpr int kTileCodeBytes = kTileRows * kTileK / 2;
+constexpr int kNumConsumerWarpgroups = 2;
+
+// Register split between warpgroup 0 (producer, plus whatever else a kernel runs there) and the two
+// consumer warpgroups.  setmaxnreg moves registers inside the CTA's own pool (launch-bound
+// registers x threads); an increase that the pool cannot cover blocks forever, so the split must fit.
+template <int kCTAsPerSM, int kProducerRegs>
+struct RegisterSplit {
+    static constexpr int kThreads = 384;
+    static constexpr int kBound = (65536 / (kThreads * kCTAsPerSM)) & ~7;
+    static constexpr int kProducer = kProducerRegs;
+    static constexpr int kConsumer = ((kThreads * kBound - 128 * kProducerRegs) / 256) & ~7;
+    static_assert(128 * kProducer + 256 * kConsumer <= kThreads * kBound,
+                  "warpgroup register split exceeds the CTA's register pool");
+};
+
+template <WeightFormat kFmt, int kBlockT, int kNumStages>
+struct FP4Pipeline {
+    using Block = FP4Block<kFmt>;
+    using MMA = WgmmaRS<kBlockT>;
+    using Barrier = cutlass::arch::ClusterTransactionBarrier;
+
+    static constexpr int kStages = kNumStages, kTokens = kBlockT;
+    static constexpr int kTokenBytes = kBlockT * kTileK * 2;       // two 64-wide swizzle atoms
+    static constexpr int kScaleBytes = Block::kScaleChunkBytes;
+    static constexpr int kStageBytes = kTokenBytes + kTileCodeBytes + kScaleBytes;
+    static constexpr int kAlign = 1024;                             // swizzle-128B atoms
+    static constexpr int kBarrierOffset = kNumStages * kStageBytes;
+    // Bytes from the aligned base, barriers included.
+    static constexpr int kBytes = kBarrierOffset + 2 * kNumStages * int(sizeof(Barrier));
+
+    uint8_t* tokens;
+    uint8_t* codes;
+    uint8_t* scales;
+    Barrier* full;
+    Barrier* empty;
+
+    // `smem` must be kAlign-aligned.
+    __device__ __forceinline__ explicit FP4Pipeline(uint8_t* smem)
+        : tokens(smem), codes(smem + kNumStages * kTokenBytes),
+          scales(smem + kNumStages * (kTokenBytes + kTileCodeBytes)),
+          full(reinterpret_cast<Barrier*>(smem + kBarrierOffset)), empty(full + kNumStages) {}
+
+    __device__ __forceinline__ static uint8_t* align(uint8_t* raw) {
+        return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + kAlign - 1) & ~uintptr_t(kAlign - 1));
+    }
+
+    // One thread; the block syncs before any other use.
+    __device__ __forceinline__ void init() const {
+        #pragma unroll
+        for (int s = 0; s < kNumStages; ++s) {
+            full[s].init(1);
+            empty[s].init(kNumConsumerWarpgroups);   // one elected thread per consumer warpgroup
+        }
+        cutlass::arch::fence_barrier_init();
+    }
+};
+
+// The producer: one thread.  A tile's weights are the chunks [chunk0, chunk0 + num_k_blocks) of the
+// transformed layout ([E, N/128, K/128, chunk]); its tokens are rows [token_row, token_row + kBlockT)
+// of the tensor map's 2-D BF16 tokens (rows past the end are zero-filled by TMA).
+template <class Pipe>
+struct FP4Producer {
+    const Pipe& pipe;
+    int stage = 0, phase = 0;
+
+    __device__ __forceinline__ explicit FP4Producer(const Pipe& p) : pipe(p) {}
+
+    __device__ __forceinline__ void advance() {
+        if (++stage == Pipe::kStages) stage = 0, phase ^= 1;
+    }
+    __device__ __forceinline__ void load_weights(const uint8_t* codes, const uint8_t* scales, size_t chunk) {
+        pipe.empty[stage].wait(phase ^ 1);
+        pipe.full[stage].arrive_and_expect_tx(Pipe::kStageBytes);
+        auto* bar = reinterpret_cast<uint64_t*>(&pipe.full[stage]);
+        cute::SM90_BULK_COPY_G2S::copy(codes + chunk * kTileCodeBytes, bar, pipe.codes + stage * kTileCodeBytes,
+                                       kTileCodeBytes);
+        cute::SM90_BULK_COPY_G2S::copy(scales + chunk * Pipe::kScaleBytes, bar, pipe.scales + stage * Pipe::kScaleBytes,
+                                       Pipe::kScaleBytes);
+    }
+    __device__ __forceinline__ void load_tokens(const CUtensorMap* tokens_map, int s, int kb, int token_row) {
+        auto* bar = reinterpret_cast<uint64_t*>(&pipe.full[s]);
+        #pragma unroll
+        for (int h = 0; h < 2; ++h)
+            cute::SM90_TMA_LOAD_2D::copy(tokens_map, bar, static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
+                                         pipe.tokens + s * Pipe::kTokenBytes + h * Pipe::kTokenBytes / 2,
+                                         kb * kTileK + h * 64, token_row);
+    }
+
+    __device__ __forceinline__ void load_tile(const CUtensorMap* tokens_map, const uint8_t* codes,
+                                              const uint8_t* scales, size_t chunk0, int num_k_blocks, int token_row) {
+        for (int kb = 0; kb < num_k_blocks; ++kb) {
+            load_weights(codes, scales, chunk0 + kb);
+            load_tokens(tokens_map, stage, kb, token_row);
+            advance();
+        }
+    }
+
+    // The same, for tokens that may not exist yet: the weights of the first stages go out at once,
+    // their token loads only after ready() returns (which waits for the tokens' producers), so
+    // weight streaming overlaps that wait.
+    template <class Ready>
+    __device__ __forceinline__ void load_tile_after(const CUtensorMap* tokens_map, const uint8_t* codes,
+                                                    const uint8_t* scales, size_t chunk0, int num_k_blocks,
+                                                    int token_row, Ready&& ready) {
+        const int deferred = num_k_blocks < Pipe::kStages ? num_k_blocks : Pipe::kStages;
+        const int first = stage;
+        for (int kb = 0; kb < deferred; ++kb) {
+            load_weights(codes, scales, chunk0 + kb);
+            advance();
+        }
+        ready();
+        for (int kb = 0, s = first; kb < deferred; ++kb, s = s + 1 == Pipe::kStages ? 0 : s + 1)
+            load_tokens(tokens_map, s, kb, token_row);
+        for (int kb = deferred; kb < num_k_blocks; ++kb) {
+            load_weights(codes, scales, chunk0 + kb);
+            load_tokens(tokens_map, stage, kb, token_row);
+            advance();
+        }
+    }
+};
+
+// A consumer warpgroup.  mma_tile() leaves the tile's sums in `acc`:
+//   acc[4j + {0,1}] = (row r0, tokens 8j + 2q + {0,1}), acc[4j + {2,3}] = (row r0 + 8, same tokens)
+// with r0 = 64 cw + 16 (warp in warpgroup) + lane / 4 and q = lane % 4, in units of the block scale
+// (the caller applies alpha x Block::kCompensation).
+template <class Pipe, int kCTAsPerSM>
+struct FP4Consumer {
+    using Block = typename Pipe::Block;
+    using MMA = typename Pipe::MMA;
+    static constexpr int kNumAccum = MMA::kNumAccum;
+
+    const Pipe& pipe;
+    int stage = 0, phase = 0;
+    uint32_t codes_addr, scales_addr;
+    uint64_t desc_base;
+
+    // cw: which 64 rows; wg_tid: thread in the warpgroup.
+    __device__ __forceinline__ FP4Consumer(const Pipe& p, int cw, int wg_tid) : pipe(p) {
+        const int row_pair = cw * 32 + (wg_tid / 32) * 8 + (wg_tid % 32) / 4;
+        // Shared addresses and ld.shared (LDS.128 with immediate offsets) rather than generic
+        // pointers, which compiled to 64-bit address math and LD.E.128.
+        codes_addr = cute::cast_smem_ptr_to_uint(p.codes) + (cw * 2 * 128 + wg_tid) * 16;
+        scales_addr = cute::cast_smem_ptr_to_uint(p.scales) + row_pair * Block::kScaleBytesPerRowPair;
+        desc_base = make_kmajor_sw128_desc(cute::cast_smem_ptr_to_uint(p.tokens));
+    }
+
+    // smem -> registers: the thread's 8 step code words and its row pair's scale words; volatile
+    // keeps the loads after the wait.
+    __device__ __forceinline__ void load_block(uint32_t (&codes)[8], uint32_t (&scales)[4]) {
+        pipe.full[stage].wait(phase);
+        const uint32_t c = codes_addr + stage * kTileCodeBytes;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(codes[0]), "=r"(codes[1]), "=r"(codes[2]), "=r"(codes[3]) : "r"(c));
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4 + %5];"   // steps 4..7, 128 uint4 further
+                     : "=r"(codes[4]), "=r"(codes[5]), "=r"(codes[6]), "=r"(codes[7]) : "r"(c), "n"(128 * 16));
+        const uint32_t sa = scales_addr + stage * Pipe::kScaleBytes;
+        if constexpr (Block::kScaleBytesPerRowPair == 16) {
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(scales[0]), "=r"(scales[1]), "=r"(scales[2]), "=r"(scales[3]) : "r"(sa));
+        } else {
+            asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(scales[0]), "=r"(scales[1]) : "r"(sa));
+            scales[2] = 0, scales[3] = 0;
+        }
+    }
+
+    // Steps [kFirst, kFirst + kCount) of the current block: dequant into `a`, then async wgmmas.
+    // Descriptors as plain 64-bit adds to a uniform base: one UIADD3.64 per wgmma.
+    template <int kFirst, int kCount>
+    __device__ __forceinline__ void mma_steps(float (&acc)[kNumAccum], int kb, const uint32_t (&codes)[8],
+                                              const uint32_t (&scales)[4], uint32_t (&a)[kCount][4]) {
+        Block::template dequant<kFirst, kCount>(codes, scales, a);
+        const uint64_t desc0 = desc_base + static_cast<uint32_t>(stage * (Pipe::kTokenBytes >> 4));
+        #pragma unroll
+        for (int i = 0; i < kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
+        cute::warpgroup_arrive();
+        #pragma unroll
+        for (int j = kFirst; j < kFirst + kCount; ++j) {
+            constexpr int kStride = Pipe::kTokens * 128;
+            MMA::mma(a[j - kFirst], desc0 + (((j / 4) * kStride + (j % 4) * 32) >> 4), acc, kb > 0 || j > 0);
+        }
+        cute::warpgroup_commit_batch();
+    }
+
+    __device__ __forceinline__ void release_and_advance(int wg_tid) {
+        if (wg_tid == 0) pipe.empty[stage].arrive();
+        if (++stage == Pipe::kStages) stage = 0, phase ^= 1;
+    }
+
+    // Dequant and wgmma of one block do not overlap inside a warpgroup: the async wgmma reads its A
+    // registers, and a second register set written meanwhile was measured to corrupt them (BLOCK_T
+    // 128).  Overlap comes from the other consumer warpgroup(s) instead.
+    __device__ __forceinline__ void mma_tile(float (&acc)[kNumAccum], int num_k_blocks, int wg_tid) {
+        if constexpr (kCTAsPerSM == 1) {
+            uint32_t a[8][4];
+            for (int kb = 0; kb < num_k_blocks; ++kb) {
+                uint32_t codes[8], scales[4];
+                load_block(codes, scales);
+                mma_steps<0, 8>(acc, kb, codes, scales, a);
+                cute::warpgroup_wait<0>();
+                release_and_advance(wg_tid);
+            }
+        } else {
+            // Two CTAs per SM (80 registers at compile time): half a block of A at a time.
+            uint32_t a[4][4];
+            for (int kb = 0; kb < num_k_blocks; ++kb) {
+                uint32_t codes[8], scales[4];
+                load_block(codes, scales);
+                mma_steps<0, 4>(acc, kb, codes, scales, a);
+                cute::warpgroup_wait<0>();
+                mma_steps<4, 4>(acc, kb, codes, scales, a);
+                cute::warpgroup_wait<0>();
+                release_and_advance(wg_tid);
+            }
+        }
+        #pragma unroll
+        for (int i = 0; i < kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
+    }
+};
+
+}  // namespace deep_gemm::sm90

@@ -1,0 +1,462 @@
+#pragma once
+// The fused Mega MoE layer of one rank on Hopper: dispatch, L1 (SwiGLU), L2 and combine in one
+// persistent launch, NVFP4 or MXFP4 weights.  Same protocol and results as the kernel sequence of
+// deep_gemm/mega/sm90.py (barrier, dispatch layout, gather, L1, L2, barrier, combine), but no step
+// waits for a whole previous step:
+//
+//   1. all threads: signal barrier 0 (CTA 0), wait for every rank's signal, count this CTA's share
+//      of every rank's (token, slot) pairs per local expert; one atomic per expert gives the CTA its
+//      rows, one grid-wide counter says every CTA has counted (all CTAs are resident: grid = SMs x
+//      CTAs per SM); then every CTA knows the row ranges and builds the work order (MegaMoEWork).
+//   2. warpgroup 0, warps 1-3: route this CTA's pairs (row_src, routing weight, the source's
+//      pair_row); once every CTA has routed, pull the rows' FP8 tokens from their source ranks in row
+//      order over all CTAs, store them as BF16 (exact) and count them per token tile.
+//      warpgroup 0, thread 0: the TMA producer of common/sm90_fp4_pipeline.cuh over this CTA's
+//      units (unit i for i = CTA, CTA + grid, ...); a unit's weights stream before its tokens are
+//      ready; its token loads wait for the tile's rows (L1) or its L1 tiles (L2).
+//      warpgroups 1-2: the grouped GEMM's consumers and epilogues.  L1 writes h (BF16) and bumps
+//      the token tile's L1 counter; L2 writes the combine rows.  The CTA that completes the rank's
+//      last piece of work (every L2 unit and every CTA's routing) signals barrier 1 at every peer.
+//   3. every warp, when done: wait for barrier 1 of every rank, then pull and reduce its share of
+//      this rank's tokens from the experts' owners (fixed slot order, FP32, one BF16 rounding).
+//   4. the last CTA to finish zeroes the counters and advances the call counters in `meta`.
+//
+// Progress: units wait only on earlier units (scheduler/mega_moe_work.cuh) and on the routing
+// warps, which wait on nothing but barrier 0.  Every wait has the buffer's timeout; a timed-out
+// wait records the error (host-mapped), marks the buffer aborted, and the launch finishes with y
+// = NaN.  Generic-proxy stores that TMA reads later (rows, h) are followed by fence.proxy.async
+// before the release, and the TMA issuer fences after its acquire.
+#include <cstdint>
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include <deep_gemm/comm/routing.cuh>
+#include <deep_gemm/comm/symm.cuh>
+#include <deep_gemm/common/fp8.cuh>
+#include <deep_gemm/common/sm90_fp4_pipeline.cuh>
+#include <deep_gemm/epilogue/sm90_moe_epilogue.cuh>
+#include <deep_gemm/scheduler/mega_moe_work.cuh>
+
+namespace deep_gemm {
+
+// The buffer's `work` region (int32, zero between calls).
+struct MegaWork {
+    enum : int { kCounted = 0, kSignal = 1, kFinished = 2, kRouted = 3, kHeader = 8 };
+    int* base;
+    int num_experts, max_tiles;   // max_tiles = rows + experts (token tiles of any block size)
+    __device__ __forceinline__ int* count() const { return base + kHeader; }
+    // rows gathered, per token tile
+    __device__ __forceinline__ int* arrived() const { return base + kHeader + num_experts; }
+    // finished L1 units (x 2 consumer warpgroups), per token tile
+    __device__ __forceinline__ int* l1_done() const { return base + kHeader + num_experts + max_tiles; }
+};
+
+namespace mega {
+
+constexpr int kMaxRanks = 128;
+constexpr int kThreads = 384;
+constexpr int kCommWarps = 3;          // warps 1-3
+constexpr int kPhaseInternal = 2;      // CommError.phase of a wait between CTAs of one rank
+
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+__device__ __forceinline__ void fence_proxy_async_global() {
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(threads) : "memory");
+}
+
+// What every wait of one launch shares: the deadline, the abort state, where to report.
+struct Waiter {
+    int* meta;
+    comm::CommError* error;
+    uint64_t start, timeout_ns;
+    int rank, epoch;
+
+    __device__ __forceinline__ bool aborted() const { return ld_volatile(meta + comm::kMetaAbort) != 0; }
+
+    // Out of line with plain arguments (a member call would put the struct on the stack).
+    __device__ __noinline__ static void fail(int* meta, comm::CommError* error, int phase, int rank, int peer,
+                                             int epoch) {
+        if (atomicCAS_system(&error->code, 0, -1) == 0) {   // claim, fill, then publish
+            error->phase = phase, error->rank = rank, error->peer = peer, error->epoch = epoch;
+            __threadfence_system();
+            atomicExch_system(&error->code, 1);
+        }
+        atomicMax(meta + comm::kMetaAbort, epoch);
+    }
+
+    // Spin until *p >= target (acquire at system or GPU scope); false (after recording) on timeout
+    // or when the buffer is aborted.
+    template <bool kSystem>
+    __device__ __forceinline__ bool until(const int* p, int target, int phase, int peer) const {
+        while ((kSystem ? comm::ld_acquire_sys(p) : ld_acquire_gpu(p)) - target < 0) {
+            if (aborted()) return false;
+            if (comm::globaltimer_ns() - start > timeout_ns) {
+                fail(meta, error, phase, rank, peer, epoch);
+                return false;
+            }
+            __nanosleep(64);
+        }
+        return true;
+    }
+};
+
+template <int kMaxExperts>
+struct Shared {
+    MegaMoEWork<kMaxExperts> work;
+    int count[kMaxExperts];       // pairs of this CTA per local expert, then the routing cursor
+    int first[kMaxExperts];       // this CTA's first row of each expert
+    int rows[kMaxExperts];        // rows per expert (clamped to the buffer)
+    int src_begin[kMaxRanks + 1]; // first flat pair of each source rank
+    int epoch0, epoch1, aborted, last;
+};
+
+}  // namespace mega
+
+template <sm90::WeightFormat kFmt, int kBlockT, int kNumStages, bool kFastMath, int kCTAsPerSM, int kMaxExperts,
+          int kGranK>
+__global__ void __launch_bounds__(mega::kThreads, kCTAsPerSM)
+sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid_constant__ CUtensorMap l2_map,
+                        const uint8_t* l1_codes, const uint8_t* l1_scales, const float* l1_alpha,
+                        const uint8_t* l2_codes, const uint8_t* l2_scales, const float* l2_alpha,
+                        const uint64_t* bases, uint64_t x_off, uint64_t x_sf_off, uint64_t topk_idx_off,
+                        uint64_t topk_weights_off, uint64_t pair_row_off, uint64_t combine_off, uint64_t meta_off,
+                        uint64_t flags_off,
+                        __nv_bfloat16* l1_x, comm::RowSource* row_src, float* row_weight, __nv_bfloat16* l2_x,
+                        __nv_bfloat16* combine, int* expert_offsets, int* meta, int* flags, int* work_ws,
+                        const int64_t* topk_idx, const int* pair_row, __nv_bfloat16* y, int* stats,
+                        int rank, int num_ranks, int num_tokens, int max_tokens, int topk, int num_experts,
+                        int max_rows, int hidden, int inter, float clamp, int lookahead_experts,
+                        int lookahead_units, uint64_t timeout_ns, comm::CommError* error) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    using Pipe = sm90::FP4Pipeline<kFmt, kBlockT, kNumStages>;
+    using Regs = sm90::RegisterSplit<kCTAsPerSM, 56>;
+    using Shared = mega::Shared<kMaxExperts>;
+    static_assert(kGranK % 16 == 0, "a lane's 16 token elements must share one scale");
+
+    extern __shared__ uint8_t smem_raw[];
+    __shared__ Shared sh;          // static: the compiler then addresses it with LDS/STS
+    const Pipe pipe(Pipe::align(smem_raw));
+
+    const int tid = threadIdx.x, warp = __shfl_sync(0xffffffffu, tid / 32, 0), lane = tid % 32;
+    const int warpgroup = warp / 4, wg_tid = tid % 128;
+    const int grid = gridDim.x;
+    const comm::PeerBuffers peers{bases};
+    const MegaWork ws{work_ws, num_experts, max_rows + num_experts};
+
+    // ---------------- 1. barrier 0, count, work order ----------------
+    if (tid == 0) {
+        sh.epoch0 = meta[comm::kMetaEpoch] + 1;
+        sh.epoch1 = meta[comm::kMetaEpoch + 1] + 1;
+        sh.aborted = meta[comm::kMetaAbort];
+        sh.last = 0;
+        if (blockIdx.x == 0) meta[comm::kMetaNumTokens] = num_tokens;
+    }
+    if (tid == 32) pipe.init();
+    if (tid == 64) {
+        cute::prefetch_tma_descriptor(&l1_map);
+        cute::prefetch_tma_descriptor(&l2_map);
+    }
+    for (int e = tid; e < num_experts; e += mega::kThreads) sh.count[e] = 0;
+    __syncthreads();
+    const int epoch0 = sh.epoch0, epoch1 = sh.epoch1;
+    const mega::Waiter waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, epoch0};
+    if (blockIdx.x == 0) {
+        // my inputs (earlier stream work) and token count, then the signal
+        __threadfence_system();
+        for (int r = tid; r < num_ranks; r += mega::kThreads)
+            comm::st_release_sys(peers.at<int>(r, flags_off) + rank, epoch0);
+    }
+    if (sh.aborted == 0) {
+        for (int r = tid; r < num_ranks; r += mega::kThreads)
+            waiter.until<true>(flags + r, epoch0, 0, r);
+    }
+    __syncthreads();   // every peer's arrival (acquired by thread r) before anyone reads its inputs
+    if (tid == 0) {
+        int total = 0;
+        for (int s = 0; s < num_ranks; ++s) {
+            int n = s == rank ? num_tokens : *peers.at<volatile int>(s, meta_off + 4 * comm::kMetaNumTokens);
+            n = min(max(n, 0), max_tokens);   // a peer that never arrived may hold anything
+            sh.src_begin[s] = total;
+            total += n * topk;
+        }
+        sh.src_begin[num_ranks] = total;
+    }
+    __syncthreads();
+
+    const int num_pairs = sh.src_begin[num_ranks];
+    const int per_cta = (num_pairs + grid - 1) / grid;
+    const int pair0 = min(num_pairs, int(blockIdx.x) * per_cta), pair1 = min(num_pairs, pair0 + per_cta);
+    const int64_t expert_begin = int64_t(rank) * num_experts;
+    auto locate = [&](int g, int& s, int& p) {
+        s = 0;
+        while (g >= sh.src_begin[s + 1]) ++s;
+        p = g - sh.src_begin[s];
+    };
+    auto local_expert = [&](int s, int p) {
+        const int64_t e = peers.at<const int64_t>(s, topk_idx_off)[p] - expert_begin;
+        return (e >= 0 && e < num_experts) ? int(e) : -1;
+    };
+    // Count (all threads; whole warps step together so that lanes of one expert merge into one
+    // shared atomic).
+    for (int base = pair0; base < pair1; base += mega::kThreads) {
+        const int g = base + tid;
+        int e = -1;
+        if (g < pair1) {
+            int s, p;
+            locate(g, s, p);
+            e = local_expert(s, p);
+        }
+        const unsigned same = __match_any_sync(0xffffffffu, e);
+        if (e >= 0 && lane == __ffs(same) - 1) atomicAdd(sh.count + e, __popc(same));
+    }
+    __syncthreads();
+    for (int e = tid; e < num_experts; e += mega::kThreads) {
+        const int n = sh.count[e];
+        sh.first[e] = n > 0 ? atomicAdd(ws.count() + e, n) : 0;
+        sh.count[e] = 0;   // becomes the routing cursor
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence();
+        atomicAdd(ws.base + MegaWork::kCounted, 1);
+        waiter.until<false>(ws.base + MegaWork::kCounted, grid, mega::kPhaseInternal, rank);
+        // counts -> row ranges (clamped to the buffer's rows) and the work order
+        int prefix = 0;
+        for (int e = 0; e < num_experts; ++e) {
+            const int n = mega::ld_volatile(ws.count() + e);
+            const int lo = min(prefix, max_rows), hi = min(prefix + n, max_rows);
+            sh.first[e] += prefix;     // global first row of this CTA's pairs of e
+            sh.rows[e] = hi - lo;
+            if (blockIdx.x == 0) {
+                expert_offsets[e] = lo;
+                if (stats != nullptr) stats[e] += n;
+            }
+            prefix += n;
+        }
+        if (blockIdx.x == 0) expert_offsets[num_experts] = min(prefix, max_rows);
+        sh.work.build(sh.rows, num_experts, kBlockT, 2 * inter / sm90::kTileRows, hidden / sm90::kTileRows,
+                      lookahead_experts, lookahead_units);
+    }
+    __syncthreads();
+
+    const int num_units = sh.work.num_units();
+    const int l2_units = sh.work.num_token_tiles() * sh.work.l2_row_tiles;
+    const int signal_target = 2 * l2_units + grid;   // each consumer warpgroup per L2 unit + each CTA's routing
+    auto signal = [&](int n) {
+        // The caller's writes are ordered before (fence by the caller); the last contribution tells
+        // every peer that this rank's pair_row entries and combine rows are complete.
+        const int old = atomicAdd(ws.base + MegaWork::kSignal, n);
+        if (old + n == signal_target) {
+            __threadfence_system();
+            for (int r = 0; r < num_ranks; ++r)
+                comm::st_release_sys(peers.at<int>(r, flags_off) + num_ranks + rank, epoch1);
+        }
+    };
+
+    if (warpgroup == 0) {
+        cutlass::arch::warpgroup_reg_dealloc<Regs::kProducer>();
+        if (warp == 0) {
+            // ---------------- 2a. TMA producer ----------------
+            if (lane == 0) {
+                sm90::FP4Producer<Pipe> producer(pipe);
+                for (int u = blockIdx.x; u < num_units; u += grid) {
+                    const MegaUnit unit = sh.work.get(u);
+                    const bool l1 = unit.phase == MegaPhase::L1;
+                    const int nkb = (l1 ? hidden : inter) / sm90::kTileK;
+                    const int row_tiles = l1 ? sh.work.l1_row_tiles : sh.work.l2_row_tiles;
+                    const MegaWait w = sh.work.wait_for(unit);
+                    producer.load_tile_after(l1 ? &l1_map : &l2_map, l1 ? l1_codes : l2_codes, l1 ? l1_scales : l2_scales,
+                                             (size_t(unit.expert) * row_tiles + unit.row_tile) * nkb, nkb, unit.row_start,
+                                             [&] {
+                        if (l1)
+                            waiter.until<false>(ws.arrived() + unit.tile_index, unit.num_rows, mega::kPhaseInternal, rank);
+                        else
+                            waiter.until<false>(ws.l1_done() + w.counter, 2 * w.target, mega::kPhaseInternal, rank);
+                        mega::fence_proxy_async_global();
+                    });
+                }
+            }
+            __syncwarp();
+        } else {
+            // ---------------- 2b. routing and row gather ----------------
+            const int cw = warp - 1;
+            const int len = (pair1 - pair0 + mega::kCommWarps - 1) / mega::kCommWarps;
+            const int w0 = min(pair1, pair0 + cw * len), w1 = min(pair1, w0 + len);
+            for (int base = w0; base < w1; base += 32) {
+                const int g = base + lane;
+                int s = 0, p = 0, e = -1, row = -1;
+                if (g < w1) {
+                    locate(g, s, p);
+                    e = local_expert(s, p);
+                }
+                const unsigned same = __match_any_sync(0xffffffffu, e);
+                if (e >= 0) {
+                    const int leader = __ffs(same) - 1;
+                    int first = 0;
+                    if (lane == leader) first = atomicAdd(sh.count + e, __popc(same));
+                    row = sh.first[e] + __shfl_sync(same, first, leader) + __popc(same & ((1u << lane) - 1));
+                    if (row >= max_rows) row = -1;
+                    if (row >= 0) {
+                        row_src[row] = comm::RowSource{s, p / topk, p % topk, e};
+                        row_weight[row] = peers.at<const float>(s, topk_weights_off)[p];
+                    }
+                    peers.at<int>(s, pair_row_off)[p] = row;
+                }
+            }
+            mega::named_barrier(1, 32 * mega::kCommWarps);
+            if (tid == 32) {
+                __threadfence_system();   // this CTA's pair_row stores at the sources, row_src, row_weight
+                signal(1);
+                atomicAdd(ws.base + MegaWork::kRouted, 1);
+                waiter.until<false>(ws.base + MegaWork::kRouted, grid, mega::kPhaseInternal, rank);
+            }
+            mega::named_barrier(1, 32 * mega::kCommWarps);
+            // Gather in row order over all comm warps of the rank: the rows of the first experts (and
+            // token tiles) arrive first, so their L1 units start while later rows are in flight.
+            const auto& work = sh.work;
+            const int num_rows_total = work.row_prefix[work.num_active];
+            constexpr int kChunks = kCTAsPerSM == 1 ? 4 : 2;   // uint4 loads in flight per lane (56 registers)
+            int k = 0;
+            for (int row = blockIdx.x * mega::kCommWarps + cw; row < num_rows_total; row += grid * mega::kCommWarps) {
+                while (row >= work.row_prefix[k + 1]) ++k;
+                // written by other CTAs during this launch (ordered by the routed counter): no read-only path
+                int4 packed;
+                asm volatile("ld.relaxed.gpu.global.v4.s32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(packed.x), "=r"(packed.y), "=r"(packed.z), "=r"(packed.w) : "l"(row_src + row));
+                const comm::RowSource src{packed.x, packed.y, packed.z, packed.w};
+                const uint4* x = peers.at<const uint4>(src.rank, x_off + uint64_t(src.token) * hidden);
+                const float* sf = peers.at<const float>(src.rank, x_sf_off + uint64_t(src.token) * (hidden / kGranK) * 4);
+                uint4* dst = reinterpret_cast<uint4*>(l1_x + size_t(row) * hidden);
+                const int num_v = hidden / 16;
+                for (int v0 = lane; v0 < num_v; v0 += 32 * kChunks) {
+                    uint4 in[kChunks];
+                    float scale[kChunks];
+                    #pragma unroll
+                    for (int c = 0; c < kChunks; ++c) {
+                        const int v = v0 + 32 * c;
+                        if (v < num_v) in[c] = x[v], scale[c] = sf[v * 16 / kGranK];
+                    }
+                    #pragma unroll
+                    for (int c = 0; c < kChunks; ++c) {
+                        const int v = v0 + 32 * c;
+                        if (v < num_v) {
+                            uint4 res[2];
+                            e4m3x16_to_bf16x16(in[c], scale[c], res);
+                            dst[2 * v] = res[0];
+                            dst[2 * v + 1] = res[1];
+                        }
+                    }
+                }
+                mega::fence_proxy_async_global();
+                __syncwarp();
+                if (lane == 0) {
+                    __threadfence();
+                    atomicAdd(ws.arrived() + work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT, 1);
+                }
+            }
+        }
+    } else {
+        // ---------------- 2c. consumers: L1 and L2 tiles ----------------
+        cutlass::arch::warpgroup_reg_alloc<Regs::kConsumer>();
+        const int cw = warpgroup - 1;
+        sm90::FP4Consumer<Pipe, kCTAsPerSM> consumer(pipe, cw, wg_tid);
+        const int wg_warp = wg_tid / 32, g = lane / 4, q = lane % 4;
+        constexpr float kComp = Pipe::Block::kCompensation;
+        float acc[Pipe::MMA::kNumAccum];
+        for (int u = blockIdx.x; u < num_units; u += grid) {
+            const MegaUnit unit = sh.work.get(u);
+            if (unit.phase == MegaPhase::L1) {
+                consumer.mma_tile(acc, hidden / sm90::kTileK, wg_tid);
+                const float* a = l1_alpha + unit.expert * 2;
+                sm90::epilogue_swiglu<kBlockT, kFastMath>(acc, __ldg(a) * kComp, __ldg(a + 1) * kComp, row_weight, clamp,
+                                                          l2_x, inter, unit.row_start, unit.num_rows,
+                                                          unit.row_tile * (sm90::kTileRows / 2) + cw * 32 + wg_warp * 8 + g, q);
+                mega::fence_proxy_async_global();
+                mega::named_barrier(2 + cw, 128);
+                if (wg_tid == 0) {
+                    __threadfence();
+                    atomicAdd(ws.l1_done() + unit.tile_index, 1);
+                }
+            } else {
+                consumer.mma_tile(acc, inter / sm90::kTileK, wg_tid);
+                sm90::epilogue_plain<kBlockT>(acc, __ldg(l2_alpha + unit.expert) * kComp, combine, hidden,
+                                              unit.row_start, unit.num_rows,
+                                              unit.row_tile * sm90::kTileRows + cw * 64 + wg_warp * 16 + g, q);
+                mega::named_barrier(2 + cw, 128);
+                if (wg_tid == 0) {
+                    __threadfence_system();
+                    signal(1);
+                }
+            }
+        }
+    }
+
+    // ---------------- 3. combine (every warp) ----------------
+    {
+        for (int r = lane; r < num_ranks; r += 32)
+            if (sh.aborted == 0)
+                waiter.until<true>(flags + num_ranks + r, epoch1, 1, r);
+        __syncwarp();
+        const bool aborted = waiter.aborted();
+        const int num_v = hidden / 8;                  // uint4 of BF16 per row
+        const int chunks = (num_v + 31) / 32;
+        const int num_warps = grid * (mega::kThreads / 32);
+        for (int item = blockIdx.x * (mega::kThreads / 32) + warp; item < num_tokens * chunks; item += num_warps) {
+            const int t = item / chunks, v = (item % chunks) * 32 + lane;
+            if (v >= num_v) continue;
+            float accum[8] = {};
+            for (int j = 0; j < topk; ++j) {
+                const int64_t e = __ldg(topk_idx + size_t(t) * topk + j);
+                if (e < 0 || e >= int64_t(num_ranks) * num_experts) continue;
+                const int row = pair_row[size_t(t) * topk + j];
+                if (row < 0) continue;
+                const uint4 w = peers.at<const uint4>(int(e / num_experts),
+                                                      combine_off + uint64_t(row) * hidden * 2)[v];
+                const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[i]));
+                    accum[2 * i] += f.x;
+                    accum[2 * i + 1] += f.y;
+                }
+            }
+            uint32_t res[4];
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const __nv_bfloat162 b = aborted ? __float2bfloat162_rn(__int_as_float(0x7fc00000))
+                                                 : __floats2bfloat162_rn(accum[2 * i], accum[2 * i + 1]);
+                res[i] = *reinterpret_cast<const uint32_t*>(&b);
+            }
+            reinterpret_cast<uint4*>(y + size_t(t) * hidden)[v] = make_uint4(res[0], res[1], res[2], res[3]);
+        }
+    }
+
+    // ---------------- 4. the last CTA resets the counters ----------------
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence();
+        sh.last = atomicAdd(ws.base + MegaWork::kFinished, 1) == grid - 1;
+    }
+    __syncthreads();
+    if (sh.last) {
+        __threadfence();
+        const int n = MegaWork::kHeader + num_experts, tiles = sh.work.num_token_tiles();
+        for (int i = tid; i < n; i += mega::kThreads) ws.base[i] = 0;
+        for (int i = tid; i < tiles; i += mega::kThreads) ws.arrived()[i] = 0, ws.l1_done()[i] = 0;
+        if (tid == 0) {
+            meta[comm::kMetaEpoch] = epoch0;
+            meta[comm::kMetaEpoch + 1] = epoch1;
+        }
+    }
+#endif
+}
+
+}  // namespace deep_gemm
