@@ -60,9 +60,10 @@ def fused_enabled(fused: Optional[bool] = None) -> bool:
 
 
 def _fused_shared_bytes(max_experts: int) -> int:
-    # mega::Shared: MegaMoEWork (4 + M + 3 (M + 1) ints), three per-expert arrays, source prefix, 4 ints
+    # mega::Shared: MegaMoEWork (4 + M + 3 (M + 1) ints), three per-expert arrays, source prefix,
+    # 16 stage tags, 4 ints; plus 256 bytes of slack for padding (checked against the cubin at load)
     m = max_experts
-    return 4 * (4 + m + 3 * (m + 1)) + 12 * m + 4 * (_MAX_RANKS + 1) + 16
+    return 4 * (4 + m + 3 * (m + 1)) + 12 * m + 4 * (_MAX_RANKS + 1) + 4 * 16 + 16 + 256
 
 
 def _fused_config(buffer, l1, expected_m: int, fast_math: bool):
@@ -77,6 +78,10 @@ def _fused_config(buffer, l1, expected_m: int, fast_math: bool):
     params = {'fmt': gemm._FMT[l1.fmt], 'block_t': block_t, 'stages': stages, 'fast_math': bool(fast_math),
               'ctas_per_sm': ctas, 'max_experts': max_experts, 'gran_k': kernels._gran(buffer)}
     kernel = registry.get_kernel(FUSED.name, params, device=buffer.device.index)
+    static = kernel.attribute('CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES')
+    if static > _fused_shared_bytes(max_experts):
+        raise RuntimeError(f'sm90_fp8_nvfp4_mega_moe: {static} B of static shared memory, more than the '
+                           f'{_fused_shared_bytes(max_experts)} B its launcher budgets (mega::Shared grew?)')
     kernel.ensure_dynamic_smem(smem)
     return kernel, block_t, ctas, smem
 

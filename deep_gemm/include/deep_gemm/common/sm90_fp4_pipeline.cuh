@@ -91,8 +91,12 @@ struct FP4Producer {
     __device__ __forceinline__ void advance() {
         if (++stage == Pipe::kStages) stage = 0, phase ^= 1;
     }
-    __device__ __forceinline__ void load_weights(const uint8_t* codes, const uint8_t* scales, size_t chunk) {
+    // `tags` (shared, one int per stage) tells consumers which unit a stage starts: written before the
+    // stage's arrive (release), read after its wait (acquire).
+    __device__ __forceinline__ void load_weights(const uint8_t* codes, const uint8_t* scales, size_t chunk,
+                                                 int* tags = nullptr, int tag = 0) {
         pipe.empty[stage].wait(phase ^ 1);
+        if (tags != nullptr) tags[stage] = tag;
         pipe.full[stage].arrive_and_expect_tx(Pipe::kStageBytes);
         auto* bar = reinterpret_cast<uint64_t*>(&pipe.full[stage]);
         cute::SM90_BULK_COPY_G2S::copy(codes + chunk * kTileCodeBytes, bar, pipe.codes + stage * kTileCodeBytes,
@@ -124,11 +128,11 @@ struct FP4Producer {
     template <class Ready>
     __device__ __forceinline__ void load_tile_after(const CUtensorMap* tokens_map, const uint8_t* codes,
                                                     const uint8_t* scales, size_t chunk0, int num_k_blocks,
-                                                    int token_row, Ready&& ready) {
+                                                    int token_row, Ready&& ready, int* tags = nullptr, int tag = 0) {
         const int deferred = num_k_blocks < Pipe::kStages ? num_k_blocks : Pipe::kStages;
         const int first = stage;
         for (int kb = 0; kb < deferred; ++kb) {
-            load_weights(codes, scales, chunk0 + kb);
+            load_weights(codes, scales, chunk0 + kb, kb == 0 ? tags : nullptr, tag);
             advance();
         }
         ready();
@@ -139,6 +143,14 @@ struct FP4Producer {
             load_tokens(tokens_map, stage, kb, token_row);
             advance();
         }
+    }
+
+    // An empty stage tagged `tag` (e.g. -1: no more tiles).
+    __device__ __forceinline__ void finish(int* tags, int tag) {
+        pipe.empty[stage].wait(phase ^ 1);
+        tags[stage] = tag;
+        pipe.full[stage].arrive();
+        advance();
     }
 };
 
@@ -165,6 +177,12 @@ struct FP4Consumer {
         codes_addr = cute::cast_smem_ptr_to_uint(p.codes) + (cw * 2 * 128 + wg_tid) * 16;
         scales_addr = cute::cast_smem_ptr_to_uint(p.scales) + row_pair * Block::kScaleBytesPerRowPair;
         desc_base = make_kmajor_sw128_desc(cute::cast_smem_ptr_to_uint(p.tokens));
+    }
+
+    // The tag of the next stage (see FP4Producer::load_weights), once it is full.
+    __device__ __forceinline__ int peek(const int* tags) const {
+        pipe.full[stage].wait(phase);
+        return *reinterpret_cast<const volatile int*>(tags + stage);
     }
 
     // smem -> registers: the thread's 8 step code words and its row pair's scale words; volatile

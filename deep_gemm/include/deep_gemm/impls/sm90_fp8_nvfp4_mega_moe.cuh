@@ -11,8 +11,9 @@
 //   2. warpgroup 0, warps 1-3: route this CTA's pairs (row_src, routing weight, the source's
 //      pair_row); once every CTA has routed, pull the rows' FP8 tokens from their source ranks in row
 //      order over all CTAs, store them as BF16 (exact) and count them per token tile.
-//      warpgroup 0, thread 0: the TMA producer of common/sm90_fp4_pipeline.cuh over this CTA's
-//      units (unit i for i = CTA, CTA + grid, ...); a unit's weights stream before its tokens are
+//      warpgroup 0, thread 0: the TMA producer of common/sm90_fp4_pipeline.cuh; it claims units
+//      from one counter in work order and tags the first stage of each for the consumers; a
+//      unit's weights stream before its tokens are
 //      ready; its token loads wait for the tile's rows (L1) or its L1 tiles (L2).
 //      warpgroups 1-2: the grouped GEMM's consumers and epilogues.  L1 writes h (BF16) and bumps
 //      the token tile's L1 counter; L2 writes the combine rows.  The CTA that completes the rank's
@@ -32,8 +33,8 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include <deep_gemm/comm/routing.cuh>
+#include <deep_gemm/comm/rows.cuh>
 #include <deep_gemm/comm/symm.cuh>
-#include <deep_gemm/common/fp8.cuh>
 #include <deep_gemm/common/sm90_fp4_pipeline.cuh>
 #include <deep_gemm/epilogue/sm90_moe_epilogue.cuh>
 #include <deep_gemm/scheduler/mega_moe_work.cuh>
@@ -42,7 +43,7 @@ namespace deep_gemm {
 
 // The buffer's `work` region (int32, zero between calls).
 struct MegaWork {
-    enum : int { kCounted = 0, kSignal = 1, kFinished = 2, kRouted = 3, kHeader = 8 };
+    enum : int { kCounted = 0, kSignal = 1, kFinished = 2, kRouted = 3, kNextUnit = 4, kHeader = 8 };
     int* base;
     int num_experts, max_tiles;   // max_tiles = rows + experts (token tiles of any block size)
     __device__ __forceinline__ int* count() const { return base + kHeader; }
@@ -115,6 +116,7 @@ struct Shared {
     int first[kMaxExperts];       // this CTA's first row of each expert
     int rows[kMaxExperts];        // rows per expert (clamped to the buffer)
     int src_begin[kMaxRanks + 1]; // first flat pair of each source rank
+    int stage_unit[16];           // unit that each pipeline stage starts (-1: no more)
     int epoch0, epoch1, aborted, last;
 };
 
@@ -140,6 +142,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     using Regs = sm90::RegisterSplit<kCTAsPerSM, 56>;
     using Shared = mega::Shared<kMaxExperts>;
     static_assert(kGranK % 16 == 0, "a lane's 16 token elements must share one scale");
+    static_assert(kNumStages <= 16, "mega::Shared::stage_unit holds 16 stages");
 
     extern __shared__ uint8_t smem_raw[];
     __shared__ Shared sh;          // static: the compiler then addresses it with LDS/STS
@@ -267,7 +270,15 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             // ---------------- 2a. TMA producer ----------------
             if (lane == 0) {
                 sm90::FP4Producer<Pipe> producer(pipe);
-                for (int u = blockIdx.x; u < num_units; u += grid) {
+                // Units are claimed from one counter in work order (the progress argument of
+                // scheduler/mega_moe_work.cuh holds for any claiming CTA), so the L1 (56 k blocks
+                // at 7168) and L2 (24) units balance over the CTAs as they finish.
+                for (;;) {
+                    const int u = atomicAdd(ws.base + MegaWork::kNextUnit, 1);
+                    if (u >= num_units) {
+                        producer.finish(sh.stage_unit, -1);
+                        break;
+                    }
                     const MegaUnit unit = sh.work.get(u);
                     const bool l1 = unit.phase == MegaPhase::L1;
                     const int nkb = (l1 ? hidden : inter) / sm90::kTileK;
@@ -281,7 +292,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         else
                             waiter.until<false>(ws.l1_done() + w.counter, 2 * w.target, mega::kPhaseInternal, rank);
                         mega::fence_proxy_async_global();
-                    });
+                    }, sh.stage_unit, u);
                 }
             }
             __syncwarp();
@@ -335,26 +346,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                 const uint4* x = peers.at<const uint4>(src.rank, x_off + uint64_t(src.token) * hidden);
                 const float* sf = peers.at<const float>(src.rank, x_sf_off + uint64_t(src.token) * (hidden / kGranK) * 4);
                 uint4* dst = reinterpret_cast<uint4*>(l1_x + size_t(row) * hidden);
-                const int num_v = hidden / 16;
-                for (int v0 = lane; v0 < num_v; v0 += 32 * kChunks) {
-                    uint4 in[kChunks];
-                    float scale[kChunks];
-                    #pragma unroll
-                    for (int c = 0; c < kChunks; ++c) {
-                        const int v = v0 + 32 * c;
-                        if (v < num_v) in[c] = x[v], scale[c] = sf[v * 16 / kGranK];
-                    }
-                    #pragma unroll
-                    for (int c = 0; c < kChunks; ++c) {
-                        const int v = v0 + 32 * c;
-                        if (v < num_v) {
-                            uint4 res[2];
-                            e4m3x16_to_bf16x16(in[c], scale[c], res);
-                            dst[2 * v] = res[0];
-                            dst[2 * v + 1] = res[1];
-                        }
-                    }
-                }
+                comm::gather_fp8_row<kGranK, 32, kChunks>(x, sf, dst, hidden / 16, lane);
                 mega::fence_proxy_async_global();
                 __syncwarp();
                 if (lane == 0) {
@@ -371,7 +363,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         const int wg_warp = wg_tid / 32, g = lane / 4, q = lane % 4;
         constexpr float kComp = Pipe::Block::kCompensation;
         float acc[Pipe::MMA::kNumAccum];
-        for (int u = blockIdx.x; u < num_units; u += grid) {
+        for (;;) {
+            const int u = consumer.peek(sh.stage_unit);
+            if (u < 0) break;
             const MegaUnit unit = sh.work.get(u);
             if (unit.phase == MegaPhase::L1) {
                 consumer.mma_tile(acc, hidden / sm90::kTileK, wg_tid);
@@ -418,24 +412,10 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                 if (e < 0 || e >= int64_t(num_ranks) * num_experts) continue;
                 const int row = pair_row[size_t(t) * topk + j];
                 if (row < 0) continue;
-                const uint4 w = peers.at<const uint4>(int(e / num_experts),
-                                                      combine_off + uint64_t(row) * hidden * 2)[v];
-                const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-                #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[i]));
-                    accum[2 * i] += f.x;
-                    accum[2 * i + 1] += f.y;
-                }
+                comm::add_bf16x8(accum, peers.at<const uint4>(int(e / num_experts),
+                                                             combine_off + uint64_t(row) * hidden * 2)[v]);
             }
-            uint32_t res[4];
-            #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const __nv_bfloat162 b = aborted ? __float2bfloat162_rn(__int_as_float(0x7fc00000))
-                                                 : __floats2bfloat162_rn(accum[2 * i], accum[2 * i + 1]);
-                res[i] = *reinterpret_cast<const uint32_t*>(&b);
-            }
-            reinterpret_cast<uint4*>(y + size_t(t) * hidden)[v] = make_uint4(res[0], res[1], res[2], res[3]);
+            reinterpret_cast<uint4*>(y + size_t(t) * hidden)[v] = comm::pack_bf16x8(accum, aborted);
         }
     }
 

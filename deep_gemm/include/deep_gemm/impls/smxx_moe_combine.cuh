@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cuda_bf16.h>
 
+#include <deep_gemm/comm/rows.cuh>
 #include <deep_gemm/comm/symm.cuh>
 
 namespace deep_gemm {
@@ -41,23 +42,9 @@ smxx_moe_combine(const uint64_t* bases, uint64_t combine_offset, const int64_t* 
         #pragma unroll
         for (int j = 0; j < kMaxTopk; ++j) {
             if (rows[j] == nullptr) continue;
-            const uint4 w = rows[j][v];
-            const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-            #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[i]));
-                acc[2 * i] += f.x;
-                acc[2 * i + 1] += f.y;
-            }
+            comm::add_bf16x8(acc, rows[j][v]);
         }
-        uint32_t res[4];
-        #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const __nv_bfloat162 b = aborted ? __float2bfloat162_rn(__int_as_float(0x7fc00000))
-                                             : __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-            res[i] = *reinterpret_cast<const uint32_t*>(&b);
-        }
-        reinterpret_cast<uint4*>(y + size_t(token) * hidden)[v] = make_uint4(res[0], res[1], res[2], res[3]);
+        reinterpret_cast<uint4*>(y + size_t(token) * hidden)[v] = comm::pack_bf16x8(acc, aborted);
     }
 }
 

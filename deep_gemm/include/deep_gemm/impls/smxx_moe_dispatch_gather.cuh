@@ -7,8 +7,8 @@
 #include <cuda_bf16.h>
 
 #include <deep_gemm/comm/routing.cuh>
+#include <deep_gemm/comm/rows.cuh>
 #include <deep_gemm/comm/symm.cuh>
-#include <deep_gemm/common/fp8.cuh>
 
 namespace deep_gemm {
 
@@ -17,7 +17,6 @@ __global__ void __launch_bounds__(kNumThreads)
 smxx_moe_dispatch_gather(const uint64_t* bases, uint64_t x_offset, uint64_t x_sf_offset,
                          const comm::RowSource* __restrict__ row_src, const int* __restrict__ expert_offsets,
                          int num_local_experts, int hidden, __nv_bfloat16* __restrict__ out) {
-    static_assert(kGranK % 16 == 0, "a thread's 16 elements must share one scale");
     const int row = blockIdx.x;
     if (row >= __ldg(expert_offsets + num_local_experts)) return;
     const comm::RowSource src = row_src[row];
@@ -25,12 +24,7 @@ smxx_moe_dispatch_gather(const uint64_t* bases, uint64_t x_offset, uint64_t x_sf
     const uint4* x = peers.at<const uint4>(src.rank, x_offset + uint64_t(src.token) * hidden);
     const float* sf = peers.at<const float>(src.rank, x_sf_offset + uint64_t(src.token) * (hidden / kGranK) * 4);
     uint4* dst = reinterpret_cast<uint4*>(out + size_t(row) * hidden);
-    for (int v = threadIdx.x; v < hidden / 16; v += kNumThreads) {
-        uint4 res[2];
-        e4m3x16_to_bf16x16(x[v], sf[v * 16 / kGranK], res);
-        dst[2 * v] = res[0];
-        dst[2 * v + 1] = res[1];
-    }
+    comm::gather_fp8_row<kGranK, kNumThreads, 1>(x, sf, dst, hidden / 16, threadIdx.x);
 }
 
 }  // namespace deep_gemm

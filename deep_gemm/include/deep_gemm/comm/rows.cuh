@@ -1,0 +1,60 @@
+#pragma once
+// Row moves of dispatch and combine, shared by the kernel sequence (smxx_moe_dispatch_gather,
+// smxx_moe_combine) and the fused kernel (sm90_fp8_nvfp4_mega_moe).
+#include <cstdint>
+#include <cuda_bf16.h>
+
+#include <deep_gemm/common/fp8.cuh>
+
+namespace deep_gemm::comm {
+
+// Dispatch: dst = BF16(x x sf) for one FP8 row of `num_v` x 16 elements (sf: one FP32 per kGranK),
+// uint4 v = first, first + kStride, ...; kChunks loads in flight per thread before any store.
+template <int kGranK, int kStride, int kChunks>
+__device__ __forceinline__ void gather_fp8_row(const uint4* x, const float* sf, uint4* dst, int num_v, int first) {
+    static_assert(kGranK % 16 == 0, "a thread's 16 elements must share one scale");
+    for (int v0 = first; v0 < num_v; v0 += kStride * kChunks) {
+        uint4 in[kChunks];
+        float scale[kChunks];
+        #pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+            const int v = v0 + kStride * c;
+            if (v < num_v) in[c] = x[v], scale[c] = sf[v * 16 / kGranK];
+        }
+        #pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+            const int v = v0 + kStride * c;
+            if (v < num_v) {
+                uint4 res[2];
+                e4m3x16_to_bf16x16(in[c], scale[c], res);
+                dst[2 * v] = res[0];
+                dst[2 * v + 1] = res[1];
+            }
+        }
+    }
+}
+
+// Combine: acc += 8 BF16 of one expert output row (FP32, in the caller's slot order).
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const uint4 w) {
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[i]));
+        acc[2 * i] += f.x;
+        acc[2 * i + 1] += f.y;
+    }
+}
+
+// Combine: the one BF16 rounding of the sums, or NaN for a call whose barrier timed out.
+__device__ __forceinline__ uint4 pack_bf16x8(const float (&acc)[8], bool nan) {
+    uint32_t res[4];
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const __nv_bfloat162 b = nan ? __float2bfloat162_rn(__int_as_float(0x7fc00000))
+                                     : __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+        res[i] = *reinterpret_cast<const uint32_t*>(&b);
+    }
+    return make_uint4(res[0], res[1], res[2], res[3]);
+}
+
+}  // namespace deep_gemm::comm
