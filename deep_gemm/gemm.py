@@ -28,6 +28,9 @@ import torch
 from .jit import registry, runtime
 from .mega.weights import BLOCK_K, BLOCK_N, ExpertWeights
 
+__all__ = ['m_grouped_fp8_nvfp4_gemm_nt_contiguous', 'm_grouped_fp8_nvfp4_gemm_nt_masked', 'fp8_to_bf16_tokens',
+           'set_num_sms', 'get_num_sms']
+
 _FMT = {'nvfp4': 'deep_gemm::sm90::WeightFormat::NVFP4', 'mxfp4': 'deep_gemm::sm90::WeightFormat::MXFP4'}
 _EPI = {'plain': 'deep_gemm::Epilogue::Plain', 'swiglu': 'deep_gemm::Epilogue::SwiGLU'}
 _MODE = {'contiguous': 'deep_gemm::GroupMode::Contiguous', 'masked': 'deep_gemm::GroupMode::Masked'}

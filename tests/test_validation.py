@@ -313,3 +313,12 @@ def test_relative_error():
     assert abs(deep_gemm.utils.relative_error(torch.tensor([3.0, 5.0]), ref) - 0.2) < 1e-12
     with pytest.raises(ValueError, match='^out: NaN'):
         deep_gemm.utils.relative_error(torch.tensor([float('nan'), 4.0]), ref)
+
+
+def test_set_num_sms_is_exported():
+    """Upstream's ``deep_gemm.set_num_sms`` (the persistent kernels' grid, the fused Mega MoE's too)."""
+    import deep_gemm
+    assert deep_gemm.set_num_sms is deep_gemm.gemm.set_num_sms
+    assert deep_gemm.m_grouped_fp8_nvfp4_gemm_nt_masked is deep_gemm.gemm.m_grouped_fp8_nvfp4_gemm_nt_masked
+    with pytest.raises(ValueError, match='num_sms'):
+        deep_gemm.set_num_sms(0)
