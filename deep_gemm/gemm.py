@@ -134,16 +134,24 @@ def _ctas_per_sm(block_t: int) -> int:
     return 1 if os.environ.get('DG_GROUPED_GEMM_CTAS_PER_SM') == '1' else 2
 
 
-def _stages(fmt: str, block_t: int, num_experts: int, ctas_per_sm: int = 1) -> int:
-    stage = block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K // 2 + (1024 if fmt == 'nvfp4' else 512)
-    fixed = 1024 + 4 * (num_experts + 1) + 64
+def _stage_bytes(fmt: str, block_t: int) -> int:
+    """Shared memory of one pipeline stage (common/sm90_fp4_pipeline.cuh): tokens, codes, scales."""
+    return block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K // 2 + (1024 if fmt == 'nvfp4' else 512)
+
+
+def _fit_stages(fmt: str, block_t: int, ctas_per_sm: int, other_bytes: int) -> int:
+    """Pipeline stages (with their 16 bytes of barriers) that fit beside ``other_bytes`` in one CTA's
+    share of the SM's shared memory."""
     capacity = _SMEM_CAPACITY if ctas_per_sm == 1 else _SMEM_PER_SM // ctas_per_sm - 1024
-    return max(2, min(_MAX_STAGES, (capacity - fixed) // (stage + 16)))
+    return max(2, min(_MAX_STAGES, (capacity - other_bytes) // (_stage_bytes(fmt, block_t) + 16)))
+
+
+def _stages(fmt: str, block_t: int, num_experts: int, ctas_per_sm: int = 1) -> int:
+    return _fit_stages(fmt, block_t, ctas_per_sm, 1024 + 4 * (num_experts + 1) + 64)
 
 
 def _smem_bytes(fmt: str, block_t: int, stages: int, num_experts: int) -> int:
-    stage = block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K // 2 + (1024 if fmt == 'nvfp4' else 512)
-    return 1024 + stages * (stage + 16) + 4 * (num_experts + 1) + 64
+    return 1024 + stages * (_stage_bytes(fmt, block_t) + 16) + 4 * (num_experts + 1) + 64
 
 
 def _grouped_config(b: ExpertWeights, tokens_per_expert: int, epilogue: str, fast_math: bool, mode: str,

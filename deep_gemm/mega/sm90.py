@@ -70,11 +70,9 @@ def _fused_config(buffer, l1, expected_m: int, fast_math: bool):
     block_t = int(os.environ.get('DG_GROUPED_GEMM_BLOCK_T', 0)) or gemm._pick_block_t(expected_m)
     ctas = gemm._ctas_per_sm(block_t)
     max_experts = max(8, 1 << (buffer.num_experts_per_rank - 1).bit_length())
-    stage = block_t * gemm.BLOCK_K * 2 + gemm.BLOCK_N * gemm.BLOCK_K // 2 + (1024 if l1.fmt == 'nvfp4' else 512)
     # dynamic: alignment slack + stages (mega::Shared is static shared memory, counted against the same cap)
-    capacity = (gemm._SMEM_CAPACITY if ctas == 1 else gemm._SMEM_PER_SM // ctas - 1024) - _fused_shared_bytes(max_experts)
-    stages = max(2, min(gemm._MAX_STAGES, (capacity - 1024 - 64) // (stage + 16)))
-    smem = 1024 + stages * (stage + 16) + 64
+    stages = gemm._fit_stages(l1.fmt, block_t, ctas, 1024 + 64 + _fused_shared_bytes(max_experts))
+    smem = 1024 + stages * (gemm._stage_bytes(l1.fmt, block_t) + 16) + 64
     params = {'fmt': gemm._FMT[l1.fmt], 'block_t': block_t, 'stages': stages, 'fast_math': bool(fast_math),
               'ctas_per_sm': ctas, 'max_experts': max_experts, 'gran_k': kernels._gran(buffer)}
     kernel = registry.get_kernel(FUSED.name, params, device=buffer.device.index)

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cuda_bf16.h>
 
+#include <deep_gemm/comm/symm.cuh>
 #include <deep_gemm/common/fp8.cuh>
 
 namespace deep_gemm::comm {
@@ -32,6 +33,15 @@ __device__ __forceinline__ void gather_fp8_row(const uint4* x, const float* sf, 
             }
         }
     }
+}
+
+// Combine: the L2 output row (as uint4) of a pair routed to global expert e, which its owner wrote
+// at `row` of its `combine` region; nullptr for masked or out-of-range ids and overflowed pairs.
+__device__ __forceinline__ const uint4* expert_output_row(const PeerBuffers peers, uint64_t combine_offset,
+                                                          int64_t e, int row, int num_local_experts, int num_ranks,
+                                                          int hidden) {
+    if (e < 0 || e >= int64_t(num_ranks) * num_local_experts || row < 0) return nullptr;
+    return peers.at<const uint4>(int(e / num_local_experts), combine_offset + uint64_t(row) * hidden * 2);
 }
 
 // Combine: acc += 8 BF16 of one expert output row (FP32, in the caller's slot order).

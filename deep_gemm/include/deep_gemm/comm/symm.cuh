@@ -34,6 +34,14 @@ __device__ __forceinline__ int ld_acquire_sys(const int* p) {
     return v;
 }
 
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+
 __device__ __forceinline__ void st_release_sys(int* p, int v) {
     asm volatile("st.release.sys.global.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
@@ -54,5 +62,41 @@ struct CommError {
     int pad[3];
 };
 static_assert(sizeof(CommError) == 32, "comm error record is int32 [8]");
+
+// Cross-rank and cross-CTA waits of one call, sharing its start time, timeout and error record.
+struct Waiter {
+    int* meta;
+    CommError* error;
+    uint64_t start, timeout_ns;
+    int rank, epoch;
+
+    __device__ __forceinline__ bool aborted() const { return ld_volatile(meta + kMetaAbort) != 0; }
+
+    // Out of line with plain arguments (a member call would put the struct on the stack).
+    __device__ __noinline__ static void fail(int* meta, CommError* error, int phase, int rank, int peer,
+                                             int epoch) {
+        if (atomicCAS_system(&error->code, 0, -1) == 0) {   // claim, fill, then publish
+            error->phase = phase, error->rank = rank, error->peer = peer, error->epoch = epoch;
+            __threadfence_system();
+            atomicExch_system(&error->code, 1);
+        }
+        atomicMax(meta + kMetaAbort, epoch);
+    }
+
+    // Spin until *p >= target (acquire at system or GPU scope); false (after recording) on timeout
+    // or when the buffer is aborted.
+    template <bool kSystem>
+    __device__ __forceinline__ bool until(const int* p, int target, int phase, int peer) const {
+        while ((kSystem ? ld_acquire_sys(p) : ld_acquire_gpu(p)) - target < 0) {
+            if (aborted()) return false;
+            if (globaltimer_ns() - start > timeout_ns) {
+                fail(meta, error, phase, rank, peer, epoch);
+                return false;
+            }
+            __nanosleep(64);
+        }
+        return true;
+    }
+};
 
 }  // namespace deep_gemm::comm

@@ -9,22 +9,30 @@
 
 namespace deep_gemm::sm90 {
 
-// Plain: out[token, col] and out[token, col + 8] = alpha x acc (alpha includes the dequant's
-// compensation factor).
-template <int kBlockT>
-__device__ __forceinline__ void epilogue_plain(const float (&acc)[kBlockT / 2], float alpha, __nv_bfloat16* out,
-                                               size_t ld, int token_row, int num_tokens, int col, int q) {
+// f(token, i) for the thread's tokens below num_tokens, i = the accumulator of (row r0, token);
+// (row r0 + 8, token) is acc[i + 2].
+template <int kBlockT, class F>
+__device__ __forceinline__ void for_each_token(int num_tokens, int q, F&& f) {
     #pragma unroll
     for (int j = 0; j < kBlockT / 8; ++j) {
         #pragma unroll
         for (int c = 0; c < 2; ++c) {
             const int tok = 8 * j + 2 * q + c;
-            if (tok >= num_tokens) continue;
-            __nv_bfloat16* dst = out + (size_t(token_row) + tok) * ld + col;
-            dst[0] = __float2bfloat16_rn(acc[4 * j + c] * alpha);
-            dst[8] = __float2bfloat16_rn(acc[4 * j + 2 + c] * alpha);
+            if (tok < num_tokens) f(tok, 4 * j + c);
         }
     }
+}
+
+// Plain: out[token, col] and out[token, col + 8] = alpha x acc (alpha includes the dequant's
+// compensation factor).
+template <int kBlockT>
+__device__ __forceinline__ void epilogue_plain(const float (&acc)[kBlockT / 2], float alpha, __nv_bfloat16* out,
+                                               size_t ld, int token_row, int num_tokens, int col, int q) {
+    for_each_token<kBlockT>(num_tokens, q, [&](int tok, int i) {
+        __nv_bfloat16* dst = out + (size_t(token_row) + tok) * ld + col;
+        dst[0] = __float2bfloat16_rn(acc[i] * alpha);
+        dst[8] = __float2bfloat16_rn(acc[i + 2] * alpha);
+    });
 }
 
 // L1: the transform interleaves gate and up rows so that a thread holds gate (row r0) and up
@@ -34,18 +42,12 @@ template <int kBlockT, bool kFastMath>
 __device__ __forceinline__ void epilogue_swiglu(const float (&acc)[kBlockT / 2], float alpha_gate, float alpha_up,
                                                 const float* route_weights, float clamp, __nv_bfloat16* out,
                                                 size_t ld, int token_row, int num_tokens, int chan, int q) {
-    #pragma unroll
-    for (int j = 0; j < kBlockT / 8; ++j) {
-        #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-            const int tok = 8 * j + 2 * q + c;
-            if (tok >= num_tokens) continue;
-            const size_t row = size_t(token_row) + tok;
-            float h = swiglu<kFastMath>(acc[4 * j + c] * alpha_gate, acc[4 * j + 2 + c] * alpha_up, clamp);
-            if (route_weights != nullptr) h *= route_weights[row];
-            out[row * ld + chan] = __float2bfloat16_rn(h);
-        }
-    }
+    for_each_token<kBlockT>(num_tokens, q, [&](int tok, int i) {
+        const size_t row = size_t(token_row) + tok;
+        float h = swiglu<kFastMath>(acc[i] * alpha_gate, acc[i + 2] * alpha_up, clamp);
+        if (route_weights != nullptr) h *= route_weights[row];
+        out[row * ld + chan] = __float2bfloat16_rn(h);
+    });
 }
 
 }  // namespace deep_gemm::sm90

@@ -60,54 +60,12 @@ constexpr int kThreads = 384;
 constexpr int kCommWarps = 3;          // warps 1-3
 constexpr int kPhaseInternal = 2;      // CommError.phase of a wait between CTAs of one rank
 
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 __device__ __forceinline__ void fence_proxy_async_global() {
     asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(threads) : "memory");
 }
-
-// What every wait of one launch shares: the deadline, the abort state, where to report.
-struct Waiter {
-    int* meta;
-    comm::CommError* error;
-    uint64_t start, timeout_ns;
-    int rank, epoch;
-
-    __device__ __forceinline__ bool aborted() const { return ld_volatile(meta + comm::kMetaAbort) != 0; }
-
-    // Out of line with plain arguments (a member call would put the struct on the stack).
-    __device__ __noinline__ static void fail(int* meta, comm::CommError* error, int phase, int rank, int peer,
-                                             int epoch) {
-        if (atomicCAS_system(&error->code, 0, -1) == 0) {   // claim, fill, then publish
-            error->phase = phase, error->rank = rank, error->peer = peer, error->epoch = epoch;
-            __threadfence_system();
-            atomicExch_system(&error->code, 1);
-        }
-        atomicMax(meta + comm::kMetaAbort, epoch);
-    }
-
-    // Spin until *p >= target (acquire at system or GPU scope); false (after recording) on timeout
-    // or when the buffer is aborted.
-    template <bool kSystem>
-    __device__ __forceinline__ bool until(const int* p, int target, int phase, int peer) const {
-        while ((kSystem ? comm::ld_acquire_sys(p) : ld_acquire_gpu(p)) - target < 0) {
-            if (aborted()) return false;
-            if (comm::globaltimer_ns() - start > timeout_ns) {
-                fail(meta, error, phase, rank, peer, epoch);
-                return false;
-            }
-            __nanosleep(64);
-        }
-        return true;
-    }
-};
 
 template <int kMaxExperts>
 struct Shared {
@@ -170,7 +128,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     for (int e = tid; e < num_experts; e += mega::kThreads) sh.count[e] = 0;
     __syncthreads();
     const int epoch0 = sh.epoch0, epoch1 = sh.epoch1;
-    const mega::Waiter waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, epoch0};
+    const comm::Waiter waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, epoch0};
     if (blockIdx.x == 0) {
         // my inputs (earlier stream work) and token count, then the signal
         __threadfence_system();
@@ -183,14 +141,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     }
     __syncthreads();   // every peer's arrival (acquired by thread r) before anyone reads its inputs
     if (tid == 0) {
-        int total = 0;
-        for (int s = 0; s < num_ranks; ++s) {
-            int n = s == rank ? num_tokens : *peers.at<volatile int>(s, meta_off + 4 * comm::kMetaNumTokens);
-            n = min(max(n, 0), max_tokens);   // a peer that never arrived may hold anything
-            sh.src_begin[s] = total;
-            total += n * topk;
-        }
-        sh.src_begin[num_ranks] = total;
+        sh.src_begin[0] = 0;
+        for (int s = 0; s < num_ranks; ++s)
+            sh.src_begin[s + 1] = sh.src_begin[s] + comm::source_pairs(peers, meta_off, s, rank, num_tokens, max_tokens, topk);
     }
     __syncthreads();
 
@@ -198,27 +151,17 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     const int per_cta = (num_pairs + grid - 1) / grid;
     const int pair0 = min(num_pairs, int(blockIdx.x) * per_cta), pair1 = min(num_pairs, pair0 + per_cta);
     const int64_t expert_begin = int64_t(rank) * num_experts;
-    auto locate = [&](int g, int& s, int& p) {
-        s = 0;
-        while (g >= sh.src_begin[s + 1]) ++s;
-        p = g - sh.src_begin[s];
-    };
-    auto local_expert = [&](int s, int p) {
-        const int64_t e = peers.at<const int64_t>(s, topk_idx_off)[p] - expert_begin;
-        return (e >= 0 && e < num_experts) ? int(e) : -1;
+    auto expert_of = [&](int g, int& s, int& p) {
+        comm::locate_pair(sh.src_begin, g, s, p);
+        return comm::local_expert(peers, topk_idx_off, s, p, expert_begin, num_experts);
     };
     // Count (all threads; whole warps step together so that lanes of one expert merge into one
     // shared atomic).
     for (int base = pair0; base < pair1; base += mega::kThreads) {
         const int g = base + tid;
-        int e = -1;
-        if (g < pair1) {
-            int s, p;
-            locate(g, s, p);
-            e = local_expert(s, p);
-        }
-        const unsigned same = __match_any_sync(0xffffffffu, e);
-        if (e >= 0 && lane == __ffs(same) - 1) atomicAdd(sh.count + e, __popc(same));
+        int s = 0, p = 0, e = -1;
+        if (g < pair1) e = expert_of(g, s, p);
+        comm::warp_aggregated_add(sh.count, e, lane);
     }
     __syncthreads();
     for (int e = tid; e < num_experts; e += mega::kThreads) {
@@ -234,7 +177,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         // counts -> row ranges (clamped to the buffer's rows) and the work order
         int prefix = 0;
         for (int e = 0; e < num_experts; ++e) {
-            const int n = mega::ld_volatile(ws.count() + e);
+            const int n = comm::ld_volatile(ws.count() + e);
             const int lo = min(prefix, max_rows), hi = min(prefix + n, max_rows);
             sh.first[e] += prefix;     // global first row of this CTA's pairs of e
             sh.rows[e] = hi - lo;
@@ -304,16 +247,10 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             for (int base = w0; base < w1; base += 32) {
                 const int g = base + lane;
                 int s = 0, p = 0, e = -1, row = -1;
-                if (g < w1) {
-                    locate(g, s, p);
-                    e = local_expert(s, p);
-                }
-                const unsigned same = __match_any_sync(0xffffffffu, e);
+                if (g < w1) e = expert_of(g, s, p);
+                const int slot = comm::warp_aggregated_add(sh.count, e, lane);
                 if (e >= 0) {
-                    const int leader = __ffs(same) - 1;
-                    int first = 0;
-                    if (lane == leader) first = atomicAdd(sh.count + e, __popc(same));
-                    row = sh.first[e] + __shfl_sync(same, first, leader) + __popc(same & ((1u << lane) - 1));
+                    row = sh.first[e] + slot;
                     if (row >= max_rows) row = -1;
                     if (row >= 0) {
                         row_src[row] = comm::RowSource{s, p / topk, p % topk, e};
@@ -408,12 +345,11 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             if (v >= num_v) continue;
             float accum[8] = {};
             for (int j = 0; j < topk; ++j) {
-                const int64_t e = __ldg(topk_idx + size_t(t) * topk + j);
-                if (e < 0 || e >= int64_t(num_ranks) * num_experts) continue;
-                const int row = pair_row[size_t(t) * topk + j];
-                if (row < 0) continue;
-                comm::add_bf16x8(accum, peers.at<const uint4>(int(e / num_experts),
-                                                             combine_off + uint64_t(row) * hidden * 2)[v]);
+                // pair_row: written by the owners during this launch, so not through the read-only path
+                const size_t pair = size_t(t) * topk + j;
+                const uint4* src = comm::expert_output_row(peers, combine_off, __ldg(topk_idx + pair), pair_row[pair],
+                                                           num_experts, num_ranks, hidden);
+                if (src != nullptr) comm::add_bf16x8(accum, src[v]);
             }
             reinterpret_cast<uint4*>(y + size_t(t) * hidden)[v] = comm::pack_bf16x8(accum, aborted);
         }

@@ -39,22 +39,9 @@ smxx_moe_barrier(const uint64_t* bases, uint64_t flags_offset, int* meta, int* f
         comm::st_release_sys(peers.at<int>(r, flags_offset) + phase * num_ranks + rank, epoch);
 
     if (s_aborted != 0) return;   // a failed buffer: signal (peers may still be in step) but never wait again
-    const uint64_t start = comm::globaltimer_ns();
-    for (int r = threadIdx.x; r < num_ranks; r += kNumThreads) {
-        const int* flag = flags + phase * num_ranks + r;
-        while (comm::ld_acquire_sys(flag) - epoch < 0) {
-            if (comm::globaltimer_ns() - start > timeout_ns) {
-                if (atomicCAS_system(&error->code, 0, -1) == 0) {   // claim, fill, then publish
-                    error->phase = phase, error->rank = rank, error->peer = r, error->epoch = epoch;
-                    __threadfence_system();
-                    atomicExch_system(&error->code, 1);
-                }
-                atomicMax(meta + comm::kMetaAbort, epoch);
-                break;
-            }
-            __nanosleep(128);
-        }
-    }
+    const comm::Waiter waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, epoch};
+    for (int r = threadIdx.x; r < num_ranks; r += kNumThreads)
+        if (!waiter.until<true>(flags + phase * num_ranks + r, epoch, phase, r)) break;
 }
 
 }  // namespace deep_gemm

@@ -26,14 +26,11 @@ smxx_moe_combine(const uint64_t* bases, uint64_t combine_offset, const int64_t* 
     for (int j = 0; j < kMaxTopk; ++j) {
         rows[j] = nullptr;
         if (j >= topk) continue;
-        const int64_t e = __ldg(topk_idx + size_t(token) * topk + j);
-        if (e < 0 || e >= int64_t(num_ranks) * num_local_experts) continue;
-        const int row = __ldg(pair_row + size_t(token) * topk + j);
-        if (row >= 0)
-            rows[j] = peers.at<const uint4>(int(e / num_local_experts),
-                                            combine_offset + uint64_t(row) * hidden * sizeof(__nv_bfloat16));
+        const size_t pair = size_t(token) * topk + j;
+        rows[j] = comm::expert_output_row(peers, combine_offset, __ldg(topk_idx + pair), __ldg(pair_row + pair),
+                                          num_local_experts, num_ranks, hidden);
     }
-    const bool aborted = *reinterpret_cast<const volatile int*>(meta + comm::kMetaAbort) != 0;
+    const bool aborted = comm::ld_volatile(meta + comm::kMetaAbort) != 0;
     const int num_v = hidden / 8;
     const int chunk = (num_v + gridDim.y - 1) / gridDim.y;
     const int v_end = min(num_v, int(blockIdx.y + 1) * chunk);

@@ -28,33 +28,17 @@ smxx_moe_dispatch_layout(const uint64_t* bases, uint64_t topk_idx_offset, uint64
     const comm::PeerBuffers peers{bases};
     for (int e = threadIdx.x; e < num_local_experts; e += kNumThreads) count[e] = 0;
     if (threadIdx.x == 0) {
-        int total = 0;
-        for (int s = 0; s < num_ranks; ++s) {
-            int n = s == rank ? num_tokens : *peers.at<volatile int>(s, meta_offset + 4 * comm::kMetaNumTokens);
-            n = min(max(n, 0), max_tokens);   // a peer that never arrived may hold anything
-            src_begin[s] = total;
-            total += n * topk;
-        }
-        src_begin[num_ranks] = total;
+        src_begin[0] = 0;
+        for (int s = 0; s < num_ranks; ++s)
+            src_begin[s + 1] = src_begin[s] + comm::source_pairs(peers, meta_offset, s, rank, num_tokens, max_tokens, topk);
     }
     __syncthreads();
     const int num_pairs = src_begin[num_ranks];
     const int64_t expert_begin = int64_t(rank) * num_local_experts;
 
-    // flat pair g -> (source rank, pair index in that rank's [T, k] routing)
-    auto locate = [&](int g, int& s, int& p) {
-        s = 0;
-        while (g >= src_begin[s + 1]) ++s;
-        p = g - src_begin[s];
-    };
-    auto local_expert = [&](int s, int p) {
-        const int64_t e = peers.at<const int64_t>(s, topk_idx_offset)[p] - expert_begin;
-        return (e >= 0 && e < num_local_experts) ? int(e) : -1;
-    };
-    // Whole warps step through the pairs together so that lanes routed to the same expert merge
-    // into one shared-memory atomic (few experts, many pairs: per-lane atomics serialise); each
-    // thread loads kBatch routing entries before using any, so their latencies (NVLink for peers)
-    // overlap instead of adding up.
+    // Whole warps step through the pairs together (comm::warp_aggregated_add); each thread loads
+    // kBatch routing entries before using any, so their latencies (NVLink for peers) overlap
+    // instead of adding up.
     constexpr int kBatch = 4;
     const int lane = threadIdx.x % 32;
     auto load_batch = [&](int base, int (&src)[kBatch], int (&pair)[kBatch], int (&exp)[kBatch]) {
@@ -63,8 +47,8 @@ smxx_moe_dispatch_layout(const uint64_t* bases, uint64_t topk_idx_offset, uint64
             const int g = base + i * kNumThreads + threadIdx.x;
             src[i] = 0, pair[i] = 0, exp[i] = -1;
             if (g < num_pairs) {
-                locate(g, src[i], pair[i]);
-                exp[i] = local_expert(src[i], pair[i]);
+                comm::locate_pair(src_begin, g, src[i], pair[i]);
+                exp[i] = comm::local_expert(peers, topk_idx_offset, src[i], pair[i], expert_begin, num_local_experts);
             }
         }
     };
@@ -72,10 +56,7 @@ smxx_moe_dispatch_layout(const uint64_t* bases, uint64_t topk_idx_offset, uint64
         int src[kBatch], pair[kBatch], exp[kBatch];
         load_batch(base, src, pair, exp);
         #pragma unroll
-        for (int i = 0; i < kBatch; ++i) {
-            const unsigned same = __match_any_sync(0xffffffffu, exp[i]);
-            if (exp[i] >= 0 && lane == __ffs(same) - 1) atomicAdd(count + exp[i], __popc(same));
-        }
+        for (int i = 0; i < kBatch; ++i) comm::warp_aggregated_add(count, exp[i], lane);
     }
     __syncthreads();
     if (threadIdx.x < 32) warp_exclusive_scan(num_local_experts, threadIdx.x, [&](int e) { return count[e]; }, cursor);
@@ -91,12 +72,8 @@ smxx_moe_dispatch_layout(const uint64_t* bases, uint64_t topk_idx_offset, uint64
         #pragma unroll
         for (int i = 0; i < kBatch; ++i) {
             const int e = exp[i];
-            const unsigned same = __match_any_sync(0xffffffffu, e);
+            int row = comm::warp_aggregated_add(cursor, e, lane);
             if (e < 0) continue;
-            const int leader = __ffs(same) - 1;
-            int first = 0;
-            if (lane == leader) first = atomicAdd(cursor + e, __popc(same));
-            int row = __shfl_sync(same, first, leader) + __popc(same & ((1u << lane) - 1));
             const int s = src[i], p = pair[i];
             if (row < max_rows) {
                 row_src[row] = comm::RowSource{s, p / topk, p % topk, e};
