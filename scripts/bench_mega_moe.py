@@ -19,7 +19,12 @@ Printed per token count: us (the slowest rank; fixed iteration counts, every ran
 weights of the local experts that received tokens, NVLink GB/s (bytes this rank pulled from peers:
 token rows + scales at dispatch, BF16 rows at combine, over our time), and baseline / ours.
 
-    python scripts/bench_mega_moe.py [--experts-per-rank 8] [--tokens 128,4096]
+``--tokens-per-wave W`` sizes the buffer's receive rows for waves of at most W tokens per rank (default:
+the buffer's, see deep_gemm/mega/buffer.py); the first line prints W and the waves per token count,
+so e.g. ``--tokens 4096 --tokens-per-wave 1024`` against ``--tokens-per-wave 4096`` measures the
+overhead of 4 waves.
+
+    python scripts/bench_mega_moe.py [--experts-per-rank 8] [--tokens 128,4096] [--tokens-per-wave 1024]
     torchrun --nproc-per-node 4 scripts/bench_mega_moe.py --tokens 128,4096
 """
 import argparse
@@ -162,6 +167,8 @@ def main():
     ap.add_argument('--inter', type=int, default=3072)
     ap.add_argument('--topk', type=int, default=6)
     ap.add_argument('--tokens', default='128,4096')
+    ap.add_argument('--tokens-per-wave', type=int, default=None,
+                    help='num_max_tokens_per_wave of the buffer (default: the buffer\'s own)')
     args = ap.parse_args()
     world = int(os.environ.get('WORLD_SIZE', '1'))
     group = None
@@ -177,17 +184,21 @@ def main():
     copy_gbs, bf16_tflops = ceilings()
     l1, l2 = make_weights(e_l, hidden, inter, gen)
     per_expert_bytes = sum(v.numel() for v in (l1.codes, l1.scales, l2.codes, l2.scales)) / e_l
-    max_t = max(int(v) for v in args.tokens.split(','))
-    buf = deep_gemm.get_symm_buffer_for_mega_moe(group, num_experts, max_t, k, hidden, inter)
+    token_counts = [int(v) for v in args.tokens.split(',')]
+    max_t = max(token_counts)
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(group, num_experts, max_t, k, hidden, inter,
+                                                 num_max_tokens_per_wave=args.tokens_per_wave)
     nvl_gbs = nvlink_ceiling(buf, group) if group is not None else float('nan')
     say(f'device: {torch.cuda.get_device_name()} x {world}; rank 0: device copy {copy_gbs:.0f} GB/s (read+write), '
         f'bf16 8192^3 matmul {bf16_tflops:.0f} TFLOPS' + (f', NVLink write to the next rank {nvl_gbs:.0f} GB/s'
                                                           if group is not None else '') +
-        f'; EP {world}, {e_l} experts per rank, top-{k}, {hidden}/{inter}')
+        f'; EP {world}, {e_l} experts per rank, top-{k}, {hidden}/{inter}; buffer {buf.num_bytes / 1e9:.2f} GB, '
+        f'W = {buf.num_max_tokens_per_wave} tokens per wave, waves: ' +
+        ', '.join(f'{buf.num_waves(t)} at {t} tokens' for t in token_counts))
     say(f'{"tokens":>7} {"graph us":>9} {"eager us":>9} {"TFLOPS":>7} {"%bf16":>6} {"wt GB/s":>8} {"%copy":>6} '
         f'{"NVL GB/s":>9} {"%NVL":>5} {"baseline us":>12} {"x graph":>8} {"x eager":>8} {"rel err":>8} '
         f'{"seq us":>8} {"x seq":>6} {"compute":>8} {"comm":>7} {"/max":>5} {"seq err":>8} {"bitwise":>7}')
-    for t in [int(v) for v in args.tokens.split(',')]:
+    for t in token_counts:
         xg = torch.Generator().manual_seed(1000 * t + rank)
         x = torch.randn(t, hidden, generator=xg) * torch.exp(0.5 * torch.randn(t, 1, generator=xg))
         q, sf = per_token_cast_to_fp8(x, 32, use_ue8m0=True)

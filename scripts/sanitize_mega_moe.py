@@ -1,4 +1,5 @@
-"""Two small fused Mega MoE calls (one rank, 8 SMs), for compute-sanitizer.
+"""Two small fused Mega MoE calls (one rank, 8 SMs, 12 tokens in two waves of at most 8), for
+compute-sanitizer.
 
     compute-sanitizer --tool memcheck --report-api-errors no python scripts/sanitize_mega_moe.py
     compute-sanitizer --tool racecheck python scripts/sanitize_mega_moe.py
@@ -19,7 +20,8 @@ from deep_gemm.utils import relative_error
 os.environ['DG_MEGA_MOE_FUSED'] = '1'
 deep_gemm.set_num_sms(8)
 p = _make_problem(seed=3, t=12, hidden=256, inter=128, experts=8, topk=3)
-buf = deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, 16, p.topk, p.hidden, p.inter)
+buf = deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, 16, p.topk, p.hidden, p.inter, num_max_tokens_per_wave=8)
+assert buf.num_waves(p.t) == 2
 l1, l2 = deep_gemm.transform_nvfp4_weights_for_mega_moe({k: v.cuda() for k, v in p.l1.items()},
                                                         {k: v.cuda() for k, v in p.l2.items()})
 for n in ('x', 'x_sf', 'topk_idx', 'topk_weights'):

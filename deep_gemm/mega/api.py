@@ -180,6 +180,8 @@ def fp8_nvfp4_mega_moe(y: torch.Tensor, l1, l2, buffer: SymmBuffer,
     ``buffer.topk_weights[:T]``.  ``l1``/``l2`` come from ``transform_nvfp4_weights_for_mega_moe``
     (this rank's ``num_experts / num_ranks`` experts).  ``cumulative_local_expert_recv_stats`` (int32
     ``[E_local]``) is incremented by the (token, slot) pairs each local expert received.
+    ``T`` is at most ``buffer.num_max_tokens_per_rank``; the GPU backends run the call as waves of at
+    most ``buffer.num_max_tokens_per_wave`` tokens (same result; the reference backend needs none).
     Semantics: ``docs/design.md``.  Returns ``y``.
     """
     t = _validate(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math, backend,

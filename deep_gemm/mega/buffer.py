@@ -2,8 +2,9 @@
 
 Layout (:func:`get_symm_buffer_layout`), one byte buffer per rank, identical on every rank, every
 region starting at a multiple of 128 bytes, in this order (``T = num_max_tokens_per_rank``,
-``E_l = num_experts / num_ranks``, ``R = num_ranks * T * min(num_topk, E_l)``, the most
-(token, slot) pairs one rank can receive when a token's top-k experts are distinct):
+``W = num_max_tokens_per_wave``, ``E_l = num_experts / num_ranks``,
+``R_w = num_ranks * W * min(num_topk, E_l)``, the most (token, slot) pairs one rank can receive in
+one wave when a token's top-k experts are distinct):
 
 ==================  ===================  ==================================================
 region              dtype, shape         use
@@ -12,25 +13,37 @@ region              dtype, shape         use
 ``x_sf``            float32 [T, H/32]    their per-32 scales
 ``topk_idx``        int64 [T, k]         global expert ids, -1 = masked
 ``topk_weights``    float32 [T, k]       routing weights
-``l1_x``            bf16 [R, H]          dispatched rows (L1 input, FP8 x scale, exact), by local expert
-``l1_src``          int32 [R, 4]         (source rank, token, slot, local expert) of each row
-``l1_topk_weights`` float32 [R]          routing weight of each row
-``l2_x``            bf16 [R, I]          L2 input ``h``
-``combine``         bf16 [R, H]          L2 output rows, pulled by their source ranks' combine
+``l1_x``            bf16 [R_w, H]        dispatched rows (L1 input, FP8 x scale, exact), by local expert
+``l1_src``          int32 [R_w, 4]       (source rank, token, slot, local expert) of each row
+``l1_topk_weights`` float32 [R_w]        routing weight of each row
+``l2_x``            bf16 [R_w, I]        L2 input ``h``
+``combine``         bf16 [R_w, H]        L2 output rows, pulled by their source ranks' combine
 ``pair_row``        int32 [T, k]         row of each of this rank's pairs in its expert owner's
                                          ``combine`` (written by the owner; -1 = overflow)
 ``expert_offsets``  int32 [E_l + 1]      first row of each local expert
 ``meta``            int32 [16]           published token count, per-phase call counters, abort
 ``flags``           int32 [2, ranks]     barrier signals received from each rank, per phase
-``work``            int32 [W]            the fused kernel's counters, zero between calls
-                                         (``W = 8 + 3 E_l + 2 R``: header, per-expert counts,
-                                         gathered rows and finished L1 units per token tile)
+``work``            int32 [8 + 3 E_l     the fused kernel's counters, zero between calls (header,
+                    + 2 R_w]             per-expert counts, gathered rows and finished L1 units
+                                         per token tile)
 ==================  ===================  ==================================================
 
+Prefill waves: a call with more than ``W`` tokens per rank runs as waves of at most ``W`` tokens
+(``deep_gemm.mega.sm90``); the rows, ``combine`` and the counters serve one wave at a time, so only
+the token regions grow with ``T``.  Default ``W``: ``T`` if ``R_w`` for ``W = T`` is at most
+``DEFAULT_MAX_RECV_ROWS`` (65536) rows, else ``ceil(T / n)`` with ``n`` the fewest waves whose rows
+fit (``n = ceil(T / max(1, 65536 // (num_ranks * min(k, E_l))))``): evenly sized waves.
+Limits: with several ranks every rank runs ``ceil(T / W)`` waves per call, even with fewer tokens
+(ranks cannot see each other's token counts without a host sync, and their barriers pair up), and
+an empty wave still costs its launches and barriers; on one rank a call runs ``ceil(tokens / W)``.
+
 Size: ``get_symm_buffer_size_for_mega_moe`` is the end of the last region rounded up to 128 bytes,
-about ``T x (9 H / 8 + 16 k) + R x (4 H + 2 I + 20)`` bytes: with H = 7168, I = 3072, k = 6,
-8 local experts and T = 4096 it is 0.89 GB for one rank and 3.46 GB per rank for 4 ranks (R grows
-with the ranks: every rank's tokens may all pick this rank's experts).
+``T x (9 H / 8 + 16 k) + R_w x (4 H + 2 I + 28)`` bytes plus less than ``2048 + 16 E_l + 8 ranks``
+(alignment and the small regions).  With H = 7168, I = 3072, k = 6, 8 local experts and T = 4096:
+one rank, W = T (the default): 0.89 GB; 4 ranks, W = T: 3.46 GB per rank (R_w grows with the
+ranks: every rank's tokens may all pick this rank's experts), with the default W = 2048 (2 waves):
+1.75 GB, with W = 1024 (4 waves): 0.89 GB.  8 ranks, T = 8192: 13.77 GB with W = T, 2.03 GB with
+the default W = 1171 (7 waves).
 
 On CPU, or with a group of one, the buffer is ordinary memory; on CUDA with more than one rank it
 is allocated with ``torch.distributed._symmetric_memory`` (``empty`` + ``rendezvous``) and
@@ -57,7 +70,8 @@ import torch
 from ..utils.validation import check_multiple, check_positive_int
 
 __all__ = ['SymmBuffer', 'get_symm_buffer_for_mega_moe', 'get_symm_buffer_size_for_mega_moe',
-           'get_symm_buffer_layout', 'Region', 'ALIGNMENT', 'MegaMoETimeoutError']
+           'get_symm_buffer_layout', 'default_num_max_tokens_per_wave', 'Region', 'ALIGNMENT',
+           'DEFAULT_MAX_RECV_ROWS', 'MegaMoETimeoutError']
 
 ALIGNMENT = 128
 X_SF_GRAN = 32
@@ -65,6 +79,9 @@ META_INTS = 16          # comm/symm.cuh: Meta
 NUM_PHASES = 2          # barrier phases per call (impls/smxx_moe_barrier.cuh)
 WORK_HEADER_INTS = 8    # impls/sm90_fp8_nvfp4_mega_moe.cuh: MegaWork
 DEFAULT_TIMEOUT_S = 300.0   # generous: a peer's first call may include its JIT compiles
+# Receive rows per rank above which the default splits a call into waves: 65536 rows are 2.3 GB at
+# the DeepSeek-V4 shape (hidden 7168, intermediate 3072), one rank's 4096-token prefill needs 24576.
+DEFAULT_MAX_RECV_ROWS = 65536
 _PHASE_NAMES = ('dispatch (inputs ready)', 'combine (expert outputs ready)')
 PHASE_INTERNAL = 2      # a wait between the CTAs of one rank's fused kernel
 
@@ -104,13 +121,40 @@ def _check_args(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, hidde
         raise ValueError(f'num_topk: {num_topk} > num_experts {num_experts}')
 
 
+def default_num_max_tokens_per_wave(num_ranks: int, num_experts: int, num_max_tokens_per_rank: int,
+                                    num_topk: int) -> int:
+    """``num_max_tokens_per_rank`` if its receive rows fit in ``DEFAULT_MAX_RECV_ROWS``, else the
+    fewest waves whose rows do, evenly sized (a smaller buffer than the largest wave that fits, and
+    no near-empty last wave)."""
+    pairs_per_token = num_ranks * min(num_topk, num_experts // num_ranks)
+    t = num_max_tokens_per_rank
+    if t * pairs_per_token <= DEFAULT_MAX_RECV_ROWS:
+        return t
+    largest = max(1, DEFAULT_MAX_RECV_ROWS // pairs_per_token)
+    return -(-t // -(-t // largest))
+
+
+def _tokens_per_wave(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, num_max_tokens_per_wave) -> int:
+    if num_max_tokens_per_wave is None:
+        return default_num_max_tokens_per_wave(num_ranks, num_experts, num_max_tokens_per_rank, num_topk)
+    check_positive_int('num_max_tokens_per_wave', num_max_tokens_per_wave)
+    if num_max_tokens_per_wave > num_max_tokens_per_rank:
+        raise ValueError(f'num_max_tokens_per_wave: {num_max_tokens_per_wave} > num_max_tokens_per_rank = '
+                         f'{num_max_tokens_per_rank} (a wave is a slice of one call\'s tokens)')
+    return num_max_tokens_per_wave
+
+
 def get_symm_buffer_layout(num_ranks: int, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
-                           hidden: int, intermediate_hidden: int) -> 'OrderedDict[str, Region]':
-    """Offset, dtype and shape of every region (see the module docstring)."""
+                           hidden: int, intermediate_hidden: int, *,
+                           num_max_tokens_per_wave: Optional[int] = None) -> 'OrderedDict[str, Region]':
+    """Offset, dtype and shape of every region (see the module docstring).  Token regions are sized
+    by ``num_max_tokens_per_rank``, the receive rows by ``num_max_tokens_per_wave`` (default:
+    :func:`default_num_max_tokens_per_wave`)."""
     _check_args(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden)
+    w = _tokens_per_wave(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, num_max_tokens_per_wave)
     t, k, h, i = num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden
     e_l = num_experts // num_ranks
-    r = num_ranks * t * min(k, e_l)
+    r = num_ranks * w * min(k, e_l)
     specs = [
         ('x', torch.float8_e4m3fn, (t, h)),
         ('x_sf', torch.float32, (t, h // X_SF_GRAN)),
@@ -137,11 +181,15 @@ def get_symm_buffer_layout(num_ranks: int, num_experts: int, num_max_tokens_per_
 
 
 def get_symm_buffer_size_for_mega_moe(num_ranks: int, num_experts: int, num_max_tokens_per_rank: int,
-                                      num_topk: int, hidden: int, intermediate_hidden: int) -> int:
+                                      num_topk: int, hidden: int, intermediate_hidden: int, *,
+                                      num_max_tokens_per_wave: Optional[int] = None) -> int:
     """Bytes of the symmetric buffer per rank: the sum of the regions of
     :func:`get_symm_buffer_layout`, each rounded up to 128 bytes."""
-    layout = get_symm_buffer_layout(num_ranks, num_experts, num_max_tokens_per_rank, num_topk,
-                                    hidden, intermediate_hidden)
+    return _end(get_symm_buffer_layout(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, hidden,
+                                       intermediate_hidden, num_max_tokens_per_wave=num_max_tokens_per_wave))
+
+
+def _end(layout: 'OrderedDict[str, Region]') -> int:
     last = next(reversed(layout.values()))
     return _align(last.offset + last.nbytes)
 
@@ -151,7 +199,8 @@ class SymmBuffer:
     ``topk_idx[:T]``, ``topk_weights[:T]`` before calling the layer."""
 
     def __init__(self, group, num_experts: int, num_max_tokens_per_rank: int, num_topk: int, hidden: int,
-                 intermediate_hidden: int, device=None, timeout_s: Optional[float] = None, _emulated=None):
+                 intermediate_hidden: int, device=None, timeout_s: Optional[float] = None, *,
+                 num_max_tokens_per_wave: Optional[int] = None, _emulated=None):
         import torch.distributed as dist
         if _emulated is not None:
             self.rank, self.num_ranks = _emulated
@@ -162,9 +211,12 @@ class SymmBuffer:
             self.rank = 0 if group is None else dist.get_rank(group)
         self.group = group
         self.layout = get_symm_buffer_layout(self.num_ranks, num_experts, num_max_tokens_per_rank, num_topk,
-                                             hidden, intermediate_hidden)
-        self.num_bytes = get_symm_buffer_size_for_mega_moe(self.num_ranks, num_experts, num_max_tokens_per_rank,
-                                                           num_topk, hidden, intermediate_hidden)
+                                             hidden, intermediate_hidden,
+                                             num_max_tokens_per_wave=num_max_tokens_per_wave)
+        self.num_bytes = _end(self.layout)
+        # after the layout, which checks the arguments the default depends on
+        self.num_max_tokens_per_wave = _tokens_per_wave(self.num_ranks, num_experts, num_max_tokens_per_rank,
+                                                        num_topk, num_max_tokens_per_wave)
         self.num_experts = num_experts
         self.num_experts_per_rank = num_experts // self.num_ranks
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
@@ -197,8 +249,8 @@ class SymmBuffer:
 
     @classmethod
     def emulated_group(cls, num_ranks: int, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
-                       hidden: int, intermediate_hidden: int, device=None,
-                       timeout_s: Optional[float] = None) -> List['SymmBuffer']:
+                       hidden: int, intermediate_hidden: int, device=None, timeout_s: Optional[float] = None, *,
+                       num_max_tokens_per_wave: Optional[int] = None) -> List['SymmBuffer']:
         """The buffers of ``num_ranks`` ranks emulated on one device, each rank's kernels reading and
         signalling the others' buffers through plain device pointers (what NVLink peer mappings are on
         several GPUs).  Run each rank's call on its own CUDA stream, all launched before any is
@@ -208,7 +260,8 @@ class SymmBuffer:
         ``deep_gemm.mega.sm90.prepare`` for every rank before launching any.  For tests on one GPU."""
         check_positive_int('num_ranks', num_ranks)
         bufs = [cls(None, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, device,
-                    timeout_s, _emulated=(r, num_ranks)) for r in range(num_ranks)]
+                    timeout_s, num_max_tokens_per_wave=num_max_tokens_per_wave, _emulated=(r, num_ranks))
+                for r in range(num_ranks)]
         ptrs = [b.raw.data_ptr() for b in bufs]
         for b in bufs:
             b.peer_bases = b._bases_tensor(ptrs)
@@ -219,6 +272,23 @@ class SymmBuffer:
     def emulated(self) -> bool:
         """True for the buffers of :meth:`emulated_group`."""
         return self._peers is not None
+
+    def num_waves(self, num_tokens: int) -> int:
+        """Waves of at most ``num_max_tokens_per_wave`` tokens that a call with ``num_tokens`` tokens on
+        this rank runs: ``ceil(num_tokens / W)`` on one rank; with several ranks ``ceil(T / W)`` whatever
+        ``num_tokens`` is, since every rank must run as many waves as the others (their barriers pair
+        up) and no rank knows the others' token counts without a host sync."""
+        check_positive_int('num_tokens', num_tokens, allow_zero=True)
+        if num_tokens > self.num_max_tokens_per_rank:
+            raise ValueError(f'num_tokens: {num_tokens} > num_max_tokens_per_rank = {self.num_max_tokens_per_rank}')
+        limit = num_tokens if self.num_ranks == 1 else self.num_max_tokens_per_rank
+        return -(-limit // self.num_max_tokens_per_wave)
+
+    def waves(self, num_tokens: int) -> List[Tuple[int, int]]:
+        """``(first token, tokens)`` of each of the :meth:`num_waves` waves; with several ranks the
+        last waves may hold 0 tokens of this rank."""
+        w = self.num_max_tokens_per_wave
+        return [(i * w, min(max(num_tokens - i * w, 0), w)) for i in range(self.num_waves(num_tokens))]
 
     def _bases_tensor(self, ptrs) -> torch.Tensor:
         return torch.tensor([p - (1 << 64) if p >= (1 << 63) else p for p in ptrs], dtype=torch.int64,
@@ -246,9 +316,10 @@ class SymmBuffer:
         """The named region on this rank (see :func:`get_symm_buffer_layout`)."""
         return self.views[name]
 
-    def offset(self, name: str) -> int:
-        """Byte offset of the named region (the same on every rank)."""
-        return self.layout[name].offset
+    def offset(self, name: str, row: int = 0) -> int:
+        """Byte offset of the named region, or of its row ``row`` (the same on every rank)."""
+        reg = self.layout[name]
+        return reg.offset + row * (reg.nbytes // reg.shape[0])
 
     def peer_region(self, name: str, rank: int) -> torch.Tensor:
         """The named region of another rank's buffer (CUDA symmetric memory or an emulated group)."""
@@ -295,7 +366,8 @@ class SymmBuffer:
 
     def __repr__(self) -> str:
         return (f'SymmBuffer(rank={self.rank}/{self.num_ranks}, experts={self.num_experts}, '
-                f'max_tokens={self.num_max_tokens_per_rank}, topk={self.num_topk}, hidden={self.hidden}, '
+                f'max_tokens={self.num_max_tokens_per_rank}, tokens_per_wave={self.num_max_tokens_per_wave}, '
+                f'topk={self.num_topk}, hidden={self.hidden}, '
                 f'intermediate={self.intermediate_hidden}, bytes={self.num_bytes}, device={self.device})')
 
 
@@ -348,12 +420,16 @@ class _HostErrorRecord:
 
 def get_symm_buffer_for_mega_moe(group, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
                                  hidden: int, intermediate_hidden: int, device=None,
-                                 timeout_s: Optional[float] = None) -> SymmBuffer:
+                                 timeout_s: Optional[float] = None, *,
+                                 num_max_tokens_per_wave: Optional[int] = None) -> SymmBuffer:
     """Allocate the Mega MoE buffer for ``group`` (``None`` = one process); collective over ``group``.
 
     ``hidden`` and ``intermediate_hidden`` must be multiples of 128, ``num_experts`` a multiple of the
     group size; ``device`` defaults to the current CUDA device, else CPU.  ``timeout_s`` bounds every
     cross-rank wait of the layer (default ``$DG_MEGA_MOE_TIMEOUT_S`` or 300 s).
+    ``num_max_tokens_per_wave`` (at most ``num_max_tokens_per_rank``; default: see the module
+    docstring) bounds the receive rows: a call runs as waves of at most that many tokens per rank.
+    Every rank of ``group`` must pass the same value.
     """
     return SymmBuffer(group, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, device,
-                      timeout_s)
+                      timeout_s, num_max_tokens_per_wave=num_max_tokens_per_wave)

@@ -5,6 +5,11 @@ The kernels are JIT-compiled for sm_90a and sm_100a; their semantics are the ref
 in FP32 with one BF16 rounding.  Every kernel addresses the symmetric buffer through the peer
 base table (``SymmBuffer.peer_bases``) and region offsets, so one code path serves one rank and
 many.  Launchers take device tensors only and never synchronise.
+
+Prefill waves: a launcher's ``t0`` makes it serve the tokens ``[t0, t0 + num_tokens)`` of every
+rank (deep_gemm/mega/sm90.py): token indices in the kernels are relative to token 0 of the regions
+they are given, so shifting the per-token region offsets and tensors by ``t0`` rows is all a wave
+needs.
 """
 from __future__ import annotations
 
@@ -83,29 +88,33 @@ def barrier(buffer, phase: int, num_tokens: int) -> None:
 
 
 def dispatch_layout(buffer, num_tokens: int, row_src: torch.Tensor, row_weight: torch.Tensor,
-                    stats: Optional[torch.Tensor]) -> None:
-    """Route every rank's pairs to this rank's experts: ``expert_offsets`` ``[E_l + 1]``, ``row_src``
-    ``[R, 4]`` (rank, token, slot, local expert), ``row_weight`` ``[R]``, the sources' ``pair_row``;
+                    stats: Optional[torch.Tensor], t0: int = 0) -> None:
+    """Route every rank's pairs of tokens ``[t0, t0 + n)`` (``n``: ``num_tokens`` here, the published
+    count at peers) to this rank's experts: ``expert_offsets`` ``[E_l + 1]``, ``row_src`` ``[R_w, 4]``
+    (rank, token - t0, slot, local expert), ``row_weight`` ``[R_w]``, the sources' ``pair_row``;
     ``stats += counts``."""
     e_l = buffer.num_experts_per_rank
     runtime.launch(_kernel(DISPATCH_LAYOUT, buffer), 1, LAYOUT_THREADS, 4 * (2 * e_l + 1 + buffer.num_ranks + 1),
-                   [buffer.peer_bases, _u64(buffer.offset('topk_idx')), _u64(buffer.offset('topk_weights')),
-                    _u64(buffer.offset('pair_row')), _u64(buffer.offset('meta')), runtime.i32(buffer.rank),
+                   [buffer.peer_bases, _u64(buffer.offset('topk_idx', t0)),
+                    _u64(buffer.offset('topk_weights', t0)), _u64(buffer.offset('pair_row', t0)),
+                    _u64(buffer.offset('meta')), runtime.i32(buffer.rank),
                     runtime.i32(buffer.num_ranks), runtime.i32(num_tokens),
-                    runtime.i32(buffer.num_max_tokens_per_rank), runtime.i32(buffer.num_topk), runtime.i32(e_l),
+                    runtime.i32(buffer.num_max_tokens_per_wave), runtime.i32(buffer.num_topk), runtime.i32(e_l),
                     runtime.i32(row_src.shape[0]), buffer.region('expert_offsets'), row_src, row_weight, stats])
 
 
-def dispatch_gather(buffer, row_src: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[row] = bf16(x[token] * x_sf[token])`` of each row's source rank (grid: all ``R`` row slots)."""
+def dispatch_gather(buffer, row_src: torch.Tensor, out: torch.Tensor, t0: int = 0) -> None:
+    """``out[row] = bf16(x[t0 + token] * x_sf[t0 + token])`` of each row's source rank (grid: all ``R_w``
+    row slots)."""
     runtime.launch(_kernel(DISPATCH_GATHER, buffer, gran_k=_gran(buffer)), out.shape[0], GATHER_THREADS, 0,
-                   [buffer.peer_bases, _u64(buffer.offset('x')), _u64(buffer.offset('x_sf')), row_src,
-                    buffer.region('expert_offsets'), runtime.i32(buffer.num_experts_per_rank),
+                   [buffer.peer_bases, _u64(buffer.offset('x', t0)), _u64(buffer.offset('x_sf', t0)),
+                    row_src, buffer.region('expert_offsets'), runtime.i32(buffer.num_experts_per_rank),
                     runtime.i32(buffer.hidden), out])
 
 
-def combine(buffer, y: torch.Tensor) -> None:
-    """``y[t] = bf16(sum_j combine_owner(j)[pair_row[t, j]])`` in increasing ``j`` (masked slots skipped)."""
+def combine(buffer, y: torch.Tensor, t0: int = 0) -> None:
+    """``y[t] = bf16(sum_j combine_owner(j)[pair_row[t0 + t, j]])`` in increasing ``j`` (masked slots
+    skipped)."""
     t = y.shape[0]
     if t == 0:
         return
@@ -113,6 +122,7 @@ def combine(buffer, y: torch.Tensor) -> None:
     # at least ~1024 CTAs while a row has chunks of COMBINE_THREADS uint4 left to split
     chunks = max(1, min(-(-buffer.hidden // (8 * COMBINE_THREADS)), -(-1024 // t)))
     runtime.launch(kernel, (t, chunks), COMBINE_THREADS, 0,
-                   [buffer.peer_bases, _u64(buffer.offset('combine')), buffer.topk_idx, buffer.region('pair_row'),
-                    buffer.region('meta'), runtime.i32(buffer.num_topk), runtime.i32(buffer.num_experts_per_rank),
-                    runtime.i32(buffer.num_ranks), runtime.i32(buffer.hidden), y])
+                   [buffer.peer_bases, _u64(buffer.offset('combine')), buffer.topk_idx[t0:],
+                    buffer.region('pair_row')[t0:], buffer.region('meta'), runtime.i32(buffer.num_topk),
+                    runtime.i32(buffer.num_experts_per_rank), runtime.i32(buffer.num_ranks),
+                    runtime.i32(buffer.hidden), y])

@@ -11,6 +11,11 @@ reduces them in slot order).  Peers are reached through NVLink mappings of the s
 group of one runs the same kernels on its own buffer, without the barriers.  No host
 synchronisation: every shape is fixed by the buffer, counts stay on the device, so a call can be
 captured in a CUDA graph (the barriers count calls on the device).
+
+Prefill waves: a call runs as ``buffer.waves(num_tokens)``, slices of at most
+``buffer.num_max_tokens_per_wave`` tokens, one after the other on the stream, each exactly the
+layer on that slice of every rank's tokens (per-token region offsets shifted by the wave's first
+token); the receive rows, ``combine`` and the counters, sized for one wave, serve them all.
 """
 from __future__ import annotations
 
@@ -85,9 +90,12 @@ def _fused_config(buffer, l1, expected_m: int, fast_math: bool):
 
 
 def _expected_m(buffer, t: int) -> int:
-    # Block-size hint only (the counts stay on the device): the mean rows per local expert if every
-    # rank has t tokens.
+    # Block-size hint only (the counts stay on the device): the mean rows per local expert of one
+    # wave if every rank has t tokens.  The same for every wave of a call, so one set of kernels
+    # (loaded by prepare) serves them all.
+    t = min(t, buffer.num_max_tokens_per_wave)
     return max(1, -(-t * buffer.num_topk * buffer.num_ranks // buffer.num_experts))
+
 
 
 def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Optional[bool] = None) -> None:
@@ -105,7 +113,8 @@ def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Opti
 
 def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
               activation_clamp: Optional[float] = None, fast_math: bool = True) -> torch.Tensor:
-    """The layer as one launch of ``impls/sm90_fp8_nvfp4_mega_moe.cuh`` (grid: every SM, all resident)."""
+    """The layer as one launch of ``impls/sm90_fp8_nvfp4_mega_moe.cuh`` per wave (grid: every SM, all
+    resident)."""
     from ..jit.tma import make_tma_2d
     t = y.shape[0]
     if buffer.num_ranks > _MAX_RANKS:
@@ -115,21 +124,26 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
     # one GPU share its SMs.
     grid = max(1, gemm.get_num_sms() // (buffer.num_ranks if buffer.emulated else 1)) * ctas
     l1_x, l2_x = buffer.region('l1_x'), buffer.region('l2_x')
+    maps = (make_tma_2d(l1_x, block_t, 64, 128), make_tma_2d(l2_x, block_t, 64, 128))
     clamp = math.inf if activation_clamp is None else float(activation_clamp)
     u64, i32 = runtime.u64, runtime.i32
-    runtime.launch(kernel, grid, 384, smem, [
-        make_tma_2d(l1_x, block_t, 64, 128), make_tma_2d(l2_x, block_t, 64, 128),
-        l1.codes, l1.scales, l1.alpha, l2.codes, l2.scales, l2.alpha,
-        buffer.peer_bases, u64(buffer.offset('x')), u64(buffer.offset('x_sf')), u64(buffer.offset('topk_idx')),
-        u64(buffer.offset('topk_weights')), u64(buffer.offset('pair_row')), u64(buffer.offset('combine')),
-        u64(buffer.offset('meta')), u64(buffer.offset('flags')),
-        l1_x, buffer.region('l1_src'), buffer.region('l1_topk_weights'), l2_x, buffer.region('combine'),
-        buffer.region('expert_offsets'), buffer.region('meta'), buffer.region('flags'), buffer.region('work'),
-        buffer.topk_idx, buffer.region('pair_row'), y, stats,
-        i32(buffer.rank), i32(buffer.num_ranks), i32(t), i32(buffer.num_max_tokens_per_rank), i32(buffer.num_topk),
-        i32(buffer.num_experts_per_rank), i32(l1_x.shape[0]), i32(buffer.hidden), i32(buffer.intermediate_hidden),
-        runtime.f32(clamp), i32(_LOOKAHEAD_EXPERTS), i32(2 * grid), u64(int(buffer.timeout_s * 1e9)),
-        u64(buffer.error_record_ptr)])
+    # One launch per wave, each a whole call of the protocol (why the waves may share the rows, the
+    # `combine` rows and the counters: the wave loop of run_sequence).  The kernel's `work` counters
+    # are zeroed by each launch's last CTA, before the next launch starts on this stream.
+    for t0, n in buffer.waves(t):
+        runtime.launch(kernel, grid, 384, smem, [
+            *maps, l1.codes, l1.scales, l1.alpha, l2.codes, l2.scales, l2.alpha,
+            buffer.peer_bases, u64(buffer.offset('x', t0)), u64(buffer.offset('x_sf', t0)),
+            u64(buffer.offset('topk_idx', t0)), u64(buffer.offset('topk_weights', t0)),
+            u64(buffer.offset('pair_row', t0)), u64(buffer.offset('combine')),
+            u64(buffer.offset('meta')), u64(buffer.offset('flags')),
+            l1_x, buffer.region('l1_src'), buffer.region('l1_topk_weights'), l2_x, buffer.region('combine'),
+            buffer.region('expert_offsets'), buffer.region('meta'), buffer.region('flags'), buffer.region('work'),
+            buffer.topk_idx[t0:], buffer.region('pair_row')[t0:], y[t0:t0 + n], stats,
+            i32(buffer.rank), i32(buffer.num_ranks), i32(n), i32(buffer.num_max_tokens_per_wave),
+            i32(buffer.num_topk), i32(buffer.num_experts_per_rank), i32(l1_x.shape[0]), i32(buffer.hidden),
+            i32(buffer.intermediate_hidden), runtime.f32(clamp), i32(_LOOKAHEAD_EXPERTS), i32(2 * grid),
+            u64(int(buffer.timeout_s * 1e9)), u64(buffer.error_record_ptr)])
     return y
 
 
@@ -167,18 +181,31 @@ def run_sequence(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] 
         # JIT work (a cold compile takes tens of seconds) happens before this rank signals, never
         # while it holds peers at a barrier.
         prepare(buffer, l1, l2, t, fast_math, fused=False)
+    # Waves: one pass of the protocol per wave, every rank running the same waves in the same order
+    # (buffer.waves; with peers ceil(T / W) of them, also those without tokens of this rank, which
+    # still serve its experts).  Token indices are relative to the offsets and tensors a wave passes,
+    # so wave w is exactly a call on tokens [t0, t0 + n) of every rank.  One set of rows, `combine`
+    # rows and counters serves every wave because
+    # - a rank signals barrier 0 of wave w + 1 only after its wave-w launches finished on its stream,
+    #   its combine (which reads the peers' `combine` rows) included;
+    # - a rank writes its `combine` rows and the peers' `pair_row` entries of wave w + 1 only after it
+    #   passed barrier 0 of wave w + 1, i.e. after every rank finished wave w;
+    # - it publishes its wave-(w + 1) token count only after its wave w, which waited at barrier 1
+    #   for every peer to have routed wave w (the only reads of that count).
+    # The caller's inputs are not rewritten during the call, so any wave's gather reads them.
+    for t0, n in buffer.waves(t):
+        if multi and comm:
+            kernels.barrier(buffer, 0, n)
         if comm:
-            kernels.barrier(buffer, 0, t)
-    if comm:
-        kernels.dispatch_layout(buffer, t, row_src, row_weight, stats)
-        kernels.dispatch_gather(buffer, row_src, tokens)
-    if compute:
-        gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(tokens, l1, h, offsets, epilogue='swiglu',
-                                                    route_weights=row_weight, activation_clamp=activation_clamp,
-                                                    fast_math=fast_math, expected_m=expected_m)
-        gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, l2, o, offsets, expected_m=expected_m)
-    if multi and comm:
-        kernels.barrier(buffer, 1, t)
-    if comm:
-        kernels.combine(buffer, y)
+            kernels.dispatch_layout(buffer, n, row_src, row_weight, stats, t0)
+            kernels.dispatch_gather(buffer, row_src, tokens, t0)
+        if compute:
+            gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(tokens, l1, h, offsets, epilogue='swiglu',
+                                                        route_weights=row_weight, activation_clamp=activation_clamp,
+                                                        fast_math=fast_math, expected_m=expected_m)
+            gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, l2, o, offsets, expected_m=expected_m)
+        if multi and comm:
+            kernels.barrier(buffer, 1, n)
+        if comm:
+            kernels.combine(buffer, y[t0:t0 + n], t0)
     return y

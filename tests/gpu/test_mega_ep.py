@@ -10,7 +10,9 @@ Checked against the single-process reference on the concatenated tokens (which e
 multi-rank reference bit for bit, tests/test_multirank.py): fresh random non-uniform data, masked
 slots, uneven token counts, a rank with no tokens, an expert with no tokens, y poisoned with NaN,
 rel. error <= 1e-2, bitwise-identical repeats, exact receive statistics, CUDA graph replay, and a
-rank that never arrives.
+rank that never arrives.  Prefill waves (``num_max_tokens_per_wave``): bitwise equal to an unwaved
+buffer, with a rank whose last wave is empty, on one rank with trailing waves skipped, and in a
+CUDA graph.
 """
 import contextlib
 import gc
@@ -49,12 +51,13 @@ def launch_window():
 class Group:
     """One emulated EP group: per-rank buffers, weights, outputs and streams."""
 
-    def __init__(self, p, counts, max_tokens=None, timeout_s=30.0):
+    def __init__(self, p, counts, max_tokens=None, timeout_s=30.0, tokens_per_wave=None):
         self.p, self.counts, self.world = p, counts, len(counts)
         dev = torch.device('cuda')
         e_l = p.experts // self.world
         self.bufs = SymmBuffer.emulated_group(self.world, p.experts, max_tokens or max(max(counts), 1), p.topk,
-                                              p.hidden, p.inter, device=dev, timeout_s=timeout_s)
+                                              p.hidden, p.inter, device=dev, timeout_s=timeout_s,
+                                              num_max_tokens_per_wave=tokens_per_wave)
         self.l1, self.l2 = [], []
         for r in range(self.world):
             es = slice(r * e_l, (r + 1) * e_l)
@@ -163,9 +166,12 @@ def test_mxfp4_two_ranks(make_problem):
     assert relative_error(torch.cat(ys), y_ref) < TOL
 
 
-def test_cuda_graph_replay_new_routing(make_problem):
+@pytest.mark.parametrize('tokens_per_wave', [None, 8])
+def test_cuda_graph_replay_new_routing(make_problem, tokens_per_wave):
     p = make_problem(seed=77, t=30, hidden=512, inter=256, experts=8, topk=4, use_ue8m0=True, mask_frac=0.1)
-    g = Group(p, [12, 18])
+    g = Group(p, [12, 18], tokens_per_wave=tokens_per_wave)
+    # waves of 8: rank 0 runs 8, 4 and 0 tokens, rank 1 8, 8 and 2, all captured in each rank's graph
+    assert [b.num_waves(c) for b, c in zip(g.bufs, g.counts)] == ([1, 1] if tokens_per_wave is None else [3, 3])
     eager, _ = g.run()
     ys = [torch.empty(c, p.hidden, dtype=torch.bfloat16, device='cuda') for c in g.counts]
     graphs = []
@@ -195,6 +201,84 @@ def test_cuda_graph_replay_new_routing(make_problem):
     for r in range(g.world):
         assert relative_error(ys[r].cpu(), y_ref[g.rows(r)]) < TOL
         assert torch.equal(ys[r].cpu().view(torch.int16), torch.cat(eager).cpu()[perm][g.rows(r)].view(torch.int16))
+
+
+def _pin_token_tile(monkeypatch):
+    # The token tile width follows the per-wave token count (a hint), so an unwaved call may pick
+    # another one; pinned, both calls launch the same kernels and any difference is the waves'.
+    monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', '32')
+
+
+def test_waves_bitwise_equal_unwaved(make_problem, monkeypatch):
+    """T = 96 tokens per rank in waves of W = 32: both ranks run 3 waves; rank 1 (50 tokens) has a
+    partial second wave and an empty third, in which it still serves its experts for rank 0's last
+    32 tokens."""
+    _pin_token_tile(monkeypatch)
+    counts = [96, 50]
+    p = make_problem(seed=146, t=sum(counts), hidden=512, inter=256, experts=8, topk=4, use_ue8m0=True,
+                     mask_frac=0.25)
+    waved = Group(p, counts, max_tokens=96, tokens_per_wave=32)
+    unwaved = Group(p, counts, max_tokens=96)
+    assert [b.waves(c) for b, c in zip(waved.bufs, counts)] == [[(0, 32), (32, 32), (64, 32)],
+                                                               [(0, 32), (32, 18), (64, 0)]]
+    assert unwaved.bufs[0].num_waves(96) == 1
+    assert waved.bufs[0].region('l1_x').shape[0] * 3 == unwaved.bufs[0].region('l1_x').shape[0]
+    # rank 0's last wave routes pairs to rank 1's experts (what rank 1's empty wave serves)
+    assert (p.topk_idx[64:96] >= 4).any()
+    ys, stats = waved.run()
+    ys_u, stats_u = unwaved.run()
+    y_ref, stats_ref = reference(p)
+    for r in range(waved.world):
+        assert ys[r].shape == (counts[r], p.hidden)
+        assert torch.equal(ys[r].view(torch.int16), ys_u[r].view(torch.int16)), f'rank {r}: waves changed y'
+        assert relative_error(ys[r].cpu(), y_ref[waved.rows(r)]) < TOL, f'rank {r}'
+    # every wave adds its pairs to the statistics
+    assert torch.equal(torch.cat([s.cpu() for s in stats]), stats_ref)
+    assert torch.equal(torch.cat([s.cpu() for s in stats_u]), stats_ref)
+    # the last wave left the counters and barriers ready for the next call
+    ys2, stats2 = waved.run()
+    for r in range(waved.world):
+        assert torch.equal(ys[r].view(torch.int16), ys2[r].view(torch.int16)), f'rank {r}: not bitwise stable'
+    assert torch.equal(torch.cat([s.cpu() for s in stats2]), stats_ref)
+
+
+def test_waves_one_rank_skip_trailing(make_problem, monkeypatch):
+    """One rank, T = 96, W = 32, 40 tokens: waves of 32 and 8 tokens; the third is not launched."""
+    from deep_gemm.jit import runtime
+    _pin_token_tile(monkeypatch)
+    p = make_problem(seed=40, t=40, hidden=512, inter=256, experts=8, topk=4, use_ue8m0=True, mask_frac=0.25)
+    dev = torch.device('cuda')
+    l1, l2 = deep_gemm.transform_nvfp4_weights_for_mega_moe({k: v.to(dev) for k, v in p.l1.items()},
+                                                           {k: v.to(dev) for k, v in p.l2.items()})
+    waved, unwaved = [deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, 96, p.topk, p.hidden, p.inter,
+                                                             device=dev, num_max_tokens_per_wave=w)
+                      for w in (32, None)]
+    for b in (waved, unwaved):
+        for name in ('x', 'x_sf', 'topk_idx', 'topk_weights'):
+            getattr(b, name)[:p.t].copy_(getattr(p, name))
+    assert waved.num_waves(40) == 2 and waved.num_waves(32) == 1 and unwaved.num_waves(40) == 1
+    launched = []
+    launch = runtime.launch
+    monkeypatch.setattr(runtime, 'launch', lambda kernel, *a, **kw: (launched.append(kernel), launch(kernel, *a, **kw)))
+
+    def call(buf, t):
+        y = torch.full((t, p.hidden), float('nan'), dtype=torch.bfloat16, device='cuda')
+        stats = torch.zeros(p.experts, dtype=torch.int32, device='cuda')
+        launched.clear()
+        deep_gemm.fp8_nvfp4_mega_moe(y, l1, l2, buf, cumulative_local_expert_recv_stats=stats, backend='sm90')
+        torch.cuda.synchronize()
+        return y, stats, len(launched)
+
+    y, stats, n = call(waved, 40)
+    y_u, stats_u, n_u = call(unwaved, 40)
+    _, _, n_one = call(waved, 32)
+    assert n_one > 0 and n == 2 * n_one and n_u == n_one, (n, n_u, n_one)
+    y_ref, stats_ref = reference(p)
+    assert torch.equal(y.view(torch.int16), y_u.view(torch.int16))
+    assert relative_error(y.cpu(), y_ref) < TOL
+    assert torch.equal(stats.cpu(), stats_ref) and torch.equal(stats_u.cpu(), stats_ref)
+    # no tokens: nothing launched
+    assert call(waved, 0)[2] == 0
 
 
 def test_rank_that_never_arrives_times_out(make_problem):

@@ -1,0 +1,342 @@
+"""Prefill waves on CPU: the buffer's rows are sized by ``num_max_tokens_per_wave`` (W), its token
+regions by ``num_max_tokens_per_rank`` (T); the default W; how many waves a call runs; argument
+checks; the size formula and figures of the buffer's docstring; and the sm90 host loop (kernel
+launches recorded instead of run): each wave passes the per-token offsets and tensors of its first
+token, its own token count and W, on one rank and on emulated ranks.  The GPU side of the same
+(bitwise equal to an unwaved buffer, CUDA graphs): tests/gpu/test_mega_ep.py."""
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import deep_gemm
+from deep_gemm import get_symm_buffer_for_mega_moe, get_symm_buffer_size_for_mega_moe
+from deep_gemm.mega import buffer as buffer_mod
+from deep_gemm.mega.buffer import (DEFAULT_MAX_RECV_ROWS, SymmBuffer, default_num_max_tokens_per_wave,
+                                   get_symm_buffer_layout)
+
+H, I, E, K = 256, 128, 8, 4
+TOKEN_REGIONS = ('x', 'x_sf', 'topk_idx', 'topk_weights', 'pair_row')
+ROW_REGIONS = ('l1_x', 'l1_src', 'l1_topk_weights', 'l2_x', 'combine')
+DSV4 = dict(num_experts=384, num_topk=6, hidden=7168, intermediate_hidden=3072)
+
+
+# ---------------------------------------------------------------------------------------- layout
+def test_rows_follow_the_wave_tokens_follow_t():
+    t, w = 96, 32
+    for ranks in (1, 2, 4):
+        full = get_symm_buffer_layout(ranks, E, t, K, H, I)
+        waved = get_symm_buffer_layout(ranks, E, t, K, H, I, num_max_tokens_per_wave=w)
+        r_w = ranks * w * min(K, E // ranks)
+        for name in TOKEN_REGIONS:
+            assert waved[name].shape == full[name].shape and waved[name].shape[0] == t, name
+        for name in ROW_REGIONS:
+            assert waved[name].shape[0] == r_w, name
+            assert full[name].shape[0] == ranks * t * min(K, E // ranks), name
+        assert waved['work'].shape == (8 + 3 * (E // ranks) + 2 * r_w,)
+        small = get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I, num_max_tokens_per_wave=w)
+        big = get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I)
+        assert small < big
+        # W = T is the unwaved layout
+        assert get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I, num_max_tokens_per_wave=t) == big
+
+
+def test_buffer_views_and_token_offsets():
+    buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    assert buf.num_max_tokens_per_wave == 32 and buf.num_max_tokens_per_rank == 96
+    assert buf.num_bytes == buf.raw.numel() == get_symm_buffer_size_for_mega_moe(1, E, 96, K, H, I,
+                                                                                  num_max_tokens_per_wave=32)
+    assert buf.x.shape == (96, H) and buf.region('l1_x').shape == (32 * K, H)
+    base = buf.raw.data_ptr()
+    # the offsets a wave passes to the kernels address the rows the local slices start at
+    for name in TOKEN_REGIONS:
+        for t0 in (0, 32, 64):
+            assert buf.offset(name, t0) == buf.region(name)[t0].data_ptr() - base, (name, t0)
+    assert buf.offset('x', 5) - buf.offset('x') == 5 * H
+    assert buf.offset('x_sf', 5) - buf.offset('x_sf') == 5 * (H // 32) * 4
+    assert buf.offset('topk_idx', 5) - buf.offset('topk_idx') == 5 * K * 8
+    assert buf.offset('topk_weights', 5) - buf.offset('topk_weights') == 5 * K * 4
+    assert buf.offset('pair_row', 5) - buf.offset('pair_row') == 5 * K * 4
+    assert 'tokens_per_wave=32' in repr(buf)
+
+
+# ------------------------------------------------------------------------------------ default W
+@pytest.mark.parametrize('ranks,t,want', [
+    (1, 4096, 4096),      # 24576 rows: no waves
+    (1, 8192, 8192),      # 49152 rows
+    (1, 16384, 8192),     # 98304 rows > 65536: at most 65536 // 6 = 10922 per wave -> 2 even waves
+    (4, 4096, 2048),      # 98304 rows: at most 65536 // 24 = 2730 -> 2 waves
+    (8, 4096, 1024),      # at most 65536 // 48 = 1365 -> 4 waves
+    (8, 8192, 1171),      # 1365 -> 7 waves of ceil(8192 / 7)
+])
+def test_default_wave_at_dsv4_shape(ranks, t, want):
+    w = default_num_max_tokens_per_wave(ranks, DSV4['num_experts'], t, DSV4['num_topk'])
+    assert w == want
+    lay = get_symm_buffer_layout(ranks, DSV4['num_experts'], t, DSV4['num_topk'], DSV4['hidden'],
+                                 DSV4['intermediate_hidden'])
+    assert lay['l1_x'].shape[0] == ranks * want * 6 <= DEFAULT_MAX_RECV_ROWS
+    assert lay['x'].shape[0] == t
+    if want < t:   # the fewest waves whose rows fit, evenly sized
+        n = -(-t // want)
+        largest = DEFAULT_MAX_RECV_ROWS // (ranks * 6)
+        assert -(-t // largest) == n and (n - 1) * want < t <= n * want
+
+
+def test_default_wave_with_fewer_local_experts_than_topk():
+    # 2 local experts: a token sends at most 2 pairs to one rank
+    assert default_num_max_tokens_per_wave(8, 16, 4096, 6) == 4096          # 8 * 4096 * 2 = 65536
+    assert default_num_max_tokens_per_wave(8, 16, 4097, 6) == 2049          # 2 even waves
+    assert default_num_max_tokens_per_wave(128, 128, 4096, 6) == 512       # one local expert: 65536 // 128
+    assert default_num_max_tokens_per_wave(1, 8, 70000, 8) == 7778          # 9 waves of at most 8192
+
+
+def test_buffer_takes_the_default_wave():
+    # one rank, 8 slots per token: 8200 tokens need 65600 rows > 65536, so two even waves of 4100
+    buf = get_symm_buffer_for_mega_moe(None, 8, 8200, 8, 128, 128, device='cpu')
+    assert buf.num_max_tokens_per_wave == 4100
+    assert buf.region('l1_x').shape == (32800, 128) and buf.x.shape == (8200, 128)
+    assert buf.waves(8200) == [(0, 4100), (4100, 4100)]
+    assert get_symm_buffer_for_mega_moe(None, 8, 8192, 8, 128, 128, device='cpu').num_max_tokens_per_wave == 8192
+
+
+# ------------------------------------------------------------------------------------- num_waves
+def test_num_waves_one_rank():
+    buf = get_symm_buffer_for_mega_moe(None, E, 100, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    assert [buf.num_waves(n) for n in (0, 1, 32, 33, 64, 65, 100)] == [0, 1, 1, 2, 2, 3, 4]
+    assert buf.waves(0) == []
+    assert buf.waves(40) == [(0, 32), (32, 8)]            # trailing waves skipped
+    assert buf.waves(100) == [(0, 32), (32, 32), (64, 32), (96, 4)]
+    with pytest.raises(ValueError, match='^num_tokens: 101 > num_max_tokens_per_rank = 100'):
+        buf.num_waves(101)
+    with pytest.raises(ValueError, match='^num_tokens:'):
+        buf.num_waves(-1)
+    assert get_symm_buffer_for_mega_moe(None, E, 100, K, H, I, device='cpu').num_waves(100) == 1
+
+
+def test_num_waves_several_ranks():
+    """Every rank runs ceil(T / W) waves whatever its own token count: the barriers pair up."""
+    bufs = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    assert all(b.num_max_tokens_per_wave == 32 for b in bufs)
+    for n in (0, 1, 50, 96):
+        assert bufs[1].num_waves(n) == 3, n
+    assert bufs[1].waves(50) == [(0, 32), (32, 18), (64, 0)]
+    assert bufs[0].waves(0) == [(0, 0), (32, 0), (64, 0)]
+    assert bufs[0].waves(96) == [(0, 32), (32, 32), (64, 32)]
+    unwaved = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu')
+    assert unwaved[0].num_max_tokens_per_wave == 96 and unwaved[0].waves(5) == [(0, 5)]
+    assert unwaved[1].waves(0) == [(0, 0)]
+
+
+# ------------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize('value,exc', [(0, ValueError), (-4, ValueError), (97, ValueError), (32.0, TypeError),
+                                       (True, TypeError), ('32', TypeError)])
+def test_bad_tokens_per_wave(value, exc):
+    pattern = '^num_max_tokens_per_wave:'
+    with pytest.raises(exc, match=pattern):
+        get_symm_buffer_layout(1, E, 96, K, H, I, num_max_tokens_per_wave=value)
+    with pytest.raises(exc, match=pattern):
+        get_symm_buffer_size_for_mega_moe(2, E, 96, K, H, I, num_max_tokens_per_wave=value)
+    with pytest.raises(exc, match=pattern):
+        get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=value)
+    with pytest.raises(exc, match=pattern):
+        SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=value)
+
+
+def test_more_than_t_names_both_limits():
+    with pytest.raises(ValueError, match=r'^num_max_tokens_per_wave: 97 > num_max_tokens_per_rank = 96'):
+        get_symm_buffer_layout(1, E, 96, K, H, I, num_max_tokens_per_wave=97)
+
+
+def test_upstream_positional_arguments_unchanged():
+    buf = get_symm_buffer_for_mega_moe(None, E, 16, K, H, I, 'cpu', 5.0)
+    assert buf.timeout_s == 5.0 and buf.device == torch.device('cpu') and buf.num_max_tokens_per_wave == 16
+    assert get_symm_buffer_size_for_mega_moe(1, E, 16, K, H, I) == buf.num_bytes
+    # the new argument is keyword-only: a positional extra cannot be taken for it
+    with pytest.raises(TypeError):
+        get_symm_buffer_size_for_mega_moe(1, E, 16, K, H, I, 8)
+
+
+# ------------------------------------------------------------------------------ docstring figures
+def _formula(ranks, experts, t, w, k, h, i):
+    r_w = ranks * w * min(k, experts // ranks)
+    return t * (9 * h // 8 + 16 * k) + r_w * (4 * h + 2 * i + 28)
+
+
+@pytest.mark.parametrize('ranks,experts,t,w,k,h,i', [
+    (1, 8, 4096, 4096, 6, 7168, 3072), (4, 32, 4096, 2048, 6, 7168, 3072), (8, 64, 8192, 1171, 6, 7168, 3072),
+    (1, 8, 1, 1, 1, 128, 128), (2, 8, 100, 7, 6, 256, 384), (4, 8, 96, 32, 6, 512, 256), (8, 384, 33, 33, 8, 128, 256),
+    (3, 3, 50, 50, 1, 384, 128),
+])
+def test_docstring_size_formula(ranks, experts, t, w, k, h, i):
+    assert 'T x (9 H / 8 + 16 k) + R_w x (4 H + 2 I + 28)' in buffer_mod.__doc__
+    assert 'less than ``2048 + 16 E_l + 8 ranks``' in buffer_mod.__doc__
+    size = get_symm_buffer_size_for_mega_moe(ranks, experts, t, k, h, i, num_max_tokens_per_wave=w)
+    extra = size - _formula(ranks, experts, t, w, k, h, i)
+    assert 0 <= extra < 2048 + 16 * (experts // ranks) + 8 * ranks, extra
+
+
+def test_docstring_worked_figures():
+    doc = ' '.join(buffer_mod.__doc__.split())
+    h, i, k = 7168, 3072, 6
+    cases = [  # (ranks, T, W or None for the default, the docstring's words)
+        (1, 4096, None, 'one rank, W = T (the default): {} GB'),
+        (4, 4096, 4096, '4 ranks, W = T: {} GB per rank'),
+        (4, 4096, None, 'with the default W = 2048 (2 waves): {} GB'),
+        (4, 4096, 1024, 'with W = 1024 (4 waves): {} GB'),
+        (8, 8192, 8192, 'T = 8192: {} GB with W = T'),
+        (8, 8192, None, '{} GB with the default W = 1171 (7 waves)'),
+    ]
+    for ranks, t, w, words in cases:
+        size = get_symm_buffer_size_for_mega_moe(ranks, 8 * ranks, t, k, h, i, num_max_tokens_per_wave=w)
+        assert words.format(f'{size / 1e9:.2f}') in doc, (ranks, t, w, size)
+    assert default_num_max_tokens_per_wave(4, 32, 4096, 6) == 2048
+    assert default_num_max_tokens_per_wave(8, 64, 8192, 6) == 1171 and -(-8192 // 1171) == 7
+
+
+# ---------------------------------------------------------------------- the sm90 host wave loop
+def _kernel_params(header: str, name: str):
+    """Parameter names of a kernel, from its source (the launch arguments must line up with them)."""
+    src = (Path(deep_gemm.__file__).parent / 'include' / 'deep_gemm' / 'impls' / header).read_text()
+    m = re.search(r'__global__[^{]*?\b' + name + r'\(([^)]*)\)', src)
+    assert m, name
+    return [p.split()[-1].strip('*&') for p in m.group(1).split(',')]
+
+
+class Recorder:
+    """Stands in for the JIT: records every launch as {parameter name: argument}."""
+
+    def __init__(self, monkeypatch):
+        from deep_gemm import gemm
+        from deep_gemm.jit import runtime, tma
+        from deep_gemm.mega import kernels, sm90
+        self.launches = []
+        self.params = {spec.name: _kernel_params(spec.header, spec.name)
+                       for spec in (kernels.BARRIER, kernels.DISPATCH_LAYOUT, kernels.DISPATCH_GATHER,
+                                    kernels.COMBINE, sm90.FUSED)}
+        monkeypatch.setattr(kernels, '_kernel', lambda spec, buffer, **p: spec.name)
+        monkeypatch.setattr(runtime, 'launch', self._launch)
+        monkeypatch.setattr(gemm, 'm_grouped_fp8_nvfp4_gemm_nt_contiguous', self._gemm)
+        monkeypatch.setattr(gemm, 'get_num_sms', lambda: 132)
+        monkeypatch.setattr(sm90, 'prepare', lambda *a, **kw: None)
+        monkeypatch.setattr(sm90, '_fused_config', lambda buffer, l1, expected_m, fast_math:
+                            ((sm90.FUSED.name, expected_m), 16, 2, 4096))
+        monkeypatch.setattr(tma, 'make_tma_2d', lambda t, *a: ('tma', t.data_ptr()))
+        monkeypatch.setattr(SymmBuffer, 'error_record_ptr', 0)   # CPU buffers have no host-mapped record
+
+    def _launch(self, kernel, grid, block, smem, args):
+        name = kernel[0] if isinstance(kernel, tuple) else kernel
+        names = self.params[name]
+        assert len(args) == len(names), f'{name}: {len(args)} arguments for {len(names)} parameters'
+        rec = {n: getattr(a, 'value', a) for n, a in zip(names, args)}
+        rec['kernel'], rec['config'] = name, kernel
+        self.launches.append(rec)
+
+    def _gemm(self, a, b, d, offsets, expected_m=None, **kw):
+        self.launches.append({'kernel': 'gemm', 'expected_m': expected_m})
+
+    def kernels(self):
+        return [r['kernel'] for r in self.launches]
+
+
+def _weights(num_alpha):
+    z = torch.zeros(1)
+    return SimpleNamespace(codes=z, scales=z, alpha=torch.zeros(1, num_alpha))
+
+
+L1, L2 = _weights(2), _weights(1)
+
+
+def _check_routing_offsets(buf, rec, t0, names=('topk_idx_offset', 'topk_weights_offset', 'pair_row_offset')):
+    for pname, region in zip(names, ('topk_idx', 'topk_weights', 'pair_row')):
+        assert rec[pname] == buf.offset(region, t0), (pname, t0)
+
+
+def test_sequence_waves_one_rank(monkeypatch):
+    from deep_gemm.mega import sm90
+    r = Recorder(monkeypatch)
+    buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    y = torch.empty(40, H, dtype=torch.bfloat16)
+    stats = torch.zeros(E, dtype=torch.int32)
+    sm90.run_sequence(y, L1, L2, buf, stats)
+    per_wave = ['smxx_moe_dispatch_layout', 'smxx_moe_dispatch_gather', 'gemm', 'gemm', 'smxx_moe_combine']
+    assert r.kernels() == per_wave * 2          # 40 tokens: waves of 32 and 8, the third skipped
+    layouts = [x for x in r.launches if x['kernel'] == 'smxx_moe_dispatch_layout']
+    gathers = [x for x in r.launches if x['kernel'] == 'smxx_moe_dispatch_gather']
+    combines = [x for x in r.launches if x['kernel'] == 'smxx_moe_combine']
+    for (t0, n), lay, gat, com in zip([(0, 32), (32, 8)], layouts, gathers, combines):
+        _check_routing_offsets(buf, lay, t0)
+        assert lay['num_tokens'] == n and lay['max_tokens'] == 32 and lay['stats'] is stats
+        assert lay['max_rows'] == 32 * K == buf.region('l1_src').shape[0]
+        assert gat['x_offset'] == buf.offset('x', t0) and gat['x_sf_offset'] == buf.offset('x_sf', t0)
+        assert com['combine_offset'] == buf.offset('combine')
+        assert com['topk_idx'].data_ptr() == buf.topk_idx[t0].data_ptr()
+        assert com['pair_row'].data_ptr() == buf.region('pair_row')[t0].data_ptr()
+        assert com['y'].data_ptr() == y[t0].data_ptr() and com['y'].shape == (n, H)
+    # the block-size hint of a wave: 32 tokens x 4 slots over 8 experts, not 40 x 4 / 8
+    assert {x['expected_m'] for x in r.launches if x['kernel'] == 'gemm'} == {16}
+    # compute-only and communication-only passes loop over the same waves
+    r.launches.clear()
+    sm90.run_sequence(y, L1, L2, buf, comm=False)
+    assert r.kernels() == ['gemm', 'gemm'] * 2
+    r.launches.clear()
+    sm90.run_sequence(y, L1, L2, buf, compute=False)
+    assert r.kernels() == ['smxx_moe_dispatch_layout', 'smxx_moe_dispatch_gather', 'smxx_moe_combine'] * 2
+    r.launches.clear()
+    sm90.run(y[:0], L1, L2, buf, fused=False)
+    assert r.launches == []
+
+
+def test_sequence_waves_emulated_ranks(monkeypatch):
+    from deep_gemm.mega import sm90
+    r = Recorder(monkeypatch)
+    bufs = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    y = torch.empty(50, H, dtype=torch.bfloat16)
+    sm90.run_sequence(y, L1, L2, bufs[1])
+    per_wave = ['smxx_moe_barrier', 'smxx_moe_dispatch_layout', 'smxx_moe_dispatch_gather', 'gemm', 'gemm',
+                'smxx_moe_barrier']
+    # waves of 32, 18 and 0 tokens: the empty one still signals, routes peers' pairs and runs the experts
+    assert r.kernels() == (per_wave + ['smxx_moe_combine']) * 2 + per_wave
+    barriers = [x for x in r.launches if x['kernel'] == 'smxx_moe_barrier']
+    assert [(x['phase'], x['num_tokens']) for x in barriers] == [(0, 32), (1, 32), (0, 18), (1, 18), (0, 0), (1, 0)]
+    assert all(x['rank'] == 1 and x['num_ranks'] == 2 for x in barriers)
+    layouts = [x for x in r.launches if x['kernel'] == 'smxx_moe_dispatch_layout']
+    for (t0, n), lay in zip([(0, 32), (32, 18), (64, 0)], layouts):
+        _check_routing_offsets(bufs[1], lay, t0)
+        assert lay['num_tokens'] == n and lay['max_tokens'] == 32 and lay['max_rows'] == 2 * 32 * K
+    # the hint is the same for every wave and every rank with at least W tokens: one set of kernels
+    assert {x['expected_m'] for x in r.launches if x['kernel'] == 'gemm'} == {32}
+    r.launches.clear()
+    sm90.run_sequence(y[:0], L1, L2, bufs[1])
+    assert r.kernels().count('smxx_moe_barrier') == 6 and 'smxx_moe_combine' not in r.kernels()
+
+
+@pytest.mark.parametrize('ranks,count,waves,hint', [(1, 40, [(0, 32), (32, 8)], 16),
+                                                    (2, 50, [(0, 32), (32, 18), (64, 0)], 32)])
+def test_fused_waves(monkeypatch, ranks, count, waves, hint):
+    from deep_gemm.mega import sm90
+    r = Recorder(monkeypatch)
+    if ranks == 1:
+        buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    else:
+        buf = SymmBuffer.emulated_group(ranks, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)[-1]
+    y = torch.empty(count, H, dtype=torch.bfloat16)
+    stats = torch.zeros(buf.num_experts_per_rank, dtype=torch.int32)
+    sm90.run(y, L1, L2, buf, stats, fused=True)
+    assert r.kernels() == ['sm90_fp8_nvfp4_mega_moe'] * len(waves)
+    for (t0, n), rec in zip(waves, r.launches):
+        _check_routing_offsets(buf, rec, t0, ('topk_idx_off', 'topk_weights_off', 'pair_row_off'))
+        assert rec['x_off'] == buf.offset('x', t0) and rec['x_sf_off'] == buf.offset('x_sf', t0)
+        assert rec['combine_off'] == buf.offset('combine') and rec['meta_off'] == buf.offset('meta')
+        assert rec['num_tokens'] == n and rec['max_tokens'] == 32 and rec['stats'] is stats
+        assert rec['max_rows'] == ranks * 32 * K == rec['l1_x'].shape[0]
+        assert rec['topk_idx'].data_ptr() == buf.topk_idx[t0].data_ptr()
+        assert rec['pair_row'].data_ptr() == buf.region('pair_row')[t0].data_ptr()
+        assert rec['y'].shape == (n, H) and (n == 0 or rec['y'].data_ptr() == y[t0].data_ptr())
+        # one kernel configuration for every wave, from the per-wave token count (32 x 4 x ranks / 8)
+        assert rec['config'] == (sm90.FUSED.name, hint)
+    if ranks == 1:
+        r.launches.clear()
+        sm90.run(y[:0], L1, L2, buf, fused=True)
+        assert r.launches == []
