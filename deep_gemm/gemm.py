@@ -125,6 +125,12 @@ def _pick_block_t(tokens_per_expert: int) -> int:
     return _BLOCK_T_CHOICES[-1]
 
 
+def _block_t(tokens_per_expert: int, block_t: Optional[int] = None) -> int:
+    """The token tile: ``block_t`` if given, else ``$DG_GROUPED_GEMM_BLOCK_T``, else the smallest
+    choice that holds ``tokens_per_expert``."""
+    return block_t or int(os.environ.get('DG_GROUPED_GEMM_BLOCK_T', 0)) or _pick_block_t(tokens_per_expert)
+
+
 def _ctas_per_sm(block_t: int) -> int:
     # Small token tiles are latency-bound in the dequant: two CTAs per SM (measured on H100:
     # L1+L2 decode 553 us vs 628 us at BLOCK_T 16).  Larger tiles need more than the 96
@@ -157,7 +163,7 @@ def _smem_bytes(fmt: str, block_t: int, stages: int, num_experts: int) -> int:
 def _grouped_config(b: ExpertWeights, tokens_per_expert: int, epilogue: str, fast_math: bool, mode: str,
                     device: int, block_t: Optional[int] = None):
     """(kernel, BLOCK_T, CTAs per SM, stages) for one launch; compiles and loads the kernel if needed."""
-    block_t = block_t or int(os.environ.get('DG_GROUPED_GEMM_BLOCK_T', 0)) or _pick_block_t(tokens_per_expert)
+    block_t = _block_t(tokens_per_expert, block_t)
     ctas = _ctas_per_sm(block_t)
     stages = _stages(b.fmt, block_t, b.num_experts, ctas)
     params = {'fmt': _FMT[b.fmt], 'block_t': block_t, 'stages': stages, 'epilogue': _EPI[epilogue],

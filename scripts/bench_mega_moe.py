@@ -149,6 +149,19 @@ def baseline_nccl(buf, l1, l2, t, k, e_l, group):
     return ep_all_to_all(buf, t, k, e_l, group, experts)
 
 
+def fill_inputs(buf, t: int, seed: int) -> None:
+    """The first ``t`` tokens of ``buf``: per-token log-normal magnitudes, FP8 with UE8M0 per-32
+    scales, top-k routing skewed towards the higher expert ids, softmax routing weights."""
+    xg = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, buf.hidden, generator=xg) * torch.exp(0.5 * torch.randn(t, 1, generator=xg))
+    q, sf = per_token_cast_to_fp8(x, 32, use_ue8m0=True)
+    scores = torch.rand(t, buf.num_experts, generator=xg) + torch.linspace(0, 0.5, buf.num_experts)
+    buf.x[:t].copy_(q)
+    buf.x_sf[:t].copy_(sf)
+    buf.topk_idx[:t].copy_(scores.topk(buf.num_topk, dim=1).indices)
+    buf.topk_weights[:t].copy_(torch.softmax(torch.randn(t, buf.num_topk, generator=xg), 1))
+
+
 def nvlink_ceiling(buf, group) -> float:
     """GB/s of one copy into the next rank's symmetric buffer (every rank writes at once)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -199,14 +212,7 @@ def main():
         f'{"NVL GB/s":>9} {"%NVL":>5} {"baseline us":>12} {"x graph":>8} {"x eager":>8} {"rel err":>8} '
         f'{"seq us":>8} {"x seq":>6} {"compute":>8} {"comm":>7} {"/max":>5} {"seq err":>8} {"bitwise":>7}')
     for t in token_counts:
-        xg = torch.Generator().manual_seed(1000 * t + rank)
-        x = torch.randn(t, hidden, generator=xg) * torch.exp(0.5 * torch.randn(t, 1, generator=xg))
-        q, sf = per_token_cast_to_fp8(x, 32, use_ue8m0=True)
-        scores = torch.rand(t, num_experts, generator=xg) + torch.linspace(0, 0.5, num_experts)
-        buf.x[:t].copy_(q)
-        buf.x_sf[:t].copy_(sf)
-        buf.topk_idx[:t].copy_(scores.topk(k, dim=1).indices)
-        buf.topk_weights[:t].copy_(torch.softmax(torch.randn(t, k, generator=xg), 1))
+        fill_inputs(buf, t, 1000 * t + rank)
         y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
         run = lambda: deep_gemm.fp8_nvfp4_mega_moe(y, l1, l2, buf, backend='sm90')  # noqa: E731
         base = (lambda: baseline_nccl(buf, l1, l2, t, k, e_l, group)) if group is not None else \

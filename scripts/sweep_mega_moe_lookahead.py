@@ -12,21 +12,15 @@ import os, sys, torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deep_gemm
 from deep_gemm.mega import sm90
-from deep_gemm.utils import per_token_cast_to_fp8
 from scripts.bench_grouped_gemm import make_weights
+from scripts.bench_mega_moe import fill_inputs
 e_l, hidden, inter, k = 8, 7168, 3072, 6
 gen = torch.Generator(device='cuda').manual_seed(0)
 l1, l2 = make_weights(e_l, hidden, inter, gen)
 counts = [int(v) for v in sys.argv[1].split(',')]
 buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e_l, max(counts), k, hidden, inter)
 for t in counts:
-    xg = torch.Generator().manual_seed(1000 * t)
-    x = torch.randn(t, hidden, generator=xg) * torch.exp(0.5 * torch.randn(t, 1, generator=xg))
-    q, sf = per_token_cast_to_fp8(x, 32, use_ue8m0=True)
-    scores = torch.rand(t, e_l, generator=xg) + torch.linspace(0, 0.5, e_l)
-    buf.x[:t].copy_(q); buf.x_sf[:t].copy_(sf)
-    buf.topk_idx[:t].copy_(scores.topk(k, dim=1).indices)
-    buf.topk_weights[:t].copy_(torch.softmax(torch.randn(t, k, generator=xg), 1))
+    fill_inputs(buf, t, 1000 * t)
     y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
     ref = None
     for bt in os.environ.get('BTS', '0').split(','):

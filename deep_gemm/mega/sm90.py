@@ -72,7 +72,7 @@ def _fused_shared_bytes(max_experts: int) -> int:
 
 
 def _fused_config(buffer, l1, expected_m: int, fast_math: bool):
-    block_t = int(os.environ.get('DG_GROUPED_GEMM_BLOCK_T', 0)) or gemm._pick_block_t(expected_m)
+    block_t = gemm._block_t(expected_m)
     ctas = gemm._ctas_per_sm(block_t)
     max_experts = max(8, 1 << (buffer.num_experts_per_rank - 1).bit_length())
     # dynamic: alignment slack + stages (mega::Shared is static shared memory, counted against the same cap)
@@ -95,7 +95,6 @@ def _expected_m(buffer, t: int) -> int:
     # (loaded by prepare) serves them all.
     t = min(t, buffer.num_max_tokens_per_wave)
     return max(1, -(-t * buffer.num_topk * buffer.num_ranks // buffer.num_experts))
-
 
 
 def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Optional[bool] = None) -> None:

@@ -227,9 +227,10 @@ struct FP4Consumer {
         if (++stage == Pipe::kStages) stage = 0, phase ^= 1;
     }
 
-    // Dequant and wgmma of one block do not overlap inside a warpgroup: the async wgmma reads its A
-    // registers, and a second register set written meanwhile was measured to corrupt them (BLOCK_T
-    // 128).  Overlap comes from the other consumer warpgroup(s) instead.
+    // Dequant and wgmma of one block do not overlap inside a warpgroup; overlap comes from the other
+    // consumer warpgroup(s).  A version pipelined over two A register sets (each rewritten only after
+    // wgmma.wait_group retired its reader) was correct but no faster at decode and slower at
+    // prefill: decode runs at the board's power limit (docs/perf-notes.md, v7).
     __device__ __forceinline__ void mma_tile(float (&acc)[kNumAccum], int num_k_blocks, int wg_tid) {
         if constexpr (kCTAsPerSM == 1) {
             uint32_t a[8][4];
