@@ -145,11 +145,17 @@ def _stage_bytes(fmt: str, block_t: int) -> int:
     return block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K // 2 + (1024 if fmt == 'nvfp4' else 512)
 
 
+def _pipe_bytes(fmt: str, block_t: int, stages: int) -> int:
+    """FP4Pipeline::kBytes: the stages, their 16 bytes of barriers, and for NVFP4 the consumer warps'
+    scale scratch (8 warps x 2 x 256 bytes)."""
+    return stages * (_stage_bytes(fmt, block_t) + 16) + (4096 if fmt == 'nvfp4' else 0)
+
+
 def _fit_stages(fmt: str, block_t: int, ctas_per_sm: int, other_bytes: int) -> int:
-    """Pipeline stages (with their 16 bytes of barriers) that fit beside ``other_bytes`` in one CTA's
-    share of the SM's shared memory."""
+    """Pipeline stages that fit beside ``other_bytes`` in one CTA's share of the SM's shared memory."""
     capacity = _SMEM_CAPACITY if ctas_per_sm == 1 else _SMEM_PER_SM // ctas_per_sm - 1024
-    return max(2, min(_MAX_STAGES, (capacity - other_bytes) // (_stage_bytes(fmt, block_t) + 16)))
+    fixed = _pipe_bytes(fmt, block_t, 0)
+    return max(2, min(_MAX_STAGES, (capacity - other_bytes - fixed) // (_stage_bytes(fmt, block_t) + 16)))
 
 
 def _stages(fmt: str, block_t: int, num_experts: int, ctas_per_sm: int = 1) -> int:
@@ -157,7 +163,7 @@ def _stages(fmt: str, block_t: int, num_experts: int, ctas_per_sm: int = 1) -> i
 
 
 def _smem_bytes(fmt: str, block_t: int, stages: int, num_experts: int) -> int:
-    return 1024 + stages * (_stage_bytes(fmt, block_t) + 16) + 4 * (num_experts + 1) + 64
+    return 1024 + _pipe_bytes(fmt, block_t, stages) + 4 * (num_experts + 1) + 64
 
 
 def _grouped_config(b: ExpertWeights, tokens_per_expert: int, epilogue: str, fast_math: bool, mode: str,

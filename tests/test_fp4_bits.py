@@ -191,10 +191,20 @@ def kernel_fragments(ew: ExpertWeights, e: int) -> np.ndarray:
             for cw in range(2):
                 row_pair = cw * 32 + warp * 8 + g
                 r0 = rt * 128 + cw * 64 + 16 * warp + g
+                if ew.fmt == 'nvfp4':
+                    # load_block's warp exchange: lane l = 4 g + q expands scale word l of its warp's
+                    # 8 row pairs (steps 2q and 2q + 1 of row pair g) into the warp's scratch ...
+                    scratch = {}
+                    for odd in (False, True):
+                        lo, hi = ue4m3x2_to_bf16x2_biased(sc[(cw * 32 + warp * 8) * per_pair + tid % 32], odd)
+                        for t in range(128):
+                            scratch[warp[t], g[t], 2 * q[t] + odd] = (lo[t], hi[t])
                 for j in range(8):
                     w = cw_words[cw, j // 4, :, j % 4]
                     if ew.fmt == 'nvfp4':
-                        s_lo, s_hi = ue4m3x2_to_bf16x2_biased(sc[row_pair * per_pair + j // 2], bool(j & 1))
+                        # ... and every thread reads its row pair's 8 steps back
+                        pairs = [scratch[warp[t], g[t], j] for t in range(128)]
+                        s_lo, s_hi = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
                     else:
                         s_lo, s_hi = halves(ue8m0x2_bits(sc[row_pair * per_pair + j // 4], bool((j // 2) & 1)))
                     a = dequant_step(ew.fmt, w, s_lo, s_hi)

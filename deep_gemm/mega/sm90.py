@@ -77,7 +77,7 @@ def _fused_config(buffer, l1, expected_m: int, fast_math: bool):
     max_experts = max(8, 1 << (buffer.num_experts_per_rank - 1).bit_length())
     # dynamic: alignment slack + stages (mega::Shared is static shared memory, counted against the same cap)
     stages = gemm._fit_stages(l1.fmt, block_t, ctas, 1024 + 64 + _fused_shared_bytes(max_experts))
-    smem = 1024 + stages * (gemm._stage_bytes(l1.fmt, block_t) + 16) + 64
+    smem = 1024 + gemm._pipe_bytes(l1.fmt, block_t, stages) + 64
     params = {'fmt': gemm._FMT[l1.fmt], 'block_t': block_t, 'stages': stages, 'fast_math': bool(fast_math),
               'ctas_per_sm': ctas, 'max_experts': max_experts, 'gran_k': kernels._gran(buffer)}
     kernel = registry.get_kernel(FUSED.name, params, device=buffer.device.index)

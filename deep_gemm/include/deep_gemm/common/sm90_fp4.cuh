@@ -117,22 +117,24 @@ struct FP4Block {
     static constexpr int kScaleBytesPerRowPair = kFmt == WeightFormat::NVFP4 ? 16 : 8;
     static constexpr int kScaleChunkBytes = 64 * kScaleBytesPerRowPair;
     static constexpr float kCompensation = kFmt == WeightFormat::NVFP4 ? kNvfp4Compensation : 1.0f;
+    // NVFP4: the consumer hands over each step's scales already expanded (bf16x2 [s(r0, j), s(r1, j)]
+    // * 2^119, ue4m3x2_to_bf16x2_biased); MXFP4: the row pair's two raw UE8M0 words.
+    static constexpr bool kExpandScales = kFmt == WeightFormat::NVFP4;
+    static constexpr int kScaleRegs = kExpandScales ? 8 : 2;
 
-    // Steps [kFirst, kFirst + kCount) of a block: codes[j] is step j's word, scales the thread's
-    // row-pair scale words of the whole block; a[j - kFirst] receives step j's fragment.
+    // Steps [kFirst, kFirst + kCount) of a block: codes[j] is step j's word; a[j - kFirst] receives
+    // step j's fragment.
     template <int kFirst, int kCount>
-    __device__ __forceinline__ static void dequant(const uint32_t (&codes)[8], const uint32_t (&scales)[4],
+    __device__ __forceinline__ static void dequant(const uint32_t (&codes)[8], const uint32_t (&scales)[kScaleRegs],
                                                    uint32_t (&a)[kCount][4]) {
         #pragma unroll
         for (int j = kFirst; j < kFirst + kCount; ++j) {
-            __nv_bfloat162 s;
             if constexpr (kFmt == WeightFormat::NVFP4) {
-                s = (j & 1) ? ue4m3x2_to_bf16x2_biased<true>(scales[j / 2])
-                            : ue4m3x2_to_bf16x2_biased<false>(scales[j / 2]);
+                const __nv_bfloat162 s = as_bf162(scales[j]);
                 dequant_step_nvfp4(codes[j], __low2bfloat162(s), __high2bfloat162(s), a[j - kFirst]);
             } else {
-                s = ((j / 2) & 1) ? ue8m0x2_to_bf16x2<true>(scales[j / 4])
-                                  : ue8m0x2_to_bf16x2<false>(scales[j / 4]);
+                const __nv_bfloat162 s = ((j / 2) & 1) ? ue8m0x2_to_bf16x2<true>(scales[j / 4])
+                                                       : ue8m0x2_to_bf16x2<false>(scales[j / 4]);
                 dequant_step_mxfp4(codes[j], __low2bfloat162(s), __high2bfloat162(s), a[j - kFirst]);
             }
         }

@@ -47,7 +47,14 @@ struct FP4Pipeline {
     static constexpr int kScaleBytes = Block::kScaleChunkBytes;
     static constexpr int kStageBytes = kTokenBytes + kTileCodeBytes + kScaleBytes;
     static constexpr int kAlign = 1024;                             // swizzle-128B atoms
-    static constexpr int kBarrierOffset = kNumStages * kStageBytes;
+    // NVFP4 scales are expanded to BF16 once per warp, not once per thread (FP4Consumer::load_block):
+    // each consumer warp owns two 256-byte buffers (8 row pairs x 8 steps x bf16x2), used alternately;
+    // 512-byte aligned (stages are whole KB), so switching buffers is an XOR.
+    static constexpr bool kExpandScales = Block::kExpandScales;
+    static constexpr int kScratchOffset = kNumStages * kStageBytes;
+    static constexpr int kScratchBytes = kExpandScales ? kNumConsumerWarpgroups * 4 * 2 * 256 : 0;
+    static constexpr int kBarrierOffset = kScratchOffset + kScratchBytes;
+    static_assert(kStageBytes % 512 == 0, "scale scratch alignment");
     // Bytes from the aligned base, barriers included.
     static constexpr int kBytes = kBarrierOffset + 2 * kNumStages * int(sizeof(Barrier));
 
@@ -56,12 +63,14 @@ struct FP4Pipeline {
     uint8_t* scales;
     Barrier* full;
     Barrier* empty;
+    uint8_t* scratch;
 
     // `smem` must be kAlign-aligned.
     __device__ __forceinline__ explicit FP4Pipeline(uint8_t* smem)
         : tokens(smem), codes(smem + kNumStages * kTokenBytes),
           scales(smem + kNumStages * (kTokenBytes + kTileCodeBytes)),
-          full(reinterpret_cast<Barrier*>(smem + kBarrierOffset)), empty(full + kNumStages) {}
+          full(reinterpret_cast<Barrier*>(smem + kBarrierOffset)), empty(full + kNumStages),
+          scratch(smem + kScratchOffset) {}
 
     __device__ __forceinline__ static uint8_t* align(uint8_t* raw) {
         return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + kAlign - 1) & ~uintptr_t(kAlign - 1));
@@ -164,18 +173,31 @@ struct FP4Consumer {
     using MMA = typename Pipe::MMA;
     static constexpr int kNumAccum = MMA::kNumAccum;
 
+    static constexpr int kScaleRegs = Block::kScaleRegs;
+
     const Pipe& pipe;
     int stage = 0, phase = 0;
-    uint32_t codes_addr, scales_addr;
+    uint32_t codes_addr, scales_addr, scratch_st, scratch_ld;
     uint64_t desc_base;
 
     // cw: which 64 rows; wg_tid: thread in the warpgroup.
     __device__ __forceinline__ FP4Consumer(const Pipe& p, int cw, int wg_tid) : pipe(p) {
-        const int row_pair = cw * 32 + (wg_tid / 32) * 8 + (wg_tid % 32) / 4;
+        const int warp = wg_tid / 32, lane = wg_tid % 32;
+        const int row_pair = cw * 32 + warp * 8 + lane / 4;
         // Shared addresses and ld.shared (LDS.128 with immediate offsets) rather than generic
         // pointers, which compiled to 64-bit address math and LD.E.128.
         codes_addr = cute::cast_smem_ptr_to_uint(p.codes) + (cw * 2 * 128 + wg_tid) * 16;
-        scales_addr = cute::cast_smem_ptr_to_uint(p.scales) + row_pair * Block::kScaleBytesPerRowPair;
+        if constexpr (Pipe::kExpandScales) {
+            // The warp's 8 row pairs hold 32 scale words: lane l expands word l (row pair l / 4, steps
+            // 2 (l % 4) and 2 (l % 4) + 1) and reads back its row pair's 8 expanded words.
+            scales_addr = cute::cast_smem_ptr_to_uint(p.scales) + (cw * 32 + warp * 8) * 16 + lane * 4;
+            const uint32_t scratch = cute::cast_smem_ptr_to_uint(p.scratch) + (cw * 4 + warp) * 512;
+            scratch_st = scratch + lane * 8;
+            scratch_ld = scratch + (lane / 4) * 32;
+        } else {
+            scales_addr = cute::cast_smem_ptr_to_uint(p.scales) + row_pair * Block::kScaleBytesPerRowPair;
+            scratch_st = scratch_ld = 0;
+        }
         desc_base = make_kmajor_sw128_desc(cute::cast_smem_ptr_to_uint(p.tokens));
     }
 
@@ -185,9 +207,10 @@ struct FP4Consumer {
         return *reinterpret_cast<const volatile int*>(tags + stage);
     }
 
-    // smem -> registers: the thread's 8 step code words and its row pair's scale words; volatile
-    // keeps the loads after the wait.
-    __device__ __forceinline__ void load_block(uint32_t (&codes)[8], uint32_t (&scales)[4]) {
+    // smem -> registers: the thread's 8 step code words and its scales (NVFP4: one bf16x2 per step,
+    // [s(r0, j), s(r1, j)] * 2^119; MXFP4: its row pair's raw scale words); volatile keeps the loads
+    // after the wait.
+    __device__ __forceinline__ void load_block(uint32_t (&codes)[8], uint32_t (&scales)[kScaleRegs]) {
         pipe.full[stage].wait(phase);
         const uint32_t c = codes_addr + stage * kTileCodeBytes;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -195,12 +218,24 @@ struct FP4Consumer {
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4 + %5];"   // steps 4..7, 128 uint4 further
                      : "=r"(codes[4]), "=r"(codes[5]), "=r"(codes[6]), "=r"(codes[7]) : "r"(c), "n"(128 * 16));
         const uint32_t sa = scales_addr + stage * Pipe::kScaleBytes;
-        if constexpr (Block::kScaleBytesPerRowPair == 16) {
+        if constexpr (Pipe::kExpandScales) {
+            // The 4 threads of a quad need the same 8 scales; expanding them in every thread was 28 of
+            // the 132 dequant instructions per block.  Here each lane expands 2 and the warp shares them
+            // through its scratch (two buffers: a lane rewrites one only after the __syncwarp that
+            // follows every lane's read of it).
+            uint32_t w;
+            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w) : "r"(sa));
+            const uint32_t even = as_u32(ue4m3x2_to_bf16x2_biased<false>(w));
+            const uint32_t odd = as_u32(ue4m3x2_to_bf16x2_biased<true>(w));
+            asm volatile("st.shared.v2.u32 [%0], {%1, %2};" :: "r"(scratch_st), "r"(even), "r"(odd) : "memory");
+            __syncwarp();
             asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(scales[0]), "=r"(scales[1]), "=r"(scales[2]), "=r"(scales[3]) : "r"(sa));
+                         : "=r"(scales[0]), "=r"(scales[1]), "=r"(scales[2]), "=r"(scales[3]) : "r"(scratch_ld) : "memory");
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4 + 16];"
+                         : "=r"(scales[4]), "=r"(scales[5]), "=r"(scales[6]), "=r"(scales[7]) : "r"(scratch_ld) : "memory");
+            scratch_st ^= 256, scratch_ld ^= 256;
         } else {
             asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(scales[0]), "=r"(scales[1]) : "r"(sa));
-            scales[2] = 0, scales[3] = 0;
         }
     }
 
@@ -208,7 +243,7 @@ struct FP4Consumer {
     // Descriptors as plain 64-bit adds to a uniform base: one UIADD3.64 per wgmma.
     template <int kFirst, int kCount>
     __device__ __forceinline__ void mma_steps(float (&acc)[kNumAccum], int kb, const uint32_t (&codes)[8],
-                                              const uint32_t (&scales)[4], uint32_t (&a)[kCount][4]) {
+                                              const uint32_t (&scales)[kScaleRegs], uint32_t (&a)[kCount][4]) {
         Block::template dequant<kFirst, kCount>(codes, scales, a);
         const uint64_t desc0 = desc_base + static_cast<uint32_t>(stage * (Pipe::kTokenBytes >> 4));
         #pragma unroll
@@ -235,7 +270,7 @@ struct FP4Consumer {
         if constexpr (kCTAsPerSM == 1) {
             uint32_t a[8][4];
             for (int kb = 0; kb < num_k_blocks; ++kb) {
-                uint32_t codes[8], scales[4];
+                uint32_t codes[8], scales[kScaleRegs];
                 load_block(codes, scales);
                 mma_steps<0, 8>(acc, kb, codes, scales, a);
                 cute::warpgroup_wait<0>();
@@ -245,7 +280,7 @@ struct FP4Consumer {
             // Two CTAs per SM (80 registers at compile time): half a block of A at a time.
             uint32_t a[4][4];
             for (int kb = 0; kb < num_k_blocks; ++kb) {
-                uint32_t codes[8], scales[4];
+                uint32_t codes[8], scales[kScaleRegs];
                 load_block(codes, scales);
                 mma_steps<0, 4>(acc, kb, codes, scales, a);
                 cute::warpgroup_wait<0>();
