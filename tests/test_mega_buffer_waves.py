@@ -220,7 +220,7 @@ class Recorder:
         monkeypatch.setattr(gemm, 'm_grouped_fp8_nvfp4_gemm_nt_contiguous', self._gemm)
         monkeypatch.setattr(gemm, 'get_num_sms', lambda: 132)
         monkeypatch.setattr(sm90, 'prepare', lambda *a, **kw: None)
-        monkeypatch.setattr(sm90, '_fused_config', lambda buffer, l1, expected_m, fast_math:
+        monkeypatch.setattr(sm90, '_fused_config', lambda buffer, l1, expected_m, fast_math, trace=False:
                             ((sm90.FUSED.name, expected_m), 16, 2, 4096))
         monkeypatch.setattr(tma, 'make_tma_2d', lambda t, *a: ('tma', t.data_ptr()))
         monkeypatch.setattr(SymmBuffer, 'error_record_ptr', 0)   # CPU buffers have no host-mapped record

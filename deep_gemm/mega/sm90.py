@@ -37,7 +37,8 @@ FUSED = registry.register_kernel(registry.KernelSpec(
     name='sm90_fp8_nvfp4_mega_moe',
     header='sm90_fp8_nvfp4_mega_moe.cuh',
     kernel_expr_fn=lambda p: (f'deep_gemm::sm90_fp8_nvfp4_mega_moe<{p["fmt"]}, {p["block_t"]}, {p["stages"]}, '
-                              f'{p["fast_math"]}, {p["ctas_per_sm"]}, {p["max_experts"]}, {p["gran_k"]}>'),
+                              f'{p["fast_math"]}, {p["ctas_per_sm"]}, {p["max_experts"]}, {p["gran_k"]}, '
+                              f'{p.get("trace", "false")}>'),
     archs=('sm_90a',),
     required_sass=(r'\bHGMMA\.64x\d+x16\.F32\.BF16\b', r'\bUTMALDG\b', r'\bUBLKCP\b', r'\bSTG\.E\.STRONG\.SYS\b',
                    r'\bSR_GLOBALTIMER'),
@@ -51,6 +52,9 @@ FUSED = registry.register_kernel(registry.KernelSpec(
          'max_experts': 8, 'gran_k': 32},
         {'fmt': gemm._FMT['mxfp4'], 'block_t': 64, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 1,
          'max_experts': 8, 'gran_k': 32},
+        # the timeline variant (scripts/trace_mega_moe.py), so that CI keeps it compiling
+        {'fmt': gemm._FMT['nvfp4'], 'block_t': 128, 'stages': 5, 'fast_math': True, 'ctas_per_sm': 1,
+         'max_experts': 8, 'gran_k': 32, 'trace': True},
     ),
 ))
 
@@ -71,7 +75,7 @@ def _fused_shared_bytes(max_experts: int) -> int:
     return 4 * (4 + m + 3 * (m + 1)) + 12 * m + 4 * (_MAX_RANKS + 1) + 4 * 16 + 16 + 256
 
 
-def _fused_config(buffer, l1, expected_m: int, fast_math: bool):
+def _fused_config(buffer, l1, expected_m: int, fast_math: bool, trace: bool = False):
     block_t = gemm._block_t(expected_m)
     ctas = gemm._ctas_per_sm(block_t)
     max_experts = max(8, 1 << (buffer.num_experts_per_rank - 1).bit_length())
@@ -80,6 +84,8 @@ def _fused_config(buffer, l1, expected_m: int, fast_math: bool):
     smem = 1024 + gemm._pipe_bytes(l1.fmt, block_t, stages) + 64
     params = {'fmt': gemm._FMT[l1.fmt], 'block_t': block_t, 'stages': stages, 'fast_math': bool(fast_math),
               'ctas_per_sm': ctas, 'max_experts': max_experts, 'gran_k': kernels._gran(buffer)}
+    if trace:
+        params['trace'] = True
     kernel = registry.get_kernel(FUSED.name, params, device=buffer.device.index)
     static = kernel.attribute('CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES')
     if static > _fused_shared_bytes(max_experts):
@@ -110,18 +116,34 @@ def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Opti
     gemm.prepare_grouped_contiguous(l2, expected_m)
 
 
+def trace_size(buffer, block_t: int) -> int:
+    """int64 entries a ``run_fused(trace=...)`` launch may stamp (layout: the kernel's mega::stamp)."""
+    units = (buffer.region('l1_x').shape[0] // block_t + buffer.num_experts_per_rank) * \
+        (2 * buffer.intermediate_hidden + buffer.hidden) // 128
+    return 4 * (_TRACE_CTAS + units) + units
+
+
+_TRACE_CTAS = 1024            # mega::kTraceCTAs
+
+
 def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
-              activation_clamp: Optional[float] = None, fast_math: bool = True) -> torch.Tensor:
+              activation_clamp: Optional[float] = None, fast_math: bool = True,
+              trace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer as one launch of ``impls/sm90_fp8_nvfp4_mega_moe.cuh`` per wave (grid: every SM, all
-    resident)."""
+    resident).  ``trace`` (int64, ``trace_size`` entries, one wave): run the kernel's timeline
+    variant, which stamps globaltimer there (scripts/trace_mega_moe.py reads it)."""
     from ..jit.tma import make_tma_2d
     t = y.shape[0]
     if buffer.num_ranks > _MAX_RANKS:
         raise ValueError(f'buffer: {buffer.num_ranks} ranks > {_MAX_RANKS}, the most the fused kernel takes')
-    kernel, block_t, ctas, smem = _fused_config(buffer, l1, _expected_m(buffer, t), fast_math)
+    kernel, block_t, ctas, smem = _fused_config(buffer, l1, _expected_m(buffer, t), fast_math, trace is not None)
     # Every CTA must be resident (the kernel's grid-wide waits): one or two per SM; ranks emulated on
     # one GPU share its SMs.
     grid = max(1, gemm.get_num_sms() // (buffer.num_ranks if buffer.emulated else 1)) * ctas
+    if trace is not None and (trace.dtype != torch.int64 or trace.numel() < trace_size(buffer, block_t)
+                              or grid > _TRACE_CTAS or len(buffer.waves(t)) != 1):
+        raise ValueError(f'trace: expected int64 with >= {trace_size(buffer, block_t)} entries, one wave, '
+                         f'<= {_TRACE_CTAS} CTAs')
     l1_x, l2_x = buffer.region('l1_x'), buffer.region('l2_x')
     maps = (make_tma_2d(l1_x, block_t, 64, 128), make_tma_2d(l2_x, block_t, 64, 128))
     clamp = math.inf if activation_clamp is None else float(activation_clamp)
@@ -142,7 +164,7 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
             i32(buffer.rank), i32(buffer.num_ranks), i32(n), i32(buffer.num_max_tokens_per_wave),
             i32(buffer.num_topk), i32(buffer.num_experts_per_rank), i32(l1_x.shape[0]), i32(buffer.hidden),
             i32(buffer.intermediate_hidden), runtime.f32(clamp), i32(_LOOKAHEAD_EXPERTS), i32(2 * grid),
-            u64(int(buffer.timeout_s * 1e9)), u64(buffer.error_record_ptr)])
+            u64(int(buffer.timeout_s * 1e9)), u64(buffer.error_record_ptr), trace])
     return y
 
 

@@ -25,7 +25,9 @@ static_assert(sizeof(RowSource) == 16, "l1_src is int32 [R, 4]");
 // barrier-0 signal; a peer that never arrived may hold anything, hence the clamp.
 __device__ __forceinline__ int source_pairs(const PeerBuffers peers, uint64_t meta_offset, int s, int rank,
                                             int num_tokens, int max_tokens, int topk) {
-    const int n = s == rank ? num_tokens : *peers.at<volatile int>(s, meta_offset + 4 * kMetaNumTokens);
+    // (an if, not a ?: with a volatile operand: that once compiled to a dead local-memory store)
+    int n = num_tokens;
+    if (s != rank) n = *peers.at<volatile int>(s, meta_offset + 4 * kMetaNumTokens);
     return min(max(n, 0), max_tokens) * topk;
 }
 

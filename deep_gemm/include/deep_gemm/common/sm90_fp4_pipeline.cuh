@@ -239,9 +239,10 @@ struct FP4Consumer {
         }
     }
 
-    // Steps [kFirst, kFirst + kCount) of the current block: dequant into `a`, then async wgmmas.
-    // Descriptors as plain 64-bit adds to a uniform base: one UIADD3.64 per wgmma.
-    template <int kFirst, int kCount>
+    // Steps [kFirst, kFirst + kCount) of the current block: dequant into `a`, then async wgmmas over
+    // the first kN tokens of the tile.  Descriptors as plain 64-bit adds to a uniform base: one
+    // UIADD3.64 per wgmma.
+    template <int kN, int kFirst, int kCount>
     __device__ __forceinline__ void mma_steps(float (&acc)[kNumAccum], int kb, const uint32_t (&codes)[8],
                                               const uint32_t (&scales)[kScaleRegs], uint32_t (&a)[kCount][4]) {
         Block::template dequant<kFirst, kCount>(codes, scales, a);
@@ -252,7 +253,7 @@ struct FP4Consumer {
         #pragma unroll
         for (int j = kFirst; j < kFirst + kCount; ++j) {
             constexpr int kStride = Pipe::kTokens * 128;
-            MMA::mma(a[j - kFirst], desc0 + (((j / 4) * kStride + (j % 4) * 32) >> 4), acc, kb > 0 || j > 0);
+            WgmmaRS<kN>::mma(a[j - kFirst], desc0 + (((j / 4) * kStride + (j % 4) * 32) >> 4), acc, kb > 0 || j > 0);
         }
         cute::warpgroup_commit_batch();
     }
@@ -266,13 +267,14 @@ struct FP4Consumer {
     // consumer warpgroup(s).  A version pipelined over two A register sets (each rewritten only after
     // wgmma.wait_group retired its reader) was correct but no faster at decode and slower at
     // prefill: decode runs at the board's power limit (docs/perf-notes.md, v7).
-    __device__ __forceinline__ void mma_tile(float (&acc)[kNumAccum], int num_k_blocks, int wg_tid) {
+    template <int kN>
+    __device__ __forceinline__ void mma_tile_n(float (&acc)[kNumAccum], int num_k_blocks, int wg_tid) {
         if constexpr (kCTAsPerSM == 1) {
             uint32_t a[8][4];
             for (int kb = 0; kb < num_k_blocks; ++kb) {
                 uint32_t codes[8], scales[kScaleRegs];
                 load_block(codes, scales);
-                mma_steps<0, 8>(acc, kb, codes, scales, a);
+                mma_steps<kN, 0, 8>(acc, kb, codes, scales, a);
                 cute::warpgroup_wait<0>();
                 release_and_advance(wg_tid);
             }
@@ -282,15 +284,41 @@ struct FP4Consumer {
             for (int kb = 0; kb < num_k_blocks; ++kb) {
                 uint32_t codes[8], scales[kScaleRegs];
                 load_block(codes, scales);
-                mma_steps<0, 4>(acc, kb, codes, scales, a);
+                mma_steps<kN, 0, 4>(acc, kb, codes, scales, a);
                 cute::warpgroup_wait<0>();
-                mma_steps<4, 4>(acc, kb, codes, scales, a);
+                mma_steps<kN, 4, 4>(acc, kb, codes, scales, a);
                 cute::warpgroup_wait<0>();
                 release_and_advance(wg_tid);
             }
         }
         #pragma unroll
         for (int i = 0; i < kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
+    }
+
+    // A tile holding num_tokens (<= kTokens) tokens.  Wide tiles (>= 64 tokens, tensor-bound) run the
+    // MMA only over the tokens rounded up to an eighth of the tile: at 128 tokens per rank the
+    // experts' last (often only) tiles are 40-95 % full, and the rest of a full-width MMA is waste.
+    // Only acc[0, n / 2) is written then; the epilogues read only the tile's tokens.
+    __device__ __forceinline__ void mma_tile(float (&acc)[kNumAccum], int num_k_blocks, int wg_tid,
+                                             int num_tokens = Pipe::kTokens) {
+        constexpr int kT = Pipe::kTokens;
+        if constexpr (kT >= 64) {
+            constexpr int kGran = kT / 8;
+            // warp-uniform for the compiler too (keeps the k loop on the uniform datapath)
+            const int eighths = __shfl_sync(0xffffffffu, (num_tokens + kGran - 1) / kGran, 0);
+            switch (eighths) {
+                case 1: mma_tile_n<kGran>(acc, num_k_blocks, wg_tid); break;
+                case 2: mma_tile_n<2 * kGran>(acc, num_k_blocks, wg_tid); break;
+                case 3: mma_tile_n<3 * kGran>(acc, num_k_blocks, wg_tid); break;
+                case 4: mma_tile_n<4 * kGran>(acc, num_k_blocks, wg_tid); break;
+                case 5: mma_tile_n<5 * kGran>(acc, num_k_blocks, wg_tid); break;
+                case 6: mma_tile_n<6 * kGran>(acc, num_k_blocks, wg_tid); break;
+                case 7: mma_tile_n<7 * kGran>(acc, num_k_blocks, wg_tid); break;
+                default: mma_tile_n<kT>(acc, num_k_blocks, wg_tid); break;
+            }
+        } else {
+            mma_tile_n<kT>(acc, num_k_blocks, wg_tid);
+        }
     }
 };
 

@@ -84,7 +84,7 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
         float acc[Pipe::MMA::kNumAccum];
         for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
             const auto tile = sched.get(t);
-            consumer.mma_tile(acc, num_k_blocks, wg_tid);
+            consumer.mma_tile(acc, num_k_blocks, wg_tid, tile.num_tokens);
             const float* a = alpha + tile.expert * alpha_stride;
             constexpr float kComp = Pipe::Block::kCompensation;
             if constexpr (kEpilogue == Epilogue::Plain) {

@@ -60,6 +60,16 @@ constexpr int kThreads = 384;
 constexpr int kCommWarps = 3;          // warps 1-3
 constexpr int kPhaseInternal = 2;      // CommError.phase of a wait between CTAs of one rank
 
+// Timeline of one launch (compile-time variant kTrace, scripts/trace_mega_moe.py): globaltimer
+// stamps, per CTA [start, work order built, combine start, end] at trace[4 b ..], per unit u
+// [claimed, inputs ready, MMA start, done] at trace[4 (kTraceCTAs + u) ..] and the CTA at
+// trace[4 (kTraceCTAs + max units) + u].  Stamps from one thread each: no atomics.
+constexpr int kTraceCTAs = 1024;
+template <bool kTrace>
+__device__ __forceinline__ void stamp(uint64_t* trace, int slot) {
+    if constexpr (kTrace) trace[slot] = comm::globaltimer_ns();
+}
+
 __device__ __forceinline__ void fence_proxy_async_global() {
     asm volatile("fence.proxy.async.global;" ::: "memory");
 }
@@ -81,7 +91,7 @@ struct Shared {
 }  // namespace mega
 
 template <sm90::WeightFormat kFmt, int kBlockT, int kNumStages, bool kFastMath, int kCTAsPerSM, int kMaxExperts,
-          int kGranK>
+          int kGranK, bool kTrace = false>
 __global__ void __launch_bounds__(mega::kThreads, kCTAsPerSM)
 sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid_constant__ CUtensorMap l2_map,
                         const uint8_t* l1_codes, const uint8_t* l1_scales, const float* l1_alpha,
@@ -94,7 +104,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         const int64_t* topk_idx, const int* pair_row, __nv_bfloat16* y, int* stats,
                         int rank, int num_ranks, int num_tokens, int max_tokens, int topk, int num_experts,
                         int max_rows, int hidden, int inter, float clamp, int lookahead_experts,
-                        int lookahead_units, uint64_t timeout_ns, comm::CommError* error) {
+                        int lookahead_units, uint64_t timeout_ns, comm::CommError* error, uint64_t* trace) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
     using Pipe = sm90::FP4Pipeline<kFmt, kBlockT, kNumStages>;
     using Regs = sm90::RegisterSplit<kCTAsPerSM, 56>;
@@ -113,6 +123,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     const MegaWork ws{work_ws, num_experts, max_rows + num_experts};
 
     // ---------------- 1. barrier 0, count, work order ----------------
+    if (tid == 0) mega::stamp<kTrace>(trace, 4 * blockIdx.x);
     if (tid == 0) {
         sh.epoch0 = meta[comm::kMetaEpoch] + 1;
         sh.epoch1 = meta[comm::kMetaEpoch + 1] + 1;
@@ -190,6 +201,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         if (blockIdx.x == 0) expert_offsets[num_experts] = min(prefix, max_rows);
         sh.work.build(sh.rows, num_experts, kBlockT, 2 * inter / sm90::kTileRows, hidden / sm90::kTileRows,
                       lookahead_experts, lookahead_units);
+        mega::stamp<kTrace>(trace, 4 * blockIdx.x + 1);
     }
     __syncthreads();
 
@@ -222,6 +234,8 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         producer.finish(sh.stage_unit, -1);
                         break;
                     }
+                    mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u));
+                    if constexpr (kTrace) trace[4 * (mega::kTraceCTAs + num_units) + u] = blockIdx.x;
                     const MegaUnit unit = sh.work.get(u);
                     const bool l1 = unit.phase == MegaPhase::L1;
                     const int nkb = (l1 ? hidden : inter) / sm90::kTileK;
@@ -235,6 +249,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         else
                             waiter.until<false>(ws.l1_done() + w.counter, 2 * w.target, mega::kPhaseInternal, rank);
                         mega::fence_proxy_async_global();
+                        mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u) + 1);
                     }, sh.stage_unit, u);
                 }
             }
@@ -303,9 +318,11 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         for (;;) {
             const int u = consumer.peek(sh.stage_unit);
             if (u < 0) break;
+            const bool stamps = kTrace && wg_tid == 0 && cw == 0;
+            if (stamps) mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u) + 2);
             const MegaUnit unit = sh.work.get(u);
             if (unit.phase == MegaPhase::L1) {
-                consumer.mma_tile(acc, hidden / sm90::kTileK, wg_tid);
+                consumer.mma_tile(acc, hidden / sm90::kTileK, wg_tid, unit.num_rows);
                 const float* a = l1_alpha + unit.expert * 2;
                 sm90::epilogue_swiglu<kBlockT, kFastMath>(acc, __ldg(a) * kComp, __ldg(a + 1) * kComp, row_weight, clamp,
                                                           l2_x, inter, unit.row_start, unit.num_rows,
@@ -316,8 +333,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                     __threadfence();
                     atomicAdd(ws.l1_done() + unit.tile_index, 1);
                 }
+                if (stamps) mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u) + 3);
             } else {
-                consumer.mma_tile(acc, inter / sm90::kTileK, wg_tid);
+                consumer.mma_tile(acc, inter / sm90::kTileK, wg_tid, unit.num_rows);
                 sm90::epilogue_plain<kBlockT>(acc, __ldg(l2_alpha + unit.expert) * kComp, combine, hidden,
                                               unit.row_start, unit.num_rows,
                                               unit.row_tile * sm90::kTileRows + cw * 64 + wg_warp * 16 + g, q);
@@ -326,6 +344,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                     __threadfence_system();
                     signal(1);
                 }
+                if (stamps) mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u) + 3);
             }
         }
     }
@@ -336,6 +355,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             if (sh.aborted == 0)
                 waiter.until<true>(flags + num_ranks + r, epoch1, 1, r);
         __syncwarp();
+        if (kTrace && tid == 128) mega::stamp<kTrace>(trace, 4 * blockIdx.x + 2);
         const bool aborted = waiter.aborted();
         const int num_v = hidden / 8;                  // uint4 of BF16 per row
         const int chunks = (num_v + 31) / 32;
@@ -357,6 +377,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
 
     // ---------------- 4. the last CTA resets the counters ----------------
     __syncthreads();
+    if (tid == 0) mega::stamp<kTrace>(trace, 4 * blockIdx.x + 3);
     if (tid == 0) {
         __threadfence();
         sh.last = atomicAdd(ws.base + MegaWork::kFinished, 1) == grid - 1;

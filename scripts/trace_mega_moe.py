@@ -1,0 +1,149 @@
+"""Timeline of the fused Mega MoE kernel on one rank: where a launch spends its time.
+
+    python scripts/trace_mega_moe.py [tokens,...]          # default 16,128,4096
+
+Runs the kernel's trace variant (`kTrace`: globaltimer stamps per CTA and per unit, see
+`mega::stamp` in impls/sm90_fp8_nvfp4_mega_moe.cuh) after warm-up launches of the normal kernel,
+checks that its output is bitwise equal to the normal kernel's, and prints, in µs from the launch's
+first stamp:
+- per CTA: start -> work order built -> combine start -> end (median and max over CTAs), and when
+  its first unit was claimed, had its inputs and started, and when its last unit was done;
+- per unit kind (L1, L2): count, MMA time (consumer start -> done), time between claim and inputs
+  ready (the producer's wait for rows or for L1 tiles), time between ready and the consumer's start;
+- CTA occupancy: the sum of unit MMA times over CTAs x span, and the idle time split into before
+  the first unit, between units, and after the last one.
+Inputs as scripts/bench_mega_moe.py (DeepSeek-V4 shapes, 8 local experts, top-6, skewed routing).
+The stamps come from one consumer warpgroup per CTA; the other runs the same units.
+"""
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import deep_gemm  # noqa: E402
+from deep_gemm.mega import sm90  # noqa: E402
+from scripts.bench_grouped_gemm import make_weights  # noqa: E402
+from scripts.bench_mega_moe import fill_inputs  # noqa: E402
+
+
+def describe(name, xs):
+    if not xs:
+        return f'{name}: -'
+    return f'{name}: min {min(xs):.1f}, median {statistics.median(xs):.1f}, max {max(xs):.1f}'
+
+
+def analyse(tr, grid, num_units):
+    tr = tr.cpu().tolist()
+    cta = [tr[4 * b: 4 * b + 4] for b in range(grid)]
+    t0 = min(c[0] for c in cta)
+    us = lambda v: (v - t0) / 1e3  # noqa: E731
+    units = []
+    base = 4 * sm90._TRACE_CTAS
+    for u in range(num_units):
+        claim, ready, start, done = tr[base + 4 * u: base + 4 * u + 4]
+        units.append((u, tr[base + 4 * num_units + u], us(claim), us(ready), us(start), us(done)))
+    end = max(us(c[3]) for c in cta)
+    print(f'  span {end:.1f} us, {grid} CTAs, {num_units} units')
+    print('  ' + describe('CTA start', [us(c[0]) for c in cta]))
+    print('  ' + describe('work order built', [us(c[1]) for c in cta]))
+    print('  ' + describe('combine start', [us(c[2]) for c in cta]))
+    print('  ' + describe('CTA end', [us(c[3]) for c in cta]))
+    return units, cta, us, end
+
+
+def main():
+    tokens = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else '16,128,4096').split(',')]
+    e_l, hidden, inter, k = 8, 7168, 3072, 6
+    gen = torch.Generator(device='cuda').manual_seed(0)
+    l1, l2 = make_weights(e_l, hidden, inter, gen)
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e_l, max(tokens), k, hidden, inter)
+    print(f'device: {torch.cuda.get_device_name()}; one rank, {e_l} experts, top-{k}, {hidden}/{inter}')
+    for t in tokens:
+        fill_inputs(buf, t, 1000 * t)
+        y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
+        for _ in range(3):
+            sm90.run_fused(y, l1, l2, buf)
+        torch.cuda.synchronize()
+        ref = y.clone()
+        _, block_t, ctas, _ = sm90._fused_config(buf, l1, sm90._expected_m(buf, t), True)
+        grid = deep_gemm.gemm.get_num_sms() * ctas
+        trace = torch.zeros(sm90.trace_size(buf, block_t), dtype=torch.int64, device='cuda')
+        try:
+            for _ in range(2):   # the second launch runs warm (module loaded, caches as in steady state)
+                trace.zero_()
+                y.fill_(float('nan'))
+                sm90.run_fused(y, l1, l2, buf, trace=trace)
+        except Exception as ex:  # e.g. the 80-register 2-CTA variants spill with the stamps
+            print(f'{t} tokens: no trace variant ({type(ex).__name__}: {str(ex)[:160]})')
+            continue
+        torch.cuda.synchronize()
+        same = torch.equal(y, ref)
+        counts = buf.region('expert_offsets')[:e_l + 1].diff().tolist()
+        tiles = [-(-c // block_t) for c in counts if c > 0]
+        l1_rt, l2_rt = 2 * inter // 128, hidden // 128
+        num_units = sum(tiles) * (l1_rt + l2_rt)
+        print(f'{t} tokens: BLOCK_T {block_t}, {ctas} CTA/SM, rows per expert {counts}, trace output equal: {same}')
+        units, cta, us, end = analyse(trace, grid, num_units)
+        # phase of each unit from the work order (the same build as the kernel's, on the host)
+        order = _phases(tiles, l1_rt, l2_rt, 2 * grid)
+        for phase in ('L1', 'L2'):
+            sel = [x for x, p in zip(units, order) if p == phase]
+            mma = [x[5] - x[4] for x in sel]
+            wait = [x[3] - x[2] for x in sel]
+            queue = [x[4] - x[3] for x in sel]
+            print(f'  {phase}: {len(sel)} units; ' + describe('MMA us', mma) + '; ' + describe('claim -> ready us', wait)
+                  + '; ' + describe('ready -> consumer start us', queue)
+                  + f'; first start {min(x[4] for x in sel):.1f}, last done {max(x[5] for x in sel):.1f}')
+        busy = sum(x[5] - x[4] for x in units)
+        per_cta = {}
+        for x in units:
+            per_cta.setdefault(x[1], []).append(x)
+        before = after = between = 0.0
+        for b in range(grid):
+            xs = sorted(per_cta.get(b, []), key=lambda x: x[4])
+            if not xs:
+                continue
+            before += xs[0][4]
+            after += end - xs[-1][5]
+            between += sum(max(0.0, xs[i + 1][4] - xs[i][5]) for i in range(len(xs) - 1))
+        firsts = [min(xs, key=lambda x: x[2]) for xs in per_cta.values()]
+        print('  first unit of each CTA: ' + describe('claimed', [x[2] for x in firsts]) + '; '
+              + describe('ready', [x[3] for x in firsts]) + '; ' + describe('consumer start', [x[4] for x in firsts]))
+        print('  ' + describe('last unit done per CTA', [max(x[5] for x in xs) for xs in per_cta.values()]))
+        total = grid * end
+        print(f'  CTA time {total:.0f} CTA-us: units {100 * busy / total:.1f} %, before the first unit '
+              f'{100 * before / total:.1f} %, between units {100 * between / total:.1f} %, after the last '
+              f'{100 * after / total:.1f} %')
+
+
+def _phases(tiles, l1_rt, l2_rt, lookahead_units, lookahead_experts=None):
+    """'L1' / 'L2' per unit in the kernel's work order (MegaMoEWork::build + get, on the host)."""
+    la = sm90._LOOKAHEAD_EXPERTS if lookahead_experts is None else lookahead_experts
+    n = len(tiles)
+    prefix = [0]
+    for c in tiles:
+        prefix.append(prefix[-1] + c)
+    l2_before = [0] * (n + 1)
+    g = filled = 0
+    for kk in range(n):
+        least = kk + max(la, 0)
+        g = max(g, min(least, n - 1))
+        while g < n - 1 and l1_rt * (prefix[g + 1] - prefix[kk + 1]) < lookahead_units:
+            g += 1
+        while filled < g:
+            filled += 1
+            l2_before[filled] = kk
+    while filled < n:
+        filled += 1
+        l2_before[filled] = n
+    out = []
+    for j in range(n):
+        out += ['L1'] * (l1_rt * tiles[j])
+        out += ['L2'] * (l2_rt * (prefix[l2_before[j + 1]] - prefix[l2_before[j]]))
+    return out
+
+
+if __name__ == '__main__':
+    main()
