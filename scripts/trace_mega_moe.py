@@ -6,7 +6,8 @@ Runs the kernel's trace variant (`kTrace`: globaltimer stamps per CTA and per un
 `mega::stamp` in impls/sm90_fp8_nvfp4_mega_moe.cuh) after warm-up launches of the normal kernel,
 checks that its output is bitwise equal to the normal kernel's, and prints, in µs from the launch's
 first stamp:
-- per CTA: start -> work order built -> combine start -> end (median and max over CTAs), and when
+- per CTA: start -> barrier 0 passed -> own pairs counted -> every CTA counted -> work order built
+  -> every CTA routed; combine start -> end (min, median and max over CTAs); and when
   its first unit was claimed, had its inputs and started, and when its last unit was done;
 - per unit kind (L1, L2): count, MMA time (consumer start -> done), time between claim and inputs
   ready (the producer's wait for rows or for L1 tiles), time between ready and the consumer's start;
@@ -36,7 +37,7 @@ def describe(name, xs):
 
 def analyse(tr, grid, num_units):
     tr = tr.cpu().tolist()
-    cta = [tr[4 * b: 4 * b + 4] for b in range(grid)]
+    cta = [tr[8 * b: 8 * b + 8] for b in range(grid)]
     t0 = min(c[0] for c in cta)
     us = lambda v: (v - t0) / 1e3  # noqa: E731
     units = []
@@ -47,7 +48,11 @@ def analyse(tr, grid, num_units):
     end = max(us(c[3]) for c in cta)
     print(f'  span {end:.1f} us, {grid} CTAs, {num_units} units')
     print('  ' + describe('CTA start', [us(c[0]) for c in cta]))
+    print('  ' + describe('barrier 0 passed', [us(c[4]) for c in cta]))
+    print('  ' + describe('own pairs counted', [us(c[5]) for c in cta]))
+    print('  ' + describe('every CTA counted', [us(c[6]) for c in cta]))
     print('  ' + describe('work order built', [us(c[1]) for c in cta]))
+    print('  ' + describe('every CTA routed', [us(c[7]) for c in cta]))
     print('  ' + describe('combine start', [us(c[2]) for c in cta]))
     print('  ' + describe('CTA end', [us(c[3]) for c in cta]))
     return units, cta, us, end

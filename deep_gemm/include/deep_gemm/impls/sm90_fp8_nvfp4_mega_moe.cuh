@@ -61,10 +61,11 @@ constexpr int kCommWarps = 3;          // warps 1-3
 constexpr int kPhaseInternal = 2;      // CommError.phase of a wait between CTAs of one rank
 
 // Timeline of one launch (compile-time variant kTrace, scripts/trace_mega_moe.py): globaltimer
-// stamps, per CTA [start, work order built, combine start, end] at trace[4 b ..], per unit u
-// [claimed, inputs ready, MMA start, done] at trace[4 (kTraceCTAs + u) ..] and the CTA at
-// trace[4 (kTraceCTAs + max units) + u].  Stamps from one thread each: no atomics.
-constexpr int kTraceCTAs = 1024;
+// stamps, per CTA b at trace[8 b ..]: start, work order built, combine start, end, barrier 0 passed,
+// this CTA's pairs counted, every CTA counted, every CTA routed; per unit u [claimed, inputs ready,
+// MMA start, done] at trace[4 (kTraceCTAs + u) ..] and the CTA at trace[4 (kTraceCTAs + units) + u].
+// Stamps from one thread each: no atomics.
+constexpr int kTraceCTAs = 2048;    // entries 4 kTraceCTAs: up to 1024 CTAs x 8 stamps
 template <bool kTrace>
 __device__ __forceinline__ void stamp(uint64_t* trace, int slot) {
     if constexpr (kTrace) trace[slot] = comm::globaltimer_ns();
@@ -123,7 +124,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     const MegaWork ws{work_ws, num_experts, max_rows + num_experts};
 
     // ---------------- 1. barrier 0, count, work order ----------------
-    if (tid == 0) mega::stamp<kTrace>(trace, 4 * blockIdx.x);
+    if (tid == 0) mega::stamp<kTrace>(trace, 8 * blockIdx.x);
     if (tid == 0) {
         sh.epoch0 = meta[comm::kMetaEpoch] + 1;
         sh.epoch1 = meta[comm::kMetaEpoch + 1] + 1;
@@ -140,17 +141,20 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     __syncthreads();
     const int epoch0 = sh.epoch0, epoch1 = sh.epoch1;
     const comm::Waiter waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, epoch0};
-    if (blockIdx.x == 0) {
+    // Alone, this rank's inputs are earlier work on its stream, finished before the launch: no
+    // barrier 0 (its fence and flag round trip were 2.7 us of every CTA's prologue).
+    if (blockIdx.x == 0 && num_ranks > 1) {
         // my inputs (earlier stream work) and token count, then the signal
         __threadfence_system();
         for (int r = tid; r < num_ranks; r += mega::kThreads)
             comm::st_release_sys(peers.at<int>(r, flags_off) + rank, epoch0);
     }
-    if (sh.aborted == 0) {
+    if (sh.aborted == 0 && num_ranks > 1) {
         for (int r = tid; r < num_ranks; r += mega::kThreads)
             waiter.until<true>(flags + r, epoch0, 0, r);
     }
     __syncthreads();   // every peer's arrival (acquired by thread r) before anyone reads its inputs
+    if (tid == 0) mega::stamp<kTrace>(trace, 8 * blockIdx.x + 4);
     if (tid == 0) {
         sh.src_begin[0] = 0;
         for (int s = 0; s < num_ranks; ++s)
@@ -182,9 +186,11 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     }
     __syncthreads();
     if (tid == 0) {
+        mega::stamp<kTrace>(trace, 8 * blockIdx.x + 5);
         __threadfence();
         atomicAdd(ws.base + MegaWork::kCounted, 1);
         waiter.until<false>(ws.base + MegaWork::kCounted, grid, mega::kPhaseInternal, rank);
+        mega::stamp<kTrace>(trace, 8 * blockIdx.x + 6);
         // counts -> row ranges (clamped to the buffer's rows) and the work order
         int prefix = 0;
         for (int e = 0; e < num_experts; ++e) {
@@ -201,7 +207,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         if (blockIdx.x == 0) expert_offsets[num_experts] = min(prefix, max_rows);
         sh.work.build(sh.rows, num_experts, kBlockT, 2 * inter / sm90::kTileRows, hidden / sm90::kTileRows,
                       lookahead_experts, lookahead_units);
-        mega::stamp<kTrace>(trace, 4 * blockIdx.x + 1);
+        mega::stamp<kTrace>(trace, 8 * blockIdx.x + 1);
     }
     __syncthreads();
 
@@ -276,10 +282,14 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             }
             mega::named_barrier(1, 32 * mega::kCommWarps);
             if (tid == 32) {
-                __threadfence_system();   // this CTA's pair_row stores at the sources, row_src, row_weight
-                signal(1);
+                // row_src / row_weight for the gather of every CTA of this GPU; the system-scope
+                // fence that the pair_row stores at the sources need comes after the gather, before
+                // this CTA's barrier-1 contribution (which waits for every L2 unit anyway): on the
+                // critical path it held up the first rows
+                __threadfence();
                 atomicAdd(ws.base + MegaWork::kRouted, 1);
                 waiter.until<false>(ws.base + MegaWork::kRouted, grid, mega::kPhaseInternal, rank);
+                mega::stamp<kTrace>(trace, 8 * blockIdx.x + 7);
             }
             mega::named_barrier(1, 32 * mega::kCommWarps);
             // Gather in row order over all comm warps of the rank: the rows of the first experts (and
@@ -305,6 +315,11 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                     __threadfence();
                     atomicAdd(ws.arrived() + work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT, 1);
                 }
+            }
+            mega::named_barrier(1, 32 * mega::kCommWarps);
+            if (tid == 32) {
+                __threadfence_system();   // this CTA's pair_row stores at the sources
+                signal(1);
             }
         }
     } else {
@@ -355,7 +370,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             if (sh.aborted == 0)
                 waiter.until<true>(flags + num_ranks + r, epoch1, 1, r);
         __syncwarp();
-        if (kTrace && tid == 128) mega::stamp<kTrace>(trace, 4 * blockIdx.x + 2);
+        if (kTrace && tid == 128) mega::stamp<kTrace>(trace, 8 * blockIdx.x + 2);
         const bool aborted = waiter.aborted();
         const int num_v = hidden / 8;                  // uint4 of BF16 per row
         const int chunks = (num_v + 31) / 32;
@@ -377,7 +392,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
 
     // ---------------- 4. the last CTA resets the counters ----------------
     __syncthreads();
-    if (tid == 0) mega::stamp<kTrace>(trace, 4 * blockIdx.x + 3);
+    if (tid == 0) mega::stamp<kTrace>(trace, 8 * blockIdx.x + 3);
     if (tid == 0) {
         __threadfence();
         sh.last = atomicAdd(ws.base + MegaWork::kFinished, 1) == grid - 1;
