@@ -1,8 +1,9 @@
 #pragma once
 // E2M1 (+ UE4M3 / UE8M0 block scale) -> BF16 register fragments, exactly.
 //
-// Why bit tricks and not a conversion instruction: sm_90 has no e2m1 cvt, and the decode GEMM
-// is bound by these integer ops.  A nibble `s e1 e0 m` placed at bf16 bits {15, 8, 7, 6} is the
+// Why bit tricks and not a conversion instruction: sm_90 has no e2m1 cvt, and at decode these
+// ops set the energy per weight, which the board's power limit turns into time (perf-notes v7,
+// v8).  A nibble `s e1 e0 m` placed at bf16 bits {15, 8, 7, 6} is the
 // E2M1 value times 2^-126 (a bf16 subnormal for e = 0, which half-precision multiplies keep).
 // One multiply by the block scale, pre-biased by 2^119, brings it to value * scale * 2^-7, a
 // normal bf16 for every E2M1 x UE4M3 pair (E2M1 has 2 significant bits, E4M3 4, BF16 8: the
