@@ -4,10 +4,11 @@
 // deep_gemm/mega/sm90.py (barrier, dispatch layout, gather, L1, L2, barrier, combine), but no step
 // waits for a whole previous step:
 //
-//   1. all threads: signal barrier 0 (CTA 0), wait for every rank's signal, count this CTA's share
-//      of every rank's (token, slot) pairs per local expert; one atomic per expert gives the CTA its
-//      rows, one grid-wide counter says every CTA has counted (all CTAs are resident: grid = SMs x
-//      CTAs per SM); then every CTA knows the row ranges and builds the work order (MegaMoEWork).
+//   1. all threads: signal barrier 0 (CTA 0; not for a rank alone), wait for every rank's signal,
+//      count this CTA's share of every rank's (token, slot) pairs per local expert; one atomic per
+//      expert gives the CTA its rows, one grid-wide counter says every CTA has counted (all CTAs are
+//      resident: grid = SMs x CTAs per SM); then every CTA knows the row ranges and builds the work
+//      order (MegaMoEWork).
 //   2. warpgroup 0, warps 1-3: route this CTA's pairs (row_src, routing weight, the source's
 //      pair_row); once every CTA has routed, pull the rows' FP8 tokens from their source ranks in row
 //      order over all CTAs, store them as BF16 (exact) and count them per token tile.
