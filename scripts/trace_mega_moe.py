@@ -44,7 +44,8 @@ def analyse(tr, grid, num_units):
     base = 4 * sm90._TRACE_CTAS
     for u in range(num_units):
         claim, ready, start, done = tr[base + 4 * u: base + 4 * u + 4]
-        units.append((u, tr[base + 4 * num_units + u], us(claim), us(ready), us(start), us(done)))
+        cta_phase = tr[base + 4 * num_units + u]      # 2 x CTA + (1 for an L2 unit)
+        units.append((u, cta_phase // 2, us(claim), us(ready), us(start), us(done), 'L2' if cta_phase % 2 else 'L1'))
     end = max(us(c[3]) for c in cta)
     print(f'  span {end:.1f} us, {grid} CTAs, {num_units} units')
     print('  ' + describe('CTA start', [us(c[0]) for c in cta]))
@@ -80,7 +81,7 @@ def main():
                 trace.zero_()
                 y.fill_(float('nan'))
                 sm90.run_fused(y, l1, l2, buf, trace=trace)
-        except Exception as ex:  # e.g. the 80-register 2-CTA variants spill with the stamps
+        except Exception as ex:  # a variant that fails to build or launch: report, go on
             print(f'{t} tokens: no trace variant ({type(ex).__name__}: {str(ex)[:160]})')
             continue
         torch.cuda.synchronize()
@@ -91,10 +92,8 @@ def main():
         num_units = sum(tiles) * (l1_rt + l2_rt)
         print(f'{t} tokens: BLOCK_T {block_t}, {ctas} CTA/SM, rows per expert {counts}, trace output equal: {same}')
         units, cta, us, end = analyse(trace, grid, num_units)
-        # phase of each unit from the work order (the same build as the kernel's, on the host)
-        order = _phases(tiles, l1_rt, l2_rt, 2 * grid)
         for phase in ('L1', 'L2'):
-            sel = [x for x, p in zip(units, order) if p == phase]
+            sel = [x for x in units if x[6] == phase]
             mma = [x[5] - x[4] for x in sel]
             wait = [x[3] - x[2] for x in sel]
             queue = [x[4] - x[3] for x in sel]
@@ -121,33 +120,6 @@ def main():
         print(f'  CTA time {total:.0f} CTA-us: units {100 * busy / total:.1f} %, before the first unit '
               f'{100 * before / total:.1f} %, between units {100 * between / total:.1f} %, after the last '
               f'{100 * after / total:.1f} %')
-
-
-def _phases(tiles, l1_rt, l2_rt, lookahead_units, lookahead_experts=None):
-    """'L1' / 'L2' per unit in the kernel's work order (MegaMoEWork::build + get, on the host)."""
-    la = sm90._LOOKAHEAD_EXPERTS if lookahead_experts is None else lookahead_experts
-    n = len(tiles)
-    prefix = [0]
-    for c in tiles:
-        prefix.append(prefix[-1] + c)
-    l2_before = [0] * (n + 1)
-    g = filled = 0
-    for kk in range(n):
-        least = kk + max(la, 0)
-        g = max(g, min(least, n - 1))
-        while g < n - 1 and l1_rt * (prefix[g + 1] - prefix[kk + 1]) < lookahead_units:
-            g += 1
-        while filled < g:
-            filled += 1
-            l2_before[filled] = kk
-    while filled < n:
-        filled += 1
-        l2_before[filled] = n
-    out = []
-    for j in range(n):
-        out += ['L1'] * (l1_rt * tiles[j])
-        out += ['L2'] * (l2_rt * (prefix[l2_before[j + 1]] - prefix[l2_before[j]]))
-    return out
 
 
 if __name__ == '__main__':

@@ -64,7 +64,8 @@ constexpr int kPhaseInternal = 2;      // CommError.phase of a wait between CTAs
 // Timeline of one launch (compile-time variant kTrace, scripts/trace_mega_moe.py): globaltimer
 // stamps, per CTA b at trace[8 b ..]: start, work order built, combine start, end, barrier 0 passed,
 // this CTA's pairs counted, every CTA counted, every CTA routed; per unit u [claimed, inputs ready,
-// MMA start, done] at trace[4 (kTraceCTAs + u) ..] and the CTA at trace[4 (kTraceCTAs + units) + u].
+// MMA start, done] at trace[4 (kTraceCTAs + u) ..] and 2 x CTA + (L2 ? 1 : 0) at
+// trace[4 (kTraceCTAs + units) + u].
 // Stamps from one thread each: no atomics.
 constexpr int kTraceCTAs = 2048;    // entries 4 kTraceCTAs: up to 1024 CTAs x 8 stamps
 template <bool kTrace>
@@ -242,9 +243,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         break;
                     }
                     mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u));
-                    if constexpr (kTrace) trace[4 * (mega::kTraceCTAs + num_units) + u] = blockIdx.x;
                     const MegaUnit unit = sh.work.get(u);
                     const bool l1 = unit.phase == MegaPhase::L1;
+                    if constexpr (kTrace) trace[4 * (mega::kTraceCTAs + num_units) + u] = 2 * blockIdx.x + (l1 ? 0 : 1);
                     const int nkb = (l1 ? hidden : inter) / sm90::kTileK;
                     const int row_tiles = l1 ? sh.work.l1_row_tiles : sh.work.l2_row_tiles;
                     const MegaWait w = sh.work.wait_for(unit);
