@@ -269,27 +269,19 @@ struct FP4Consumer {
     // prefill: decode runs at the board's power limit (docs/perf-notes.md, v7).
     template <int kN>
     __device__ __forceinline__ void mma_tile_n(float (&acc)[kNumAccum], int num_k_blocks, int wg_tid) {
-        if constexpr (kCTAsPerSM == 1) {
-            uint32_t a[8][4];
-            for (int kb = 0; kb < num_k_blocks; ++kb) {
-                uint32_t codes[8], scales[kScaleRegs];
-                load_block(codes, scales);
-                mma_steps<kN, 0, 8>(acc, kb, codes, scales, a);
+        // Two CTAs per SM (80 registers at compile time) hold half a block of A at a time.
+        constexpr int kSteps = kCTAsPerSM == 1 ? 8 : 4;
+        uint32_t a[kSteps][4];
+        for (int kb = 0; kb < num_k_blocks; ++kb) {
+            uint32_t codes[8], scales[kScaleRegs];
+            load_block(codes, scales);
+            mma_steps<kN, 0, kSteps>(acc, kb, codes, scales, a);
+            cute::warpgroup_wait<0>();
+            if constexpr (kSteps < 8) {
+                mma_steps<kN, kSteps, kSteps>(acc, kb, codes, scales, a);
                 cute::warpgroup_wait<0>();
-                release_and_advance(wg_tid);
             }
-        } else {
-            // Two CTAs per SM (80 registers at compile time): half a block of A at a time.
-            uint32_t a[4][4];
-            for (int kb = 0; kb < num_k_blocks; ++kb) {
-                uint32_t codes[8], scales[kScaleRegs];
-                load_block(codes, scales);
-                mma_steps<kN, 0, 4>(acc, kb, codes, scales, a);
-                cute::warpgroup_wait<0>();
-                mma_steps<kN, 4, 4>(acc, kb, codes, scales, a);
-                cute::warpgroup_wait<0>();
-                release_and_advance(wg_tid);
-            }
+            release_and_advance(wg_tid);
         }
         #pragma unroll
         for (int i = 0; i < kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
