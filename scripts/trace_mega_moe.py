@@ -41,7 +41,7 @@ def analyse(tr, grid, num_units):
     t0 = min(c[0] for c in cta)
     us = lambda v: (v - t0) / 1e3  # noqa: E731
     units = []
-    base = 4 * sm90._TRACE_CTAS
+    base = sm90.TRACE_UNITS
     for u in range(num_units):
         claim, ready, start, done = tr[base + 4 * u: base + 4 * u + 4]
         cta_phase = tr[base + 4 * num_units + u]      # 2 x CTA + (1 for an L2 unit)
@@ -56,7 +56,7 @@ def analyse(tr, grid, num_units):
     print('  ' + describe('every CTA routed', [us(c[7]) for c in cta]))
     print('  ' + describe('combine start', [us(c[2]) for c in cta]))
     print('  ' + describe('CTA end', [us(c[3]) for c in cta]))
-    return units, cta, us, end
+    return units, end
 
 
 def main():
@@ -91,7 +91,7 @@ def main():
         l1_rt, l2_rt = 2 * inter // 128, hidden // 128
         num_units = sum(tiles) * (l1_rt + l2_rt)
         print(f'{t} tokens: BLOCK_T {block_t}, {ctas} CTA/SM, rows per expert {counts}, trace output equal: {same}')
-        units, cta, us, end = analyse(trace, grid, num_units)
+        units, end = analyse(trace, grid, num_units)
         for phase in ('L1', 'L2'):
             sel = [x for x in units if x[6] == phase]
             mma = [x[5] - x[4] for x in sel]

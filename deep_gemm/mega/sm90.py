@@ -120,10 +120,11 @@ def trace_size(buffer, block_t: int) -> int:
     """int64 entries a ``run_fused(trace=...)`` launch may stamp (layout: the kernel's mega::stamp)."""
     units = (buffer.region('l1_x').shape[0] // block_t + buffer.num_experts_per_rank) * \
         (2 * buffer.intermediate_hidden + buffer.hidden) // 128
-    return 4 * (_TRACE_CTAS + units) + units
+    return TRACE_UNITS + 5 * units
 
 
-_TRACE_CTAS = 2048            # mega::kTraceCTAs (8 stamps per CTA in its 4 x 2048 entries)
+_TRACE_MAX_CTAS = 1024                 # mega::kTraceMaxCTAs
+TRACE_UNITS = 8 * _TRACE_MAX_CTAS      # mega::kTraceUnits: the units' stamps follow 8 per CTA
 
 
 def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
@@ -141,9 +142,9 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
     # one GPU share its SMs.
     grid = max(1, gemm.get_num_sms() // (buffer.num_ranks if buffer.emulated else 1)) * ctas
     if trace is not None and (trace.dtype != torch.int64 or trace.numel() < trace_size(buffer, block_t)
-                              or grid > _TRACE_CTAS // 2 or len(buffer.waves(t)) != 1):
+                              or grid > _TRACE_MAX_CTAS or len(buffer.waves(t)) != 1):
         raise ValueError(f'trace: expected int64 with >= {trace_size(buffer, block_t)} entries, one wave, '
-                         f'<= {_TRACE_CTAS // 2} CTAs')
+                         f'<= {_TRACE_MAX_CTAS} CTAs')
     l1_x, l2_x = buffer.region('l1_x'), buffer.region('l2_x')
     maps = (make_tma_2d(l1_x, block_t, 64, 128), make_tma_2d(l2_x, block_t, 64, 128))
     clamp = math.inf if activation_clamp is None else float(activation_clamp)

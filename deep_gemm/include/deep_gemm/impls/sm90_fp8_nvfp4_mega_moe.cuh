@@ -64,10 +64,10 @@ constexpr int kPhaseInternal = 2;      // CommError.phase of a wait between CTAs
 // Timeline of one launch (compile-time variant kTrace, scripts/trace_mega_moe.py): globaltimer
 // stamps, per CTA b at trace[8 b ..]: start, work order built, combine start, end, barrier 0 passed,
 // this CTA's pairs counted, every CTA counted, every CTA routed; per unit u [claimed, inputs ready,
-// MMA start, done] at trace[4 (kTraceCTAs + u) ..] and 2 x CTA + (L2 ? 1 : 0) at
-// trace[4 (kTraceCTAs + units) + u].
-// Stamps from one thread each: no atomics.
-constexpr int kTraceCTAs = 2048;    // entries 4 kTraceCTAs: up to 1024 CTAs x 8 stamps
+// MMA start, done] at trace[kTraceUnits + 4 u ..] and 2 x CTA + (L2 ? 1 : 0) at
+// trace[kTraceUnits + 4 units + u].  Stamps from one thread each: no atomics.
+constexpr int kTraceMaxCTAs = 1024;
+constexpr int kTraceUnits = 8 * kTraceMaxCTAs;
 template <bool kTrace>
 __device__ __forceinline__ void stamp(uint64_t* trace, int slot) {
     if constexpr (kTrace) trace[slot] = comm::globaltimer_ns();
@@ -242,10 +242,10 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         producer.finish(sh.stage_unit, -1);
                         break;
                     }
-                    mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u));
+                    mega::stamp<kTrace>(trace, mega::kTraceUnits + 4 * u);
                     const MegaUnit unit = sh.work.get(u);
                     const bool l1 = unit.phase == MegaPhase::L1;
-                    if constexpr (kTrace) trace[4 * (mega::kTraceCTAs + num_units) + u] = 2 * blockIdx.x + (l1 ? 0 : 1);
+                    if constexpr (kTrace) trace[mega::kTraceUnits + 4 * num_units + u] = 2 * blockIdx.x + (l1 ? 0 : 1);
                     const int nkb = (l1 ? hidden : inter) / sm90::kTileK;
                     const int row_tiles = l1 ? sh.work.l1_row_tiles : sh.work.l2_row_tiles;
                     const MegaWait w = sh.work.wait_for(unit);
@@ -257,7 +257,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         else
                             waiter.until<false>(ws.l1_done() + w.counter, 2 * w.target, mega::kPhaseInternal, rank);
                         mega::fence_proxy_async_global();
-                        mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u) + 1);
+                        mega::stamp<kTrace>(trace, mega::kTraceUnits + 4 * u + 1);
                     }, sh.stage_unit, u);
                 }
             }
@@ -336,7 +336,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             const int u = consumer.peek(sh.stage_unit);
             if (u < 0) break;
             const bool stamps = kTrace && wg_tid == 0 && cw == 0;
-            if (stamps) mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u) + 2);
+            if (stamps) mega::stamp<kTrace>(trace, mega::kTraceUnits + 4 * u + 2);
             const MegaUnit unit = sh.work.get(u);
             if (unit.phase == MegaPhase::L1) {
                 consumer.mma_tile(acc, hidden / sm90::kTileK, wg_tid, unit.num_rows);
@@ -350,7 +350,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                     __threadfence();
                     atomicAdd(ws.l1_done() + unit.tile_index, 1);
                 }
-                if (stamps) mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u) + 3);
+                if (stamps) mega::stamp<kTrace>(trace, mega::kTraceUnits + 4 * u + 3);
             } else {
                 consumer.mma_tile(acc, inter / sm90::kTileK, wg_tid, unit.num_rows);
                 sm90::epilogue_plain<kBlockT>(acc, __ldg(l2_alpha + unit.expert) * kComp, combine, hidden,
@@ -361,7 +361,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                     __threadfence_system();
                     signal(1);
                 }
-                if (stamps) mega::stamp<kTrace>(trace, 4 * (mega::kTraceCTAs + u) + 3);
+                if (stamps) mega::stamp<kTrace>(trace, mega::kTraceUnits + 4 * u + 3);
             }
         }
     }
