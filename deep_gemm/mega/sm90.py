@@ -69,10 +69,11 @@ def fused_enabled(fused: Optional[bool] = None) -> bool:
 
 
 def _fused_shared_bytes(max_experts: int) -> int:
-    # mega::Shared: MegaMoEWork (4 + M + 3 (M + 1) ints), three per-expert arrays, source prefix,
-    # 16 stage tags, 4 ints; plus 256 bytes of slack for padding (checked against the cubin at load)
+    # mega::Shared: an mbarrier, MegaMoEWork (4 + M + 3 (M + 1) ints), three per-expert arrays,
+    # source prefix, 16 stage tags, 5 ints; plus 256 bytes of slack for padding (checked against the
+    # cubin at load)
     m = max_experts
-    return 4 * (4 + m + 3 * (m + 1)) + 12 * m + 4 * (_MAX_RANKS + 1) + 4 * 16 + 16 + 256
+    return 8 + 4 * (4 + m + 3 * (m + 1)) + 12 * m + 4 * (_MAX_RANKS + 1) + 4 * 16 + 20 + 256
 
 
 def _fused_config(buffer, l1, expected_m: int, fast_math: bool, trace: bool = False):

@@ -1,10 +1,13 @@
 #pragma once
-// Exclusive prefix over a short array by one full warp (arch-neutral): out[i] = sum of value(j)
-// for j < i, out[n] = the total.  Each lane takes a contiguous chunk, so n may exceed 32.
+// Exclusive prefix over a short array by one full warp (arch-neutral).  Each lane takes a
+// contiguous chunk, so n may exceed 32.
 namespace deep_gemm {
 
-template <typename ValueFn>
-__device__ __forceinline__ void warp_exclusive_scan(int n, int lane, ValueFn value, int* out) {
+// visit(i, sum of value(j) for j < i, value(i)) for every i in [0, n), each i by one lane; returns
+// the sum up to the end of this lane's chunk (lane 31: the total).  value(i) is read before
+// visit(i, ...), so visit may overwrite what value reads.
+template <typename ValueFn, typename VisitFn>
+__device__ __forceinline__ int warp_exclusive_scan_visit(int n, int lane, ValueFn value, VisitFn visit) {
     const int per_lane = (n + 31) / 32;
     const int begin = min(lane * per_lane, n), end = min(begin + per_lane, n);
     int local = 0;
@@ -17,10 +20,18 @@ __device__ __forceinline__ void warp_exclusive_scan(int n, int lane, ValueFn val
     }
     int run = incl - local;
     for (int i = begin; i < end; ++i) {
-        out[i] = run;
-        run += value(i);
+        const int v = value(i);
+        visit(i, run, v);
+        run += v;
     }
-    if (lane == 31) out[n] = incl;
+    return incl;
+}
+
+// out[i] = sum of value(j) for j < i, out[n] = the total.
+template <typename ValueFn>
+__device__ __forceinline__ void warp_exclusive_scan(int n, int lane, ValueFn value, int* out) {
+    const int total = warp_exclusive_scan_visit(n, lane, value, [&](int i, int prefix, int) { out[i] = prefix; });
+    if (lane == 31) out[n] = total;
 }
 
 }  // namespace deep_gemm

@@ -7,11 +7,12 @@
 //   1. all threads: signal barrier 0 (CTA 0; not for a rank alone), wait for every rank's signal,
 //      count this CTA's share of every rank's (token, slot) pairs per local expert; one atomic per
 //      expert gives the CTA its rows, one grid-wide counter says every CTA has counted (all CTAs are
-//      resident: grid = SMs x CTAs per SM); then every CTA knows the row ranges and builds the work
-//      order (MegaMoEWork).
+//      resident: grid = SMs x CTAs per SM); then warp 0 of every CTA turns the counts into row
+//      ranges.
 //   2. warpgroup 0, warps 1-3: route this CTA's pairs (row_src, routing weight, the source's
 //      pair_row); once every CTA has routed, pull the rows' FP8 tokens from their source ranks in row
 //      order over all CTAs, store them as BF16 (exact) and count them per token tile.
+//      warp 4, lane 0: meanwhile builds the work order (MegaMoEWork).
 //      warpgroup 0, thread 0: the TMA producer of common/sm90_fp4_pipeline.cuh; it claims units
 //      from one counter in work order and tags the first stage of each for the consumers; a
 //      unit's weights stream before its tokens are
@@ -37,6 +38,7 @@
 #include <deep_gemm/comm/rows.cuh>
 #include <deep_gemm/comm/symm.cuh>
 #include <deep_gemm/common/sm90_fp4_pipeline.cuh>
+#include <deep_gemm/common/warp_scan.cuh>
 #include <deep_gemm/epilogue/sm90_moe_epilogue.cuh>
 #include <deep_gemm/scheduler/mega_moe_work.cuh>
 
@@ -76,19 +78,22 @@ __device__ __forceinline__ void stamp(uint64_t* trace, int slot) {
 __device__ __forceinline__ void fence_proxy_async_global() {
     asm volatile("fence.proxy.async.global;" ::: "memory");
 }
+// Named barriers (0 is __syncthreads): the comm warps; each consumer warpgroup.
+constexpr int kBarComm = 1, kBarConsumer = 2;
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(threads) : "memory");
 }
 
 template <int kMaxExperts>
 struct Shared {
+    alignas(8) uint64_t work_built;   // mbarrier, one arrival: warp 4 has built `work`
     MegaMoEWork<kMaxExperts> work;
     int count[kMaxExperts];       // pairs of this CTA per local expert, then the routing cursor
     int first[kMaxExperts];       // this CTA's first row of each expert
     int rows[kMaxExperts];        // rows per expert (clamped to the buffer)
     int src_begin[kMaxRanks + 1]; // first flat pair of each source rank
     int stage_unit[16];           // unit that each pipeline stage starts (-1: no more)
-    int epoch0, epoch1, aborted, last;
+    int epoch0, epoch1, aborted, last, token_tiles;
 };
 
 }  // namespace mega
@@ -134,7 +139,10 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         sh.last = 0;
         if (blockIdx.x == 0) meta[comm::kMetaNumTokens] = num_tokens;
     }
-    if (tid == 32) pipe.init();
+    if (tid == 32) {
+        cutlass::arch::ClusterBarrier::init(&sh.work_built, 1);
+        pipe.init();   // ends with the fence that publishes both inits
+    }
     if (tid == 64) {
         cute::prefetch_tma_descriptor(&l1_map);
         cute::prefetch_tma_descriptor(&l2_map);
@@ -187,35 +195,45 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         sh.count[e] = 0;   // becomes the routing cursor
     }
     __syncthreads();
-    if (tid == 0) {
-        mega::stamp<kTrace>(trace, 8 * blockIdx.x + 5);
-        __threadfence();
-        atomicAdd(ws.base + MegaWork::kCounted, 1);
-        waiter.until<false>(ws.base + MegaWork::kCounted, grid, mega::kPhaseInternal, rank);
-        mega::stamp<kTrace>(trace, 8 * blockIdx.x + 6);
-        // counts -> row ranges (clamped to the buffer's rows) and the work order
-        int prefix = 0;
-        for (int e = 0; e < num_experts; ++e) {
-            const int n = comm::ld_volatile(ws.count() + e);
+    if (warp == 0) {
+        if (lane == 0) {
+            mega::stamp<kTrace>(trace, 8 * blockIdx.x + 5);
+            __threadfence();
+            atomicAdd(ws.base + MegaWork::kCounted, 1);
+            waiter.until<false>(ws.base + MegaWork::kCounted, grid, mega::kPhaseInternal, rank);
+            mega::stamp<kTrace>(trace, 8 * blockIdx.x + 6);
+        }
+        __syncwarp();
+        // counts -> row ranges (clamped to the buffer's rows), one warp: the routing waits for this
+        for (int e = lane; e < num_experts; e += 32) sh.rows[e] = comm::ld_volatile(ws.count() + e);
+        __syncwarp();
+        int tiles = 0;
+        const int total = warp_exclusive_scan_visit(num_experts, lane, [&](int e) { return sh.rows[e]; },
+                                                    [&](int e, int prefix, int n) {
             const int lo = min(prefix, max_rows), hi = min(prefix + n, max_rows);
             sh.first[e] += prefix;     // global first row of this CTA's pairs of e
             sh.rows[e] = hi - lo;
+            tiles += (hi - lo + kBlockT - 1) / kBlockT;
             if (blockIdx.x == 0) {
                 expert_offsets[e] = lo;
                 if (stats != nullptr) stats[e] += n;
             }
-            prefix += n;
-        }
-        if (blockIdx.x == 0) expert_offsets[num_experts] = min(prefix, max_rows);
-        sh.work.build(sh.rows, num_experts, kBlockT, 2 * inter / sm90::kTileRows, hidden / sm90::kTileRows,
-                      lookahead_experts, lookahead_units);
-        mega::stamp<kTrace>(trace, 8 * blockIdx.x + 1);
+        });
+        if (blockIdx.x == 0 && lane == 31) expert_offsets[num_experts] = min(total, max_rows);
+        tiles = __reduce_add_sync(0xffffffffu, tiles);   // = the work order's num_token_tiles()
+        if (lane == 0) sh.token_tiles = tiles;
     }
     __syncthreads();
 
-    const int num_units = sh.work.num_units();
-    const int l2_units = sh.work.num_token_tiles() * sh.work.l2_row_tiles;
-    const int signal_target = 2 * l2_units + grid;   // each consumer warpgroup per L2 unit + each CTA's routing
+    // Warp 4 (idle until its first tile) builds the work order while warps 1-3 route: they need only
+    // the row ranges; the producer and the gather wait for sh.work_built, the consumers for their first
+    // stage, which the producer tags after that wait.  Built
+    // before the routing, it held up the first rows; built by the producer thread, it came later
+    // (under warpgroup 0's 56 registers) and so did the first claims (perf-notes, v10).
+    // The barrier-1 target comes from the row ranges, not the order, so that no consumer reads the
+    // order outside a unit (that reload cost the consumers' main loop instructions under the
+    // 80-register cap).  Target: each consumer warpgroup per L2 unit + each CTA's routing.
+    const int signal_target = 2 * sh.token_tiles * (hidden / sm90::kTileRows) + grid;
     auto signal = [&](int n) {
         // The caller's writes are ordered before (fence by the caller); the last contribution tells
         // every peer that this rank's pair_row entries and combine rows are complete.
@@ -232,6 +250,8 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         if (warp == 0) {
             // ---------------- 2a. TMA producer ----------------
             if (lane == 0) {
+                cutlass::arch::ClusterBarrier::wait(&sh.work_built, 0);
+                const int num_units = sh.work.num_units();
                 sm90::FP4Producer<Pipe> producer(pipe);
                 // Units are claimed from one counter in work order (the progress argument of
                 // scheduler/mega_moe_work.cuh holds for any claiming CTA), so the L1 (56 k blocks
@@ -282,7 +302,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                     peers.at<int>(s, pair_row_off)[p] = row;
                 }
             }
-            mega::named_barrier(1, 32 * mega::kCommWarps);
+            mega::named_barrier(mega::kBarComm, 32 * mega::kCommWarps);
             if (tid == 32) {
                 // row_src / row_weight for the gather of every CTA of this GPU; the system-scope
                 // fence that the pair_row stores at the sources need comes after the gather, before
@@ -293,7 +313,8 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                 waiter.until<false>(ws.base + MegaWork::kRouted, grid, mega::kPhaseInternal, rank);
                 mega::stamp<kTrace>(trace, 8 * blockIdx.x + 7);
             }
-            mega::named_barrier(1, 32 * mega::kCommWarps);
+            mega::named_barrier(mega::kBarComm, 32 * mega::kCommWarps);   // every CTA routed
+            cutlass::arch::ClusterBarrier::wait(&sh.work_built, 0);
             // Gather in row order over all comm warps of the rank: the rows of the first experts (and
             // token tiles) arrive first, so their L1 units start while later rows are in flight.
             const auto& work = sh.work;
@@ -318,7 +339,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                     atomicAdd(ws.arrived() + work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT, 1);
                 }
             }
-            mega::named_barrier(1, 32 * mega::kCommWarps);
+            mega::named_barrier(mega::kBarComm, 32 * mega::kCommWarps);
             if (tid == 32) {
                 __threadfence_system();   // this CTA's pair_row stores at the sources
                 signal(1);
@@ -326,6 +347,13 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         }
     } else {
         // ---------------- 2c. consumers: L1 and L2 tiles ----------------
+        if (warp == 4 && lane == 0) {
+            sh.work.build(sh.rows, num_experts, kBlockT, 2 * inter / sm90::kTileRows, hidden / sm90::kTileRows,
+                          lookahead_experts, lookahead_units);
+            mega::stamp<kTrace>(trace, 8 * blockIdx.x + 1);
+            cutlass::arch::ClusterBarrier::arrive(&sh.work_built);
+        }
+        __syncwarp();
         cutlass::arch::warpgroup_reg_alloc<Regs::kConsumer>();
         const int cw = warpgroup - 1;
         sm90::FP4Consumer<Pipe, kCTAsPerSM> consumer(pipe, cw, wg_tid);
@@ -345,7 +373,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                                                           l2_x, inter, unit.row_start, unit.num_rows,
                                                           unit.row_tile * (sm90::kTileRows / 2) + cw * 32 + wg_warp * 8 + g, q);
                 mega::fence_proxy_async_global();
-                mega::named_barrier(2 + cw, 128);
+                mega::named_barrier(mega::kBarConsumer + cw, 128);
                 if (wg_tid == 0) {
                     __threadfence();
                     atomicAdd(ws.l1_done() + unit.tile_index, 1);
@@ -356,7 +384,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                 sm90::epilogue_plain<kBlockT>(acc, __ldg(l2_alpha + unit.expert) * kComp, combine, hidden,
                                               unit.row_start, unit.num_rows,
                                               unit.row_tile * sm90::kTileRows + cw * 64 + wg_warp * 16 + g, q);
-                mega::named_barrier(2 + cw, 128);
+                mega::named_barrier(mega::kBarConsumer + cw, 128);
                 if (wg_tid == 0) {
                     __threadfence_system();
                     signal(1);
