@@ -14,9 +14,9 @@
 //      order over all CTAs, store them as BF16 (exact) and count them per token tile.
 //      warp 4, lane 0: meanwhile builds the work order (MegaMoEWork).
 //      warpgroup 0, thread 0: the TMA producer of common/sm90_fp4_pipeline.cuh; it claims units
-//      from one counter in work order and tags the first stage of each for the consumers; a
-//      unit's weights stream before its tokens are
-//      ready; its token loads wait for the tile's rows (L1) or its L1 tiles (L2).
+//      from one counter in work order and tags the first stage of each for the consumers; a unit's
+//      weights stream before its tokens are ready; its token loads wait for the tile's rows (L1) or
+//      its L1 tiles (L2).
 //      warpgroups 1-2: the grouped GEMM's consumers and epilogues.  L1 writes h (BF16) and bumps
 //      the token tile's L1 counter; L2 writes the combine rows.  The CTA that completes the rank's
 //      last piece of work (every L2 unit and every CTA's routing) signals barrier 1 at every peer.
@@ -226,10 +226,10 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     __syncthreads();
 
     // Warp 4 (idle until its first tile) builds the work order while warps 1-3 route: they need only
-    // the row ranges; the producer and the gather wait for sh.work_built, the consumers for their first
-    // stage, which the producer tags after that wait.  Built
-    // before the routing, it held up the first rows; built by the producer thread, it came later
-    // (under warpgroup 0's 56 registers) and so did the first claims (perf-notes, v10).
+    // the row ranges; the producer and the gather wait for sh.work_built, the consumers for their
+    // first stage, which the producer tags after that wait.  Built before the routing, it held up the
+    // first rows; built by the producer thread, it came later (under warpgroup 0's 56 registers) and
+    // so did the first claims (perf-notes, v10).
     // The barrier-1 target comes from the row ranges, not the order, so that no consumer reads the
     // order outside a unit (that reload cost the consumers' main loop instructions under the
     // 80-register cap).  Target: each consumer warpgroup per L2 unit + each CTA's routing.
