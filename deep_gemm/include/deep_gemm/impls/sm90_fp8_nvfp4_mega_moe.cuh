@@ -130,7 +130,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     const comm::PeerBuffers peers{bases};
     const MegaWork ws{work_ws, num_experts, max_rows + num_experts};
 
-    // ---------------- 1. barrier 0, count, work order ----------------
+    // ---------------- 1. barrier 0, count, row ranges ----------------
     if (tid == 0) mega::stamp<kTrace>(trace, 8 * blockIdx.x);
     if (tid == 0) {
         sh.epoch0 = meta[comm::kMetaEpoch] + 1;
@@ -233,7 +233,8 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     // The barrier-1 target comes from the row ranges, not the order, so that no consumer reads the
     // order outside a unit (that reload cost the consumers' main loop instructions under the
     // 80-register cap).  Target: each consumer warpgroup per L2 unit + each CTA's routing.
-    const int signal_target = 2 * sh.token_tiles * (hidden / sm90::kTileRows) + grid;
+    const int l1_row_tiles = 2 * inter / sm90::kTileRows, l2_row_tiles = hidden / sm90::kTileRows;
+    const int signal_target = 2 * sh.token_tiles * l2_row_tiles + grid;
     auto signal = [&](int n) {
         // The caller's writes are ordered before (fence by the caller); the last contribution tells
         // every peer that this rank's pair_row entries and combine rows are complete.
@@ -346,10 +347,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             }
         }
     } else {
-        // ---------------- 2c. consumers: L1 and L2 tiles ----------------
+        // ---------------- 2c. work order (warp 4), consumers: L1 and L2 tiles ----------------
         if (warp == 4 && lane == 0) {
-            sh.work.build(sh.rows, num_experts, kBlockT, 2 * inter / sm90::kTileRows, hidden / sm90::kTileRows,
-                          lookahead_experts, lookahead_units);
+            sh.work.build(sh.rows, num_experts, kBlockT, l1_row_tiles, l2_row_tiles, lookahead_experts, lookahead_units);
             mega::stamp<kTrace>(trace, 8 * blockIdx.x + 1);
             cutlass::arch::ClusterBarrier::arrive(&sh.work_built);
         }
