@@ -140,6 +140,20 @@ def _ctas_per_sm(block_t: int) -> int:
     return 1 if os.environ.get('DG_GROUPED_GEMM_CTAS_PER_SM') == '1' else 2
 
 
+# Token bytes a group of token tiles may hold (scheduler/tile_order.cuh): a group is read from HBM
+# once for all of an expert's weight-row tiles while those tiles stream past it, so it must stay in
+# L2 (50 MB on H100 / H200) beside the weights in flight.  8 MB was the fastest of 4 / 8 / 16 / 32 MB
+# (H200, 4096 tokens per expert: L1 -8 %, L2 -2 % against no groups; docs/perf-notes.md, v11).
+_TOKEN_GROUP_BYTES = 8 << 20
+
+
+def _token_group(block_t: int, k: int) -> int:
+    """Token tiles per group of the tile order: ``$DG_GROUPED_GEMM_TOKEN_GROUP`` if set, else as many
+    BF16 token tiles of ``k`` columns as fit in ``_TOKEN_GROUP_BYTES`` (at least one)."""
+    env = int(os.environ.get('DG_GROUPED_GEMM_TOKEN_GROUP', 0))
+    return env if env > 0 else max(1, _TOKEN_GROUP_BYTES // (block_t * k * 2))
+
+
 def _stage_bytes(fmt: str, block_t: int) -> int:
     """Shared memory of one pipeline stage (common/sm90_fp4_pipeline.cuh): tokens, codes, scales."""
     return block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K // 2 + (1024 if fmt == 'nvfp4' else 512)
@@ -196,7 +210,7 @@ def _launch_grouped(tokens: torch.Tensor, b: ExpertWeights, d: torch.Tensor, lay
     runtime.launch(kernel, get_num_sms() * ctas, 384, smem,
                    [tmap, b.codes, b.scales, b.alpha, layout, d, route_weights, runtime.f32(clamp_v),
                     runtime.i32(b.num_experts), runtime.i32(b.n), runtime.i32(b.k), runtime.i32(max_rows),
-                    runtime.i32(b.alpha.shape[1])])
+                    runtime.i32(b.alpha.shape[1]), runtime.i32(_token_group(block_t, b.k))])
 
 
 def _split_tokens(a):

@@ -1,9 +1,11 @@
-"""CPU tests of the persistent Mega MoE work order (deep_gemm/scheduler/mega_moe_work.cuh).
+"""CPU tests of the schedulers (deep_gemm/scheduler/): the per-expert tile order (tile_order.cuh)
+and the persistent Mega MoE work order (mega_moe_work.cuh).
 
 nvcc builds tests/cpp/mega_moe_work_sim.cu as a host program: random cases against a brute-force
 enumeration, static order checks and an event-driven simulation of persistent CTAs (see its
 header).  Two deliberate faults show that the checks can fail.  The header is also compiled as
-sm_90a/sm_100a device code and in a plain C++ translation unit.  No GPU needed.
+sm_90a/sm_100a device code and in a plain C++ translation unit.  tests/cpp/tile_order_check.cpp
+(plain C++) checks the tile order against plain loops, with a fault of its own.  No GPU needed.
 """
 import shutil
 import subprocess
@@ -71,7 +73,7 @@ def test_random_cases(sim, seed):
     assert {0, 1, 2, 3} <= _ints(cov['lookahead']) and max(_ints(cov['lookahead'])) > 3
     assert {'48x56', '1x1'} <= set(cov['row_tiles'].split(','))
     assert int(cov['min_block_t']) == 8 and int(cov['max_block_t']) == 128
-    for k in ('zero_expert_cases', 'empty_cases', 'one_token_cases'):
+    for k in ('zero_expert_cases', 'empty_cases', 'one_token_cases', 'grouped_cases'):
         assert int(cov[k]) > 0, k
     # units near INT_MAX (sampled) and inputs that build() must refuse
     assert int(lim['cases']) >= 20 and int(lim['errors']) == 0, out['text']
@@ -107,3 +109,33 @@ def test_header_compiles(tmp_path):
     _compile(['-gencode', 'arch=compute_90a,code=sm_90a', '-gencode', 'arch=compute_100a,code=sm_100a',
               '-c', CPP / 'mega_moe_work_device.cu', '-o', tmp_path / 'device.o'])
     _compile(['-c', CPP / 'mega_moe_work_host_only.cpp', '-o', tmp_path / 'host_only.o'])
+
+
+def _summary(exe, *args):
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.startswith('summary '))
+    return {k: int(v) for k, v in (kv.split('=') for kv in line.split()[1:])}
+
+
+def test_tile_order(tmp_path):
+    # token groups inside an expert (grouped GEMM and Mega MoE alike), built as plain C++
+    exe = tmp_path / 'tile_order_check'
+    _compile(['-O2', '-x', 'c++', CPP / 'tile_order_check.cpp', '-o', exe])
+    s = _summary(exe)
+    assert s['mismatches'] == s['duplicates'] == s['one_group_errors'] == 0, s
+    assert s['cases'] > 5000 and s['grouped_cases'] > 1000 and s['pairs'] > 10 ** 6
+    assert _summary(exe, '--fault')['mismatches'] > 0     # groups one token tile too large
+
+
+def test_token_groups_of_the_launchers(monkeypatch):
+    from deep_gemm import gemm
+    monkeypatch.delenv('DG_GROUPED_GEMM_TOKEN_GROUP', raising=False)
+    # 4096 tokens per expert at BLOCK_T 256: L1 (K = 7168) two tiles of 3.7 MB, L2 (K = 3072) five of 1.6 MB
+    assert (gemm._token_group(256, 7168), gemm._token_group(256, 3072)) == (2, 5)
+    assert gemm._token_group(256, 1 << 20) == 1                 # never below one tile
+    assert gemm._token_group(16, 7168) * 16 >= 256              # decode: one group holds every tile
+    for block_t, k in ((256, 7168), (128, 3072), (64, 7168)):
+        assert gemm._token_group(block_t, k) * block_t * k * 2 <= gemm._TOKEN_GROUP_BYTES
+    monkeypatch.setenv('DG_GROUPED_GEMM_TOKEN_GROUP', '3')
+    assert gemm._token_group(256, 7168) == 3

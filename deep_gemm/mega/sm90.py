@@ -69,11 +69,11 @@ def fused_enabled(fused: Optional[bool] = None) -> bool:
 
 
 def _fused_shared_bytes(max_experts: int) -> int:
-    # mega::Shared: an mbarrier, MegaMoEWork (4 + M + 3 (M + 1) ints), three per-expert arrays,
+    # mega::Shared: an mbarrier, MegaMoEWork (6 + M + 3 (M + 1) ints), three per-expert arrays,
     # source prefix, 16 stage tags, 5 ints; plus 256 bytes of slack for padding (checked against the
     # cubin at load)
     m = max_experts
-    return 8 + 4 * (4 + m + 3 * (m + 1)) + 12 * m + 4 * (_MAX_RANKS + 1) + 4 * 16 + 20 + 256
+    return 8 + 4 * (6 + m + 3 * (m + 1)) + 12 * m + 4 * (_MAX_RANKS + 1) + 4 * 16 + 20 + 256
 
 
 def _fused_config(buffer, l1, expected_m: int, fast_math: bool, trace: bool = False):
@@ -166,6 +166,7 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
             i32(buffer.rank), i32(buffer.num_ranks), i32(n), i32(buffer.num_max_tokens_per_wave),
             i32(buffer.num_topk), i32(buffer.num_experts_per_rank), i32(l1_x.shape[0]), i32(buffer.hidden),
             i32(buffer.intermediate_hidden), runtime.f32(clamp), i32(_LOOKAHEAD_EXPERTS), i32(2 * grid),
+            i32(gemm._token_group(block_t, buffer.hidden)), i32(gemm._token_group(block_t, buffer.intermediate_hidden)),
             u64(int(buffer.timeout_s * 1e9)), u64(buffer.error_record_ptr), trace])
     return y
 

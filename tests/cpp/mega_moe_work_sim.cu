@@ -38,16 +38,19 @@ static MegaWait wait_of(const Work& work, const MegaUnit& u) {
 struct Case {
     std::vector<int> counts;
     int block_t, r1, r2, lookahead, lookahead_units, ctas;
+    int g1 = 0x7fffffff, g2 = 0x7fffffff;   // token tiles per group in an L1 / L2 block (tile_order.cuh)
     double arrival_span = -1;   // < 0: random
     double l2_cost = 1.0;       // mean duration of an L2 unit over an L1 unit
     double jitter = 0.5, stragglers = 0.02;   // durations: uniform +-jitter, some 6x longer
 };
 
-// Independent enumeration: plain loops over experts, row tiles and row ranges.
+// Independent enumeration: plain loops over experts, groups of token tiles, row tiles and row
+// ranges, units of a block in their expected order.
 struct BruteUnit { int phase, expert, row_tile, token_tile, tile_index, row_start, num_rows, expert_rows; };
 struct Brute {
     std::vector<int> base[2], tiles;
     std::vector<BruteUnit> units;
+    std::vector<std::vector<int>> slot[2];   // [phase][expert][row tile * tiles + token tile] -> unit
     std::vector<int> active;   // experts with rows
     int num_tiles = 0;
 
@@ -66,22 +69,28 @@ struct Brute {
             if (!ranges[e].empty()) active.push_back(e);
         }
         for (int p = 0; p < 2; ++p) {
+            const int rows = p == 0 ? c.r1 : c.r2;
+            const long long group = std::max(p == 0 ? c.g1 : c.g2, 1);
             for (int e = 0; e < num_experts; ++e) {
                 base[p].push_back(int(units.size()));
-                for (int r = 0; r < (p == 0 ? c.r1 : c.r2); ++r)
-                    for (int t = 0; t < tiles[e]; ++t)
-                        units.push_back({p, e, r, t, first_tile[e] + t, ranges[e][t].first, ranges[e][t].second,
-                                         std::max(c.counts[e], 0)});
+                slot[p].emplace_back(rows * tiles[e], -1);
+                for (long long first = 0; first < tiles[e]; first += group)
+                    for (int r = 0; r < rows; ++r)
+                        for (int t = int(first); t < std::min<long long>(first + group, tiles[e]); ++t) {
+                            slot[p][e][r * tiles[e] + t] = int(units.size());
+                            units.push_back({p, e, r, t, first_tile[e] + t, ranges[e][t].first, ranges[e][t].second,
+                                             std::max(c.counts[e], 0)});
+                        }
             }
         }
     }
-    int id(int p, int e, int r, int t) const { return base[p][e] + r * tiles[e] + t; }
+    int id(int p, int e, int r, int t) const { return slot[p][e][r * tiles[e] + t]; }
 };
 
 struct Totals {
     long long cases = 0, units = 0, claims = 0, build_failures = 0, mismatches = 0, duplicates = 0, unclaimed = 0;
     long long order_errors = 0, interleave_errors = 0, violations = 0, deadlocks = 0, bad_counters = 0;
-    long long zero_expert_cases = 0, empty_cases = 0, one_token_cases = 0;
+    long long zero_expert_cases = 0, empty_cases = 0, one_token_cases = 0, grouped_cases = 0;
     std::map<int, int> by_experts, by_ctas, by_lookahead, by_block_t;
     std::map<std::pair<int, int>, int> by_row_tiles;
     // per lookahead: L2 units, L2 units that waited after their claim, L1 units that waited
@@ -152,7 +161,7 @@ static bool check_order(const Case& c, const Brute& brute, const Work& work, con
                 first1[k] = std::min(first1[k], pos[i]), last1[k] = std::max(last1[k], pos[i]);
             for (int i = brute.base[1][e]; i < brute.base[1][e] + c.r2 * brute.tiles[e]; ++i)
                 first2[k] = std::min(first2[k], pos[i]), last2[k] = std::max(last2[k], pos[i]);
-            // inside a block: row tile outer, token tile inner (the brute ids' order)
+            // inside a block: the brute ids' order (token groups, row tile, token tile)
             for (int i = brute.base[0][e]; i < brute.base[0][e] + c.r1 * brute.tiles[e]; ++i)
                 if (pos[i] - first1[k] != i - brute.base[0][e]) ++tot.interleave_errors;
             for (int i = brute.base[1][e]; i < brute.base[1][e] + c.r2 * brute.tiles[e]; ++i)
@@ -305,6 +314,7 @@ static void check_limits(std::mt19937_64& rng, long long& cases, long long& erro
         const int block_t = 8 << (rng() % 5);
         const int r1 = trial % 2 ? 48 : 1 + int(rng() % 8), r2 = trial % 2 ? 56 : 1 + int(rng() % 8);
         const int lookahead = int(rng() % 4), lookahead_units = int(rng() % 2) * 264;
+        const int g1 = trial % 4 < 2 ? 0x7fffffff : 1 + int(rng() % 5), g2 = trial % 4 < 2 ? 0x7fffffff : 1 + int(rng() % 9);
         // rows per expert so that the units are just below INT_MAX, some experts empty
         std::vector<int> counts(num_experts, 0);
         std::vector<int> tiles(num_experts, 0);
@@ -321,7 +331,7 @@ static void check_limits(std::mt19937_64& rng, long long& cases, long long& erro
         long long rows = 0;
         for (int n : counts) rows += n;
         Work work;
-        const bool ok = work.build(counts.data(), num_experts, block_t, r1, r2, lookahead, lookahead_units);
+        const bool ok = work.build(counts.data(), num_experts, block_t, r1, r2, lookahead, lookahead_units, g1, g2);
         if (rows > kIntMax) {   // rows overflow int: must be refused
             errors += ok;
             continue;
@@ -358,7 +368,11 @@ static void check_limits(std::mt19937_64& rng, long long& cases, long long& erro
             const int ph = int(u.phase);
             if (u.expert < 0 || u.expert >= num_experts || slot[u.expert] < 0) { ++errors; continue; }
             const int t = tiles[u.expert];
-            const long long expect = start[ph][slot[u.expert]] + (long long)u.row_tile * t + u.token_tile;
+            // groups of token tiles: the full groups before, then row tile, then token tile in the group
+            const long long group = std::min(ph ? g2 : g1, t), first = u.token_tile / group * group;
+            const long long in_group = std::min<long long>(group, t - first);
+            const long long expect = start[ph][slot[u.expert]] + first * (ph ? r2 : r1) + u.row_tile * in_group +
+                                     (u.token_tile - first);
             const long long row = first_row[u.expert] + (long long)u.token_tile * block_t;
             if (expect != i || u.token_tile >= t || u.row_tile >= (ph ? r2 : r1) || u.row_start != row ||
                 u.num_rows != std::min<long long>(block_t, counts[u.expert] - (long long)u.token_tile * block_t))
@@ -409,6 +423,7 @@ static Case random_case(std::mt19937_64& rng, long long i) {
     c.lookahead_units = pick({0, 0, 0, 132, 264, below(3000)});
     c.l2_cost = 0.3 + 1.2 * double(rng() % 1000) / 1000;
     c.ctas = pick({1, 2, 7, 132, 264});
+    if (below(2)) c.g1 = pick({1, 2, 3, 1 + below(8)}), c.g2 = pick({1, 2, 5, 1 + below(8)});
     return c;
 }
 
@@ -470,7 +485,8 @@ int main(int argc, char** argv) {
         if (l2_first) c.lookahead = 0, c.lookahead_units = 0;
         const Brute brute(c);
         Work work;
-        if (!work.build(c.counts.data(), int(c.counts.size()), c.block_t, c.r1, c.r2, c.lookahead, c.lookahead_units)) {
+        if (!work.build(c.counts.data(), int(c.counts.size()), c.block_t, c.r1, c.r2, c.lookahead, c.lookahead_units,
+                        c.g1, c.g2)) {
             ++tot.build_failures;
             continue;
         }
@@ -480,6 +496,9 @@ int main(int argc, char** argv) {
         int zero = 0, rows = 0;
         for (int n : c.counts) zero += n == 0, rows += n;
         tot.zero_expert_cases += zero > 0, tot.empty_cases += rows == 0, tot.one_token_cases += rows == 1;
+        int most_tiles = 0;
+        for (int t : brute.tiles) most_tiles = std::max(most_tiles, t);
+        tot.grouped_cases += std::min(c.g1, c.g2) < most_tiles;
         const std::vector<MegaUnit> order = make_order(work, l2_first);
         std::vector<int> ids;
         if (!check_order(c, brute, work, order, !l2_first, ids, tot)) continue;
@@ -490,8 +509,9 @@ int main(int argc, char** argv) {
                 "bad_counters=%lld\n",
                 tot.cases, tot.units, tot.claims, tot.build_failures, tot.mismatches, tot.duplicates, tot.unclaimed,
                 tot.order_errors, tot.interleave_errors, tot.violations, tot.deadlocks, tot.bad_counters);
-    std::printf("coverage zero_expert_cases=%lld empty_cases=%lld one_token_cases=%lld min_block_t=%d max_block_t=%d",
-                tot.zero_expert_cases, tot.empty_cases, tot.one_token_cases,
+    std::printf("coverage zero_expert_cases=%lld empty_cases=%lld one_token_cases=%lld grouped_cases=%lld "
+                "min_block_t=%d max_block_t=%d",
+                tot.zero_expert_cases, tot.empty_cases, tot.one_token_cases, tot.grouped_cases,
                 tot.by_block_t.empty() ? 0 : tot.by_block_t.begin()->first,
                 tot.by_block_t.empty() ? 0 : tot.by_block_t.rbegin()->first);
     auto keys = [](const char* name, const std::map<int, int>& m) {

@@ -119,7 +119,9 @@ def test_partial_token_tiles(block_t, monkeypatch):
 
 
 @pytest.mark.parametrize('counts', [[300, 0, 77, 1], [1024, 513, 0, 256]])
-def test_contiguous_plain(counts):
+def test_contiguous_plain(counts, monkeypatch):
+    """Also with an expert's token tiles in groups of one and three (scheduler/tile_order.cuh; at
+    these K one group holds every tile unless forced): the same bits."""
     gen = torch.Generator().manual_seed(sum(counts))
     e, n, k = len(counts), 384, 256
     codes, scale, g2 = rand_nvfp4(e, n, k, gen)
@@ -134,6 +136,11 @@ def test_contiguous_plain(counts):
     tok = dequant_tokens(q, sf)
     ref = torch.cat([ref_plain(tok[offsets[i]:offsets[i + 1]], w[i], b.alpha[i, 0].item()) for i in range(e)])
     assert relative_error(d.cpu(), ref) < TOL
+    for group in (1, 3):
+        monkeypatch.setenv('DG_GROUPED_GEMM_TOKEN_GROUP', str(group))
+        d2 = torch.full_like(d, float('nan'))
+        m_grouped_fp8_nvfp4_gemm_nt_contiguous((q.cuda(), sf.cuda()), b, d2, offsets.cuda())
+        assert torch.equal(d2.view(torch.int16), d.view(torch.int16)), f'token group {group}'
 
 
 @pytest.mark.parametrize('clamp', [None, 7.0])

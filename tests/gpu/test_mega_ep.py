@@ -10,7 +10,7 @@ Checked against the single-process reference on the concatenated tokens (which e
 multi-rank reference bit for bit, tests/test_multirank.py): fresh random non-uniform data, masked
 slots, uneven token counts, a rank with no tokens, an expert with no tokens, y poisoned with NaN,
 rel. error <= 1e-2, bitwise-identical repeats, exact receive statistics, CUDA graph replay, and a
-rank that never arrives.  Prefill waves (``num_max_tokens_per_wave``): bitwise equal to an unwaved
+rank that never arrives, token tiles in groups bitwise equal to none.  Prefill waves (``num_max_tokens_per_wave``): bitwise equal to an unwaved
 buffer, with a rank whose last wave is empty, on one rank with trailing waves skipped, and in a
 CUDA graph.
 """
@@ -240,6 +240,27 @@ def test_waves_bitwise_equal_unwaved(make_problem, monkeypatch):
     for r in range(waved.world):
         assert torch.equal(ys[r].view(torch.int16), ys2[r].view(torch.int16)), f'rank {r}: not bitwise stable'
     assert torch.equal(torch.cat([s.cpu() for s in stats2]), stats_ref)
+
+
+def test_token_groups_bitwise_equal(make_problem, monkeypatch):
+    """Token tiles of an expert in groups of one or two (scheduler/tile_order.cuh; at DeepSeek sizes
+    only prefill has enough tiles per expert for groups): the same bits as no groups."""
+    monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', '16')
+    counts = [60, 36]
+    p = make_problem(seed=211, t=sum(counts), hidden=512, inter=256, experts=8, topk=4, use_ue8m0=True,
+                     mask_frac=0.1)
+    g = Group(p, counts)
+    ys, _ = g.run()
+    y_ref, _ = reference(p)
+    per_expert = torch.bincount(p.topk_idx[p.topk_idx >= 0], minlength=p.experts)
+    assert (per_expert > 2 * 16).sum() >= 4, per_expert      # experts with 3+ token tiles
+    for r in range(g.world):
+        assert relative_error(ys[r].cpu(), y_ref[g.rows(r)]) < TOL, f'rank {r}'
+    for group in (1, 2):
+        monkeypatch.setenv('DG_GROUPED_GEMM_TOKEN_GROUP', str(group))
+        ys_g, _ = g.run()
+        for r in range(g.world):
+            assert torch.equal(ys_g[r].view(torch.int16), ys[r].view(torch.int16)), f'group {group}, rank {r}'
 
 
 def test_waves_one_rank_skip_trailing(make_problem, monkeypatch):

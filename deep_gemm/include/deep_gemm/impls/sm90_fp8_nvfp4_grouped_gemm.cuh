@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(384, kCTAsPerSM)
 sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
                             const uint8_t* codes, const uint8_t* scales, const float* alpha, const int* layout,
                             __nv_bfloat16* out, const float* route_weights, float clamp,
-                            int num_experts, int n, int k, int max_rows, int alpha_stride) {
+                            int num_experts, int n, int k, int max_rows, int alpha_stride, int token_group) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
     using Pipe = sm90::FP4Pipeline<kFmt, kBlockT, kNumStages>;
     using Regs = sm90::RegisterSplit<kCTAsPerSM, 40>;
@@ -54,7 +54,7 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
     const int wg_tid = threadIdx.x % 128;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-    GroupedTiles<kMode, kBlockT> sched{layout, num_experts, max_rows, n / sm90::kTileRows, smem_prefix};
+    GroupedTiles<kMode, kBlockT> sched{layout, num_experts, max_rows, n / sm90::kTileRows, smem_prefix, token_group};
     if (warp == 0) sched.build_prefix(lane);
     if (threadIdx.x == 32) pipe.init();
     if (threadIdx.x == 64) cute::prefetch_tma_descriptor(&tokens_map);

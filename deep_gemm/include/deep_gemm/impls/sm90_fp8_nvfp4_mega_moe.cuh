@@ -112,7 +112,8 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         const int64_t* topk_idx, const int* pair_row, __nv_bfloat16* y, int* stats,
                         int rank, int num_ranks, int num_tokens, int max_tokens, int topk, int num_experts,
                         int max_rows, int hidden, int inter, float clamp, int lookahead_experts,
-                        int lookahead_units, uint64_t timeout_ns, comm::CommError* error, uint64_t* trace) {
+                        int lookahead_units, int l1_token_group, int l2_token_group, uint64_t timeout_ns,
+                        comm::CommError* error, uint64_t* trace) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
     using Pipe = sm90::FP4Pipeline<kFmt, kBlockT, kNumStages>;
     using Regs = sm90::RegisterSplit<kCTAsPerSM, 56>;
@@ -349,7 +350,8 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     } else {
         // ---------------- 2c. work order (warp 4), consumers: L1 and L2 tiles ----------------
         if (warp == 4 && lane == 0) {
-            sh.work.build(sh.rows, num_experts, kBlockT, l1_row_tiles, l2_row_tiles, lookahead_experts, lookahead_units);
+            sh.work.build(sh.rows, num_experts, kBlockT, l1_row_tiles, l2_row_tiles, lookahead_experts, lookahead_units,
+                          l1_token_group, l2_token_group);
             mega::stamp<kTrace>(trace, 8 * blockIdx.x + 1);
             cutlass::arch::ClusterBarrier::arrive(&sh.work_built);
         }

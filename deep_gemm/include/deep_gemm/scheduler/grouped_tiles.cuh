@@ -1,14 +1,15 @@
 #pragma once
 // Arch-neutral tile scheduler for grouped (per-expert) GEMMs with device-side token counts.
 //
-// Tiles are (expert, weight-row tile, token tile), numbered expert-major, then row tile, then
-// token tile innermost, so CTAs that run at the same time share a weight tile through L2.
+// Tiles are (expert, weight-row tile, token tile), numbered expert-major, then in an expert as
+// tile_order.cuh says (row tiles outer, token tiles inner, in L2-sized token groups).
 // Experts with no tokens own no tiles, so their weights are never read.  Counts live on the
 // device (no host sync, CUDA-graph friendly): every CTA builds the per-expert tile prefix in
 // shared memory once.
 #include <cstdint>
 
 #include <deep_gemm/common/warp_scan.cuh>
+#include <deep_gemm/scheduler/tile_order.cuh>
 
 namespace deep_gemm {
 
@@ -21,6 +22,7 @@ struct GroupedTiles {
     int max_rows;           // Masked: rows reserved per expert
     int num_row_tiles;      // weight-row tiles per expert
     int* smem_prefix;       // [E + 1] token tiles before each expert
+    int token_group;        // token tiles per group (>= 1, tile_order.cuh)
 
     __device__ __forceinline__ int row_start(int e) const {
         return kMode == GroupMode::Contiguous ? __ldg(layout + e) : e * max_rows;
@@ -51,10 +53,11 @@ struct GroupedTiles {
         const int e = lo;
         const int tt_e = smem_prefix[e + 1] - smem_prefix[e];
         const int local = t - smem_prefix[e] * num_row_tiles;
+        const TileCoord c = expert_tile_coord(local, num_row_tiles, tt_e, token_group);
         Tile tile;
         tile.expert = e;
-        tile.row_tile = local / tt_e;
-        tile.token_tile = local % tt_e;
+        tile.row_tile = c.row_tile;
+        tile.token_tile = c.token_tile;
         tile.row_start = row_start(e) + tile.token_tile * kBlockT;
         tile.num_tokens = min(kBlockT, count(e) - tile.token_tile * kBlockT);
         return tile;

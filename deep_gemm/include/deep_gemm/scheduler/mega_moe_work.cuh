@@ -22,18 +22,12 @@
 // tile has usually finished.  The lookahead is in units as well as experts because an expert is
 // 48 L1 units at decode (one token tile) and ten times that at prefill.  L2 still starts after a
 // bounded amount of L1 work, not after all of it, which bounds the L1 output that is live
-// (written, not yet consumed) at prefill.  Inside a block, weight-row tile outer, token tile
-// inner (as GroupedTiles): CTAs running together share a weight tile through L2.
+// (written, not yet consumed) at prefill.  Inside a block, the order of tile_order.cuh (as
+// GroupedTiles): weight-row tile outer, token tile inner, in token groups sized to stay in L2.
 //
 // Rows of the experts lie back to back in expert order from row 0 (the dispatch layout's
 // `expert_offsets`).  Only per-expert arrays: unit -> tile is two binary searches over experts.
-#ifndef DG_HOST_DEVICE
-#if defined(__CUDACC__)
-#define DG_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define DG_HOST_DEVICE inline
-#endif
-#endif
+#include <deep_gemm/scheduler/tile_order.cuh>
 
 namespace deep_gemm {
 
@@ -63,16 +57,21 @@ template <int kMaxExperts>
 struct MegaMoEWork {
     int num_active;                     // experts with rows
     int block_t, l1_row_tiles, l2_row_tiles;
+    int l1_token_group, l2_token_group; // token tiles per group inside an L1 / L2 block (tile_order.cuh)
     int expert[kMaxExperts];            // k-th active expert -> local expert id
     int tile_prefix[kMaxExperts + 1];   // token tiles of the active experts before the k-th
     int row_prefix[kMaxExperts + 1];    // rows of the active experts before the k-th
     int l2_before[kMaxExperts + 1];     // L2 blocks placed before the k-th L1 block (non-decreasing)
 
     // False (and no units) if num_experts is outside [0, kMaxExperts], a tile count is not
-    // positive, or the rows or units overflow int.  Negative counts and lookaheads are taken as 0.
+    // positive, or the rows or units overflow int.  Negative counts and lookaheads are taken as 0,
+    // token groups below 1 as 1; the default groups hold every token tile (no groups).
     DG_HOST_DEVICE bool build(const int* counts, int num_experts, int block_t_, int l1_row_tiles_,
-                              int l2_row_tiles_, int lookahead_experts, int lookahead_units) {
+                              int l2_row_tiles_, int lookahead_experts, int lookahead_units,
+                              int l1_token_group_ = 0x7fffffff, int l2_token_group_ = 0x7fffffff) {
         block_t = block_t_, l1_row_tiles = l1_row_tiles_, l2_row_tiles = l2_row_tiles_;
+        l1_token_group = l1_token_group_ > 1 ? l1_token_group_ : 1;
+        l2_token_group = l2_token_group_ > 1 ? l2_token_group_ : 1;
         num_active = 0, tile_prefix[0] = 0, row_prefix[0] = 0, l2_before[0] = 0;
         if (num_experts < 0 || num_experts > kMaxExperts || block_t <= 0 || l1_row_tiles <= 0 || l2_row_tiles <= 0)
             return false;
@@ -133,9 +132,12 @@ struct MegaMoEWork {
             local = l2 - l2_row_tiles * tile_prefix[k], u.phase = MegaPhase::L2;
         }
         const int tiles = tile_prefix[k + 1] - tile_prefix[k];
+        const bool l1 = u.phase == MegaPhase::L1;
+        const TileCoord c = expert_tile_coord(local, l1 ? l1_row_tiles : l2_row_tiles, tiles,
+                                              l1 ? l1_token_group : l2_token_group);
         u.expert = expert[k];
-        u.row_tile = local / tiles;
-        u.token_tile = local % tiles;
+        u.row_tile = c.row_tile;
+        u.token_tile = c.token_tile;
         u.tile_index = tile_prefix[k] + u.token_tile;
         u.expert_rows = row_prefix[k + 1] - row_prefix[k];
         u.row_start = row_prefix[k] + u.token_tile * block_t;
