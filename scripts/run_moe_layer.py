@@ -73,12 +73,14 @@ def make_expert_weights(args, experts, device):
     h, i = args.hidden, args.intermediate
     w13, s13, g13, w2, s2, g2 = [], [], [], [], [], []
     for e in experts:
-        gen = torch.Generator(device='cpu').manual_seed(args.seed * 100003 + e)
-        mag = float(torch.exp(0.5 * torch.randn((), generator=gen)))
-        row = torch.exp(0.5 * torch.randn(2 * i, 1, generator=gen))
-        w1 = (torch.randn(2 * i, h, generator=gen) * row * mag / h ** 0.5).to(device)
+        # drawn on the device: at the full shape a CPU generator took minutes per rank under torchrun
+        # (one thread per process); the same expert id gives the same weights at any world size
+        gen = torch.Generator(device=device).manual_seed(args.seed * 100003 + e)
+        mag = float(torch.exp(0.5 * torch.randn((), generator=gen, device=device)))
+        row = torch.exp(0.5 * torch.randn(2 * i, 1, generator=gen, device=device))
+        w1 = torch.randn(2 * i, h, generator=gen, device=device) * row * mag / h ** 0.5
         w1[i:] *= 2.5  # up rows: another global scale than gate rows
-        wd = (torch.randn(h, i, generator=gen) * mag / i ** 0.5).to(device)
+        wd = torch.randn(h, i, generator=gen, device=device) * mag / i ** 0.5
         pg, sg, gg = cast_to_nvfp4(w1[:i])
         pu, su, gu = cast_to_nvfp4(w1[i:])
         pd, sd, gd = cast_to_nvfp4(wd)
