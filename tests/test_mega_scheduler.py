@@ -37,23 +37,26 @@ def _compile(args, timeout=300):
     assert proc.returncode == 0, f'nvcc failed:\n{proc.stdout}\n{proc.stderr}'
 
 
+def _run(exe, *args):
+    """Run a check program; its `name k=v ...` lines by name (values as strings), `scenario=name
+    k=v ...` lines in a list, and the whole output."""
+    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = {'scenario': [], 'text': proc.stdout}
+    for line in proc.stdout.splitlines():
+        if line.startswith('scenario='):
+            out['scenario'].append(dict(kv.split('=', 1) for kv in line.split()))
+        else:
+            head, _, rest = line.partition(' ')
+            out[head] = dict(kv.split('=', 1) for kv in rest.split())
+    return out
+
+
 @pytest.fixture(scope='module')
 def sim(tmp_path_factory):
     exe = tmp_path_factory.mktemp('mega_sched') / 'mega_moe_work_sim'
     _compile(['-O2', CPP / 'mega_moe_work_sim.cu', '-o', exe])
-
-    def run(*args):
-        proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        out = {'scenario': [], 'text': proc.stdout}
-        for line in proc.stdout.splitlines():   # `name k=v ...`, or `scenario=name k=v ...`
-            if line.startswith('scenario='):
-                out['scenario'].append(dict(kv.split('=', 1) for kv in line.split()))
-            else:
-                head, _, rest = line.partition(' ')
-                out[head] = dict(kv.split('=', 1) for kv in rest.split())
-        return out
-    return run
+    return lambda *args: _run(exe, *args)
 
 
 def _ints(csv):
@@ -111,21 +114,14 @@ def test_header_compiles(tmp_path):
     _compile(['-c', CPP / 'mega_moe_work_host_only.cpp', '-o', tmp_path / 'host_only.o'])
 
 
-def _summary(exe, *args):
-    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    line = next(l for l in proc.stdout.splitlines() if l.startswith('summary '))
-    return {k: int(v) for k, v in (kv.split('=') for kv in line.split()[1:])}
-
-
 def test_tile_order(tmp_path):
     # token groups inside an expert (grouped GEMM and Mega MoE alike), built as plain C++
     exe = tmp_path / 'tile_order_check'
     _compile(['-O2', '-x', 'c++', CPP / 'tile_order_check.cpp', '-o', exe])
-    s = _summary(exe)
+    s = {k: int(v) for k, v in _run(exe)['summary'].items()}
     assert s['mismatches'] == s['duplicates'] == s['one_group_errors'] == 0, s
     assert s['cases'] > 5000 and s['grouped_cases'] > 1000 and s['pairs'] > 10 ** 6
-    assert _summary(exe, '--fault')['mismatches'] > 0     # groups one token tile too large
+    assert int(_run(exe, '--fault')['summary']['mismatches']) > 0     # groups one token tile too large
 
 
 def test_token_groups_of_the_launchers(monkeypatch):

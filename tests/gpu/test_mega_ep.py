@@ -9,10 +9,10 @@ one GPU through torch symmetric memory, which rejects overlapping devices.)
 Checked against the single-process reference on the concatenated tokens (which equals the
 multi-rank reference bit for bit, tests/test_multirank.py): fresh random non-uniform data, masked
 slots, uneven token counts, a rank with no tokens, an expert with no tokens, y poisoned with NaN,
-rel. error <= 1e-2, bitwise-identical repeats, exact receive statistics, CUDA graph replay, and a
-rank that never arrives, token tiles in groups bitwise equal to none.  Prefill waves (``num_max_tokens_per_wave``): bitwise equal to an unwaved
-buffer, with a rank whose last wave is empty, on one rank with trailing waves skipped, and in a
-CUDA graph.
+rel. error <= 1e-2, bitwise-identical repeats, exact receive statistics, CUDA graph replay, a rank
+that never arrives, and token tiles in groups bitwise equal to none.  Prefill waves
+(``num_max_tokens_per_wave``): bitwise equal to an unwaved buffer, with a rank whose last wave is
+empty, on one rank with trailing waves skipped, and in a CUDA graph.
 """
 import contextlib
 import gc
