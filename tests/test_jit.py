@@ -4,6 +4,7 @@ No GPU needed (nvcc compiles for sm_90a/sm_100a anywhere); runtime/TMA launches 
 tests/gpu/test_jit_gpu.py.
 """
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -93,7 +94,7 @@ def test_ptxas_parse():
         ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem, 400 bytes cmem[0]
         """)
     assert compiler.parse_ptxas(log) == {'entries': ['_Z3fooPf'], 'registers': 40, 'smem': 2048, 'stack': 16,
-                                         'spill_stores': 8, 'spill_loads': 4}
+                                         'spill_stores': 8, 'spill_loads': 4, 'wgmma_serialized': []}
 
 
 @pytest.mark.parametrize('arch', ARCHS)
@@ -266,3 +267,32 @@ def test_sass_check_catches_missing_and_local_memory(fresh_cache):
     assert rep.missing == [r'\bHGMMA\b']
     assert rep.local_memory and rep.stack > 0
     assert not rep.ok(forbid_local_memory=True)
+
+
+# ptxas -v lines as nvcc 13.0 printed them for two pipelined variants of the expert GEMM's k loop
+# (perf-notes v12); the cubins still worked, with a wait after every wgmma.
+_PTXAS_SERIALIZED = (
+    "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'\n"
+    "ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+    "insufficient register resources for the wgmma pipeline in the function '_Z3fooPf'\n"
+    "ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+    "non wgmma instructions defining input registers of a wgmma between start and end of the pipeline stage "
+    "in the function '_Z3fooPf'\n"
+    "ptxas info    : Used 168 registers, used 1 barriers, 2448 bytes smem\n")
+
+
+def test_sass_check_catches_serialized_wgmma(fresh_cache):
+    # ptxas reports serialized wgmmas only as an info line, so the JIT reads its log; a report that
+    # carries one fails like missing SASS does.
+    meta = compiler.parse_ptxas(_PTXAS_SERIALIZED)
+    assert meta['registers'] == 168
+    assert meta['wgmma_serialized'] == [
+        'C7511: insufficient register resources for the wgmma pipeline',
+        'C7513: non wgmma instructions defining input registers of a wgmma between start and end of the pipeline stage']
+    assert compiler.parse_ptxas(_PTXAS_SERIALIZED.replace('serialized', 'pipelined'))['wgmma_serialized'] == []
+    clean = sass.SassReport(Path('k.cubin'), [], [])
+    assert clean.ok(forbid_local_memory=True)
+    assert not dataclasses.replace(clean, wgmma_serialized=meta['wgmma_serialized']).ok(forbid_local_memory=False)
+    # and the real log of a real build lands in its cached meta
+    cubin = compiler.build('regs', '__global__ void regs(float* y) { y[threadIdx.x] *= 2.0f; }', 'sm_90a')
+    assert compiler.load_meta(cubin)['ptxas']['wgmma_serialized'] == []

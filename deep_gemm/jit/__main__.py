@@ -53,7 +53,7 @@ def compile_all(archs: Sequence[str], out: Path, jobs: int = 2, kernel_filter: O
             rep = sass.check_cubin(cubin, spec.required_sass_for(arch))
             row.update(regs=rep.registers, smem=rep.smem, stack=rep.stack, spills=rep.spills,
                        missing=rep.missing, local_memory=rep.local_memory[:4],
-                       ok=rep.ok(spec.forbid_local_memory))
+                       wgmma_serialized=rep.wgmma_serialized, ok=rep.ok(spec.forbid_local_memory))
         else:
             ptxas = (compiler.load_meta(cubin) or {}).get('ptxas', {})
             row.update(regs=ptxas.get('registers'), smem=ptxas.get('smem'), stack=ptxas.get('stack'),
@@ -77,6 +77,8 @@ def compile_all(archs: Sequence[str], out: Path, jobs: int = 2, kernel_filter: O
             ('found' if spec.required_sass_for(arch) else '-')
         if row.get('local_memory') or (spec.forbid_local_memory and (row['spills'] or row['stack'])):
             found += f'  LOCAL MEMORY in a hot kernel: {row.get("local_memory")}'
+        if row.get('wgmma_serialized'):
+            found += f'  WGMMA SERIALIZED by ptxas: {row["wgmma_serialized"]}'
         print(f'{row["file"]:<{width}} {row["regs"]:>5} {row["smem"]:>7} {row["stack"]:>6} {row["spills"]:>6}  '
               f'{row.get("seconds", 0):>6.2f}  {found}{"" if row["ok"] else "  FAIL"}')
     ok = all(r['ok'] for r in rows)

@@ -1,4 +1,5 @@
-"""SASS checks on compiled cubins: required instructions present, no local memory in hot kernels.
+"""SASS checks on compiled cubins: required instructions present, no local memory in hot kernels, no
+wgmma that ptxas serialized.
 
 `cuobjdump --dump-sass` needs `nvdisasm` beside it (or on PATH); both come as wheels
 (`nvidia-cuda-cuobjdump`, `nvidia-cuda-nvdisasm`) or with a CUDA toolkit.
@@ -71,9 +72,10 @@ class SassReport:
     smem: int = 0
     stack: int = 0
     spills: int = 0
+    wgmma_serialized: List[str] = dataclasses.field(default_factory=list)   # ptxas C751x reasons
 
     def ok(self, forbid_local_memory: bool) -> bool:
-        if self.missing:
+        if self.missing or self.wgmma_serialized:
             return False
         return not forbid_local_memory or (not self.local_memory and self.spills == 0 and self.stack == 0)
 
@@ -85,4 +87,5 @@ def check_cubin(cubin: Path, required: Sequence[str] = ()) -> SassReport:
     meta = compiler.load_meta(cubin) or {}
     ptxas = meta.get('ptxas', {})
     return SassReport(Path(cubin), missing, local, ptxas.get('registers', 0), ptxas.get('smem', 0),
-                      ptxas.get('stack', 0), ptxas.get('spill_stores', 0) + ptxas.get('spill_loads', 0))
+                      ptxas.get('stack', 0), ptxas.get('spill_stores', 0) + ptxas.get('spill_loads', 0),
+                      list(ptxas.get('wgmma_serialized', [])))
