@@ -2,7 +2,8 @@
 
 DeepSeek-V4 shape (hidden 7168, intermediate 3072, top-6), ``--experts-per-rank`` local experts,
 tokens per rank in ``--tokens`` (decode 128, prefill 4096 by default), random routing over all
-ranks' experts with a non-uniform expert popularity.  Measured in the same run, per rank:
+ranks' experts with a non-uniform expert popularity (``--routing uniform``: equal).  Measured in the
+same run, per rank:
 
 * ceilings: the device-copy bandwidth, the BF16 matmul rate, and (several ranks) the NVLink write
   bandwidth to the next rank (a copy into its symmetric buffer);
@@ -149,13 +150,16 @@ def baseline_nccl(buf, l1, l2, t, k, e_l, group):
     return ep_all_to_all(buf, t, k, e_l, group, experts)
 
 
-def fill_inputs(buf, t: int, seed: int) -> None:
+def fill_inputs(buf, t: int, seed: int, routing: str = 'skewed') -> None:
     """The first ``t`` tokens of ``buf``: per-token log-normal magnitudes, FP8 with UE8M0 per-32
-    scales, top-k routing skewed towards the higher expert ids, softmax routing weights."""
+    scales, top-k routing skewed towards the higher expert ids (``routing='uniform'``: every expert
+    equally likely), softmax routing weights."""
     xg = torch.Generator().manual_seed(seed)
     x = torch.randn(t, buf.hidden, generator=xg) * torch.exp(0.5 * torch.randn(t, 1, generator=xg))
     q, sf = per_token_cast_to_fp8(x, 32, use_ue8m0=True)
-    scores = torch.rand(t, buf.num_experts, generator=xg) + torch.linspace(0, 0.5, buf.num_experts)
+    scores = torch.rand(t, buf.num_experts, generator=xg)
+    if routing == 'skewed':
+        scores += torch.linspace(0, 0.5, buf.num_experts)
     buf.x[:t].copy_(q)
     buf.x_sf[:t].copy_(sf)
     buf.topk_idx[:t].copy_(scores.topk(buf.num_topk, dim=1).indices)
@@ -182,6 +186,8 @@ def main():
     ap.add_argument('--tokens', default='128,4096')
     ap.add_argument('--tokens-per-wave', type=int, default=None,
                     help='num_max_tokens_per_wave of the buffer (default: the buffer\'s own)')
+    ap.add_argument('--routing', choices=['skewed', 'uniform'], default='skewed',
+                    help='expert popularity: rising with the expert id (default), or equal')
     args = ap.parse_args()
     world = int(os.environ.get('WORLD_SIZE', '1'))
     group = None
@@ -210,9 +216,10 @@ def main():
         ', '.join(f'{buf.num_waves(t)} at {t} tokens' for t in token_counts))
     say(f'{"tokens":>7} {"graph us":>9} {"eager us":>9} {"TFLOPS":>7} {"%bf16":>6} {"wt GB/s":>8} {"%copy":>6} '
         f'{"NVL GB/s":>9} {"%NVL":>5} {"baseline us":>12} {"x graph":>8} {"x eager":>8} {"rel err":>8} '
-        f'{"seq us":>8} {"x seq":>6} {"compute":>8} {"comm":>7} {"/max":>5} {"seq err":>8} {"bitwise":>7}')
+        f'{"seq us":>8} {"x seq":>6} {"compute":>8} {"comm":>7} {"/max":>5} {"seq err":>8} {"bitwise":>7} '
+        f'{"rows/exp":>9} {"BLOCK_T":>7}')
     for t in token_counts:
-        fill_inputs(buf, t, 1000 * t + rank)
+        fill_inputs(buf, t, 1000 * t + rank, args.routing)
         y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
         run = lambda: deep_gemm.fp8_nvfp4_mega_moe(y, l1, l2, buf, backend='sm90')  # noqa: E731
         base = (lambda: baseline_nccl(buf, l1, l2, t, k, e_l, group)) if group is not None else \
@@ -260,7 +267,9 @@ def main():
         own = parts[rank]
         remote_pairs = int(((own >= 0) & ((own < rank * e_l) | (own >= (rank + 1) * e_l))).sum())
         nvl_bytes = pulled_rows * (hidden + hidden // 32 * 4) + remote_pairs * hidden * 2
-        touched = int(torch.unique(torch.cat([p[(p >= rank * e_l) & (p < (rank + 1) * e_l)] for p in parts])).numel())
+        local = torch.cat([p[(p >= rank * e_l) & (p < (rank + 1) * e_l)] for p in parts]) - rank * e_l
+        rows = torch.bincount(local, minlength=e_l)
+        touched = int((rows > 0).sum())
         flops = 2 * 3 * hidden * inter * pairs
         wgbs = touched * per_expert_bytes / t_ours / 1e3
         nvl = nvl_bytes / t_ours / 1e3
@@ -268,12 +277,13 @@ def main():
             f'{100 * flops / t_ours / 1e6 / bf16_tflops:>6.1f} {wgbs:>8.0f} {100 * wgbs / copy_gbs:>6.1f} '
             f'{nvl:>9.1f} {100 * nvl / nvl_gbs if group is not None else float("nan"):>5.1f} {t_base:>12.1f} '
             f'{t_base / t_ours:>8.2f} {t_base / t_eager:>8.2f} {err:>8.1e} {t_seq:>8.1f} {t_seq / t_ours:>6.2f} '
-            f'{t_compute:>8.1f} {t_comm:>7.1f} {t_ours / max(t_compute, t_comm):>5.2f} {seq_err:>8.1e} {str(bitwise):>7}')
+            f'{t_compute:>8.1f} {t_comm:>7.1f} {t_ours / max(t_compute, t_comm):>5.2f} {seq_err:>8.1e} {str(bitwise):>7} '
+            f'{f"{int(rows.min())}-{int(rows.max())}":>9} {sm90.block_t_for(buf, t):>7}')
         del graph
     say('(us: slowest rank, graph = the layer captured in a CUDA graph; rates are rank 0\'s over the graph time; '
         'x graph / x eager = baseline us / ours; seq = the unfused sm90 kernel sequence, x seq = seq / ours; '
         'compute / comm = its GEMMs alone / its barriers+dispatch+combine alone; /max = ours / max(compute, comm); '
-        'seq err, bitwise: ours vs seq)')
+        'seq err, bitwise: ours vs seq; rows/exp: fewest-most rows of this rank\'s experts; BLOCK_T: the token tile)')
     say(f'ceilings: copy {copy_gbs:.0f} GB/s, bf16 {bf16_tflops:.0f} TFLOPS; weight floor '
         f'{e_l * per_expert_bytes / copy_gbs / 1e3:.0f} us for all {e_l} local experts')
     if group is not None:

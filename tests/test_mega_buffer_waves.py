@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import deep_gemm
-from deep_gemm import get_symm_buffer_for_mega_moe, get_symm_buffer_size_for_mega_moe
+from deep_gemm import gemm, get_symm_buffer_for_mega_moe, get_symm_buffer_size_for_mega_moe
 from deep_gemm.mega import buffer as buffer_mod
 from deep_gemm.mega.buffer import (DEFAULT_MAX_RECV_ROWS, SymmBuffer, default_num_max_tokens_per_wave,
                                    get_symm_buffer_layout)
@@ -255,6 +255,7 @@ def _check_routing_offsets(buf, rec, t0, names=('topk_idx_offset', 'topk_weights
 
 def test_sequence_waves_one_rank(monkeypatch):
     from deep_gemm.mega import sm90
+    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)   # the hint's wave arithmetic, without the tile floor
     r = Recorder(monkeypatch)
     buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
     y = torch.empty(40, H, dtype=torch.bfloat16)
@@ -290,6 +291,7 @@ def test_sequence_waves_one_rank(monkeypatch):
 
 def test_sequence_waves_emulated_ranks(monkeypatch):
     from deep_gemm.mega import sm90
+    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)
     r = Recorder(monkeypatch)
     bufs = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
     y = torch.empty(50, H, dtype=torch.bfloat16)
@@ -306,6 +308,7 @@ def test_sequence_waves_emulated_ranks(monkeypatch):
         _check_routing_offsets(bufs[1], lay, t0)
         assert lay['num_tokens'] == n and lay['max_tokens'] == 32 and lay['max_rows'] == 2 * 32 * K
     # the hint is the same for every wave and every rank with at least W tokens: one set of kernels
+    # (32 tokens x 4 slots x 2 ranks over 8 experts)
     assert {x['expected_m'] for x in r.launches if x['kernel'] == 'gemm'} == {32}
     r.launches.clear()
     sm90.run_sequence(y[:0], L1, L2, bufs[1])
@@ -316,6 +319,7 @@ def test_sequence_waves_emulated_ranks(monkeypatch):
                                                     (2, 50, [(0, 32), (32, 18), (64, 0)], 32)])
 def test_fused_waves(monkeypatch, ranks, count, waves, hint):
     from deep_gemm.mega import sm90
+    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)   # the hint's wave arithmetic, without the tile floor
     r = Recorder(monkeypatch)
     if ranks == 1:
         buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
@@ -340,3 +344,19 @@ def test_fused_waves(monkeypatch, ranks, count, waves, hint):
         r.launches.clear()
         sm90.run(y[:0], L1, L2, buf, fused=True)
         assert r.launches == []
+
+
+@pytest.mark.parametrize('world,tokens,block_t', [
+    (1, 1, 32), (1, 64, 32), (2, 32, 32), (1, 80, 64), (1, 200, 128), (2, 96, 128), (1, 4096, 256)])
+def test_token_tile_choice(monkeypatch, world, tokens, block_t):
+    """The token tile of a call: the mean rows per local expert (tokens x top-k x ranks / experts, E = 8,
+    top-4), but at least 32 rows, so that the busiest experts of uneven routing do not stream their
+    weights once per small tile; the fused kernel and the sequence's GEMMs agree; the env override wins."""
+    from deep_gemm.mega import sm90
+    bufs = SymmBuffer.emulated_group(world, E, 4096, K, H, I, device='cpu') if world > 1 else \
+        [get_symm_buffer_for_mega_moe(None, E, 4096, K, H, I, device='cpu')]
+    monkeypatch.delenv('DG_GROUPED_GEMM_BLOCK_T', raising=False)
+    assert sm90.block_t_for(bufs[-1], tokens) == block_t
+    assert gemm._block_t(sm90._expected_m(bufs[-1], tokens)) == block_t
+    monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', '8')
+    assert sm90.block_t_for(bufs[-1], tokens) == 8

@@ -96,12 +96,27 @@ def _fused_config(buffer, l1, expected_m: int, fast_math: bool, trace: bool = Fa
     return kernel, block_t, ctas, smem
 
 
+# The token tile of the Mega MoE kernels holds at least this many rows.  Routing is uneven: with 16
+# rows per expert on average the busiest experts of a call get 25-46 (48 experts, uniform / skewed
+# routing), and a tile sized for the mean makes them stream and dequantize their weights 2-3 times.
+# A tile of 32 rows costs an expert with a few rows nothing in MMA width (FP4Consumer::mma_tile
+# narrows it to the rows present, in steps of 8) and still runs 2 CTAs per SM.  H200, 48 experts,
+# one call: 12-39 % faster than the mean's tile at 32-128 tokens under skewed routing, 21-24 % at
+# 64-128 under uniform routing, 1.7 % slower at 32 uniform (docs/perf-notes.md, "v12").
+_MIN_TILE_ROWS = 32
+
+
 def _expected_m(buffer, t: int) -> int:
     # Block-size hint only (the counts stay on the device): the mean rows per local expert of one
-    # wave if every rank has t tokens.  The same for every wave of a call, so one set of kernels
-    # (loaded by prepare) serves them all.
+    # wave if every rank has t tokens, at least _MIN_TILE_ROWS.  The same for every wave of a call,
+    # so one set of kernels (loaded by prepare) serves them all.
     t = min(t, buffer.num_max_tokens_per_wave)
-    return max(1, -(-t * buffer.num_topk * buffer.num_ranks // buffer.num_experts))
+    return max(_MIN_TILE_ROWS, -(-t * buffer.num_topk * buffer.num_ranks // buffer.num_experts))
+
+
+def block_t_for(buffer, num_tokens: int) -> int:
+    """The token tile (BLOCK_T) that a call with ``num_tokens`` tokens per rank runs, fused or not."""
+    return gemm._block_t(_expected_m(buffer, num_tokens))
 
 
 def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Optional[bool] = None) -> None:

@@ -104,14 +104,14 @@ def test_every_tile_config(block_t, ctas, monkeypatch):
     check_masked_plain(b, [max_m, 0, block_t + 3], max_m, block_t, gen)
 
 
-@pytest.mark.parametrize('block_t', [64, 128, 256])
+@pytest.mark.parametrize('block_t', [16, 32, 64, 128, 256])
 def test_partial_token_tiles(block_t, monkeypatch):
-    """Wide tiles run the MMA over only the tokens rounded up to an eighth of the tile
+    """Tiles run the MMA over only the tokens rounded up to max(8, an eighth of the tile)
     (FP4Consumer::mma_tile): one expert per width, each with a full tile before its partial one."""
     monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', str(block_t))
     gen = torch.Generator().manual_seed(block_t + 7)
-    gran = block_t // 8
-    counts = [block_t + j * gran - (j % 3) for j in range(1, 9)]   # last tile: j eighths, 0-2 rows short
+    gran = max(8, block_t // 8)
+    counts = [block_t + j * gran - (j % 3) for j in range(1, block_t // gran + 1)]   # last tile: j parts, 0-2 rows short
     e, n, k, max_m = len(counts), 256, 384, 2 * block_t
     codes, scale, g2 = rand_nvfp4(e, n, k, gen)
     b = transform_nvfp4_weights_for_grouped_gemm(codes.cuda(), scale.cuda(), g2.cuda())

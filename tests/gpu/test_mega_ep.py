@@ -263,6 +263,28 @@ def test_token_groups_bitwise_equal(make_problem, monkeypatch):
             assert torch.equal(ys_g[r].view(torch.int16), ys[r].view(torch.int16)), f'group {group}, rank {r}'
 
 
+@pytest.mark.parametrize('block_t', [8, 16, 32])
+def test_small_token_tiles(make_problem, monkeypatch, block_t):
+    """The calls pick tiles of at least 32 rows (sm90._MIN_TILE_ROWS); the narrower ones stay
+    reachable (DG_GROUPED_GEMM_BLOCK_T) and correct, with experts of several tiles and partial ones
+    (32-row tiles narrow their MMA to the rows present)."""
+    monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', str(block_t))
+    counts = [29, 40]
+    p = make_problem(seed=300 + block_t, t=sum(counts), hidden=512, inter=256, experts=8, topk=4, use_ue8m0=True,
+                     mask_frac=0.1)
+    assert sm90.block_t_for(SymmBuffer.emulated_group(2, 8, 40, 4, 512, 256, device='cpu')[0], 40) == block_t
+    g = Group(p, counts)
+    ys, _ = g.run()
+    y_ref, _ = reference(p)
+    per_expert = torch.bincount(p.topk_idx[p.topk_idx >= 0], minlength=p.experts)
+    assert (per_expert % 8 != 0).any() and (per_expert > block_t).any(), per_expert
+    for r in range(g.world):
+        assert relative_error(ys[r].cpu(), y_ref[g.rows(r)]) < TOL, f'rank {r}'
+    ys2, _ = g.run()
+    for r in range(g.world):
+        assert torch.equal(ys2[r].view(torch.int16), ys[r].view(torch.int16)), f'rank {r}: not bitwise stable'
+
+
 def test_waves_one_rank_skip_trailing(make_problem, monkeypatch):
     """One rank, T = 96, W = 32, 40 tokens: waves of 32 and 8 tokens; the third is not launched."""
     from deep_gemm.jit import runtime

@@ -264,9 +264,9 @@ struct FP4Consumer {
     }
 
     // Dequant and wgmma of one block do not overlap inside a warpgroup; overlap comes from the other
-    // consumer warpgroup(s).  A version pipelined over two A register sets (each rewritten only after
-    // wgmma.wait_group retired its reader) was correct but no faster at decode and slower at
-    // prefill: decode runs at the board's power limit (docs/perf-notes.md, v7).
+    // consumer warpgroup(s).  Versions that dequantize block kb + 1 while block kb's wgmmas run were
+    // correct but no faster: at decode (v7), at prefill (v7, 6 % slower) and at 64-128 tokens per
+    // expert (v12, 2-7 % slower).  Every size runs at the board's power limit (docs/perf-notes.md).
     template <int kN>
     __device__ __forceinline__ void mma_tile_n(float (&acc)[kNumAccum], int num_k_blocks, int wg_tid) {
         // Two CTAs per SM (80 registers at compile time) hold half a block of A at a time.
@@ -287,25 +287,26 @@ struct FP4Consumer {
         for (int i = 0; i < kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
     }
 
-    // A tile holding num_tokens (<= kTokens) tokens.  Wide tiles (>= 64 tokens, tensor-bound) run the
-    // MMA only over the tokens rounded up to an eighth of the tile: at 128 tokens per rank the
-    // experts' last (often only) tiles are 40-95 % full, and the rest of a full-width MMA is waste.
-    // Only acc[0, n / 2) is written then; the epilogues read only the tile's tokens.
+    // A tile holding num_tokens (<= kTokens) tokens runs the MMA only over the tokens rounded up to
+    // kGran = max(8, kTokens / 8) (wgmma's N is a multiple of 8): at 128 tokens per rank the experts'
+    // last (often only) tiles are 40-95 % full, and under skewed routing most experts fill a small
+    // part of a tile sized for the busiest ones.  Only acc[0, n / 2) is written then; the epilogues
+    // read only the tile's tokens.
     __device__ __forceinline__ void mma_tile(float (&acc)[kNumAccum], int num_k_blocks, int wg_tid,
                                              int num_tokens = Pipe::kTokens) {
         constexpr int kT = Pipe::kTokens;
-        if constexpr (kT >= 64) {
-            constexpr int kGran = kT / 8;
+        if constexpr (kT >= 16) {
+            constexpr int kGran = kT / 8 > 8 ? kT / 8 : 8;
             // warp-uniform for the compiler too (keeps the k loop on the uniform datapath)
-            const int eighths = __shfl_sync(0xffffffffu, (num_tokens + kGran - 1) / kGran, 0);
-            switch (eighths) {
+            const int parts = __shfl_sync(0xffffffffu, (num_tokens + kGran - 1) / kGran, 0);
+            switch (parts) {
                 case 1: mma_tile_n<kGran>(acc, num_k_blocks, wg_tid); break;
-                case 2: mma_tile_n<2 * kGran>(acc, num_k_blocks, wg_tid); break;
-                case 3: mma_tile_n<3 * kGran>(acc, num_k_blocks, wg_tid); break;
-                case 4: mma_tile_n<4 * kGran>(acc, num_k_blocks, wg_tid); break;
-                case 5: mma_tile_n<5 * kGran>(acc, num_k_blocks, wg_tid); break;
-                case 6: mma_tile_n<6 * kGran>(acc, num_k_blocks, wg_tid); break;
-                case 7: mma_tile_n<7 * kGran>(acc, num_k_blocks, wg_tid); break;
+                case 2: if constexpr (kT > 2 * kGran) { mma_tile_n<2 * kGran>(acc, num_k_blocks, wg_tid); break; }
+                case 3: if constexpr (kT > 3 * kGran) { mma_tile_n<3 * kGran>(acc, num_k_blocks, wg_tid); break; }
+                case 4: if constexpr (kT > 4 * kGran) { mma_tile_n<4 * kGran>(acc, num_k_blocks, wg_tid); break; }
+                case 5: if constexpr (kT > 5 * kGran) { mma_tile_n<5 * kGran>(acc, num_k_blocks, wg_tid); break; }
+                case 6: if constexpr (kT > 6 * kGran) { mma_tile_n<6 * kGran>(acc, num_k_blocks, wg_tid); break; }
+                case 7: if constexpr (kT > 7 * kGran) { mma_tile_n<7 * kGran>(acc, num_k_blocks, wg_tid); break; }
                 default: mma_tile_n<kT>(acc, num_k_blocks, wg_tid); break;
             }
         } else {
