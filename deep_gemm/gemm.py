@@ -50,6 +50,7 @@ GROUPED_GEMM = registry.register_kernel(registry.KernelSpec(
     default_params=(
         {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 2},
         {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 8, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 2},
+        {'fmt': _FMT['nvfp4'], 'block_t': 32, 'stages': 6, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
         {'fmt': _FMT['nvfp4'], 'block_t': 64, 'stages': 8, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 1},
         {'fmt': _FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
         {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},

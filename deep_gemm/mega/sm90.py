@@ -46,6 +46,9 @@ FUSED = registry.register_kernel(registry.KernelSpec(
     default_params=(
         {'fmt': gemm._FMT['nvfp4'], 'block_t': 16, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 2,
          'max_experts': 8, 'gran_k': 32},
+        # decode at EP 8 (48 local experts): the smallest tile a call picks (_MIN_TILE_ROWS)
+        {'fmt': gemm._FMT['nvfp4'], 'block_t': 32, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 2,
+         'max_experts': 64, 'gran_k': 32},
         {'fmt': gemm._FMT['nvfp4'], 'block_t': 128, 'stages': 5, 'fast_math': True, 'ctas_per_sm': 1,
          'max_experts': 64, 'gran_k': 32},
         {'fmt': gemm._FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'fast_math': True, 'ctas_per_sm': 1,

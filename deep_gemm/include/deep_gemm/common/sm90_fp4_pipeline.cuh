@@ -287,15 +287,16 @@ struct FP4Consumer {
         for (int i = 0; i < kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);
     }
 
-    // A tile holding num_tokens (<= kTokens) tokens runs the MMA only over the tokens rounded up to
-    // kGran = max(8, kTokens / 8) (wgmma's N is a multiple of 8): at 128 tokens per rank the experts'
-    // last (often only) tiles are 40-95 % full, and under skewed routing most experts fill a small
-    // part of a tile sized for the busiest ones.  Only acc[0, n / 2) is written then; the epilogues
-    // read only the tile's tokens.
+    // A tile of 32 or more tokens holding num_tokens (<= kTokens) runs the MMA only over the tokens
+    // rounded up to kGran = max(8, kTokens / 8) (wgmma's N is a multiple of 8): at 128 tokens per
+    // rank the experts' last (often only) tiles are 40-95 % full, and under skewed routing most
+    // experts fill a small part of a tile sized for the busiest ones.  Only acc[0, n / 2) is written
+    // then; the epilogues read only the tile's tokens.  (16-token tiles keep one k loop: the
+    // two-way switch cost them 0.5-1.2 % at decode, where the grouped GEMM uses them.)
     __device__ __forceinline__ void mma_tile(float (&acc)[kNumAccum], int num_k_blocks, int wg_tid,
                                              int num_tokens = Pipe::kTokens) {
         constexpr int kT = Pipe::kTokens;
-        if constexpr (kT >= 16) {
+        if constexpr (kT >= 32) {
             constexpr int kGran = kT / 8 > 8 ? kT / 8 : 8;
             // warp-uniform for the compiler too (keeps the k loop on the uniform datapath)
             const int parts = __shfl_sync(0xffffffffu, (num_tokens + kGran - 1) / kGran, 0);
