@@ -35,7 +35,10 @@ def test_rows_follow_the_wave_tokens_follow_t():
         for name in ROW_REGIONS:
             assert waved[name].shape[0] == r_w, name
             assert full[name].shape[0] == ranks * t * min(K, E // ranks), name
-        assert waved['work'].shape == (8 + 3 * (E // ranks) + 2 * r_w,)
+        assert waved['work'].shape == (8 + 4 * (E // ranks) + 3 * r_w,)
+        # the pushed combine rows: one per (token, slot) of a wave, with peers only
+        assert waved['combine_in'].shape[0] == (w * K if ranks > 1 else 0)
+        assert full['combine_in'].shape[0] == (t * K if ranks > 1 else 0)
         small = get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I, num_max_tokens_per_wave=w)
         big = get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I)
         assert small < big
@@ -161,7 +164,8 @@ def test_upstream_positional_arguments_unchanged():
 # ------------------------------------------------------------------------------ docstring figures
 def _formula(ranks, experts, t, w, k, h, i):
     r_w = ranks * w * min(k, experts // ranks)
-    return t * (9 * h // 8 + 16 * k) + r_w * (4 * h + 2 * i + 28)
+    p_w = w * k if ranks > 1 else 0
+    return t * (9 * h // 8 + 16 * k) + r_w * (4 * h + 2 * i + 32) + p_w * 2 * h
 
 
 @pytest.mark.parametrize('ranks,experts,t,w,k,h,i', [
@@ -170,11 +174,11 @@ def _formula(ranks, experts, t, w, k, h, i):
     (3, 3, 50, 50, 1, 384, 128),
 ])
 def test_docstring_size_formula(ranks, experts, t, w, k, h, i):
-    assert 'T x (9 H / 8 + 16 k) + R_w x (4 H + 2 I + 28)' in buffer_mod.__doc__
-    assert 'less than ``2048 + 16 E_l + 8 ranks``' in buffer_mod.__doc__
+    assert 'T x (9 H / 8 + 16 k) + R_w x (4 H + 2 I + 32) + P_w x 2 H' in buffer_mod.__doc__
+    assert 'less than ``2176 + 20 E_l + 8 ranks``' in buffer_mod.__doc__
     size = get_symm_buffer_size_for_mega_moe(ranks, experts, t, k, h, i, num_max_tokens_per_wave=w)
     extra = size - _formula(ranks, experts, t, w, k, h, i)
-    assert 0 <= extra < 2048 + 16 * (experts // ranks) + 8 * ranks, extra
+    assert 0 <= extra < 2176 + 20 * (experts // ranks) + 8 * ranks, extra
 
 
 def test_docstring_worked_figures():
@@ -333,6 +337,8 @@ def test_fused_waves(monkeypatch, ranks, count, waves, hint):
         _check_routing_offsets(buf, rec, t0, ('topk_idx_off', 'topk_weights_off', 'pair_row_off'))
         assert rec['x_off'] == buf.offset('x', t0) and rec['x_sf_off'] == buf.offset('x_sf', t0)
         assert rec['combine_off'] == buf.offset('combine') and rec['meta_off'] == buf.offset('meta')
+        # one wave's pushed rows at a time: not shifted by the wave; nothing to push on one rank
+        assert rec['combine_in_off'] == buf.offset('combine_in') and rec['push_combine'] == int(ranks > 1)
         assert rec['num_tokens'] == n and rec['max_tokens'] == 32 and rec['stats'] is stats
         assert rec['max_rows'] == ranks * 32 * K == rec['l1_x'].shape[0]
         assert rec['topk_idx'].data_ptr() == buf.topk_idx[t0].data_ptr()

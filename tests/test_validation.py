@@ -105,8 +105,10 @@ def test_multi_rank_layout():
         assert lay['combine'].shape == (r, H) and lay['l2_x'].shape == (r, I) and lay['l1_src'].shape == (r, 4)
         assert lay['pair_row'].shape == (TMAX, 6) and lay['expert_offsets'].shape == (9,)
         assert lay['flags'].shape == (2, ranks) and lay['meta'].shape == (16,)
-        # the fused kernel's counters: header, per-expert counts, two per-token-tile arrays of R + E_l
-        assert lay['work'].shape == (8 + 3 * 8 + 2 * r,) and lay['work'].dtype == torch.int32
+        # the fused kernel's counters: header, per-expert counts, three per-token-tile arrays of R + E_l
+        assert lay['work'].shape == (8 + 4 * 8 + 3 * r,) and lay['work'].dtype == torch.int32
+        # the rows other ranks push for this rank's (token, slot) pairs; none with one rank
+        assert lay['combine_in'].shape == ((TMAX * 6 if ranks > 1 else 0), H)
     # top-k above the local expert count: at most E_l distinct experts of a token land on one rank
     assert get_symm_buffer_layout(4, 8, TMAX, 6, H, I)['l1_x'].shape == (4 * TMAX * 2, H)
 

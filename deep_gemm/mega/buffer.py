@@ -17,19 +17,22 @@ region              dtype, shape         use
 ``l1_src``          int32 [R_w, 4]       (source rank, token, slot, local expert) of each row
 ``l1_topk_weights`` float32 [R_w]        routing weight of each row
 ``l2_x``            bf16 [R_w, I]        L2 input ``h``
-``combine``         bf16 [R_w, H]        L2 output rows, pulled by their source ranks' combine
+``combine``         bf16 [R_w, H]        L2 output rows (this rank's own pairs' are read in place)
+``combine_in``      bf16 [P_w, H]        the other ranks' rows of this rank's pairs, pushed by their
+                                         owners at row ``token x k + slot`` as tiles finish (fused
+                                         kernel; ``P_w = W k`` with several ranks, else 0)
 ``pair_row``        int32 [T, k]         row of each of this rank's pairs in its expert owner's
                                          ``combine`` (written by the owner; -1 = overflow)
 ``expert_offsets``  int32 [E_l + 1]      first row of each local expert
 ``meta``            int32 [16]           published token count, per-phase call counters, abort
 ``flags``           int32 [2, ranks]     barrier signals received from each rank, per phase
-``work``            int32 [8 + 3 E_l     the fused kernel's counters, zero between calls (header,
-                    + 2 R_w]             per-expert counts, gathered rows and finished L1 units
+``work``            int32 [8 + 4 E_l     the fused kernel's counters, zero between calls (header,
+                    + 3 R_w]             per-expert counts, gathered rows, finished L1 and L2 units
                                          per token tile)
 ==================  ===================  ==================================================
 
 Prefill waves: a call with more than ``W`` tokens per rank runs as waves of at most ``W`` tokens
-(``deep_gemm.mega.sm90``); the rows, ``combine`` and the counters serve one wave at a time, so only
+(``deep_gemm.mega.sm90``); the rows, ``combine``, ``combine_in`` and the counters serve one wave at a time, so only
 the token regions grow with ``T``.  Default ``W``: ``T`` if ``R_w`` for ``W = T`` is at most
 ``DEFAULT_MAX_RECV_ROWS`` (65536) rows, else ``ceil(T / n)`` with ``n`` the fewest waves whose rows
 fit (``n = ceil(T / max(1, 65536 // (num_ranks * min(k, E_l))))``): evenly sized waves.
@@ -38,11 +41,11 @@ Limits: with several ranks every rank runs ``ceil(T / W)`` waves per call, even 
 an empty wave still costs its launches and barriers; on one rank a call runs ``ceil(tokens / W)``.
 
 Size: ``get_symm_buffer_size_for_mega_moe`` is the end of the last region rounded up to 128 bytes,
-``T x (9 H / 8 + 16 k) + R_w x (4 H + 2 I + 28)`` bytes plus less than ``2048 + 16 E_l + 8 ranks``
+``T x (9 H / 8 + 16 k) + R_w x (4 H + 2 I + 32) + P_w x 2 H`` bytes plus less than ``2176 + 20 E_l + 8 ranks``
 (alignment and the small regions).  With H = 7168, I = 3072, k = 6, 8 local experts and T = 4096:
-one rank, W = T (the default): 0.89 GB; 4 ranks, W = T: 3.46 GB per rank (R_w grows with the
+one rank, W = T (the default): 0.89 GB; 4 ranks, W = T: 3.81 GB per rank (R_w grows with the
 ranks: every rank's tokens may all pick this rank's experts), with the default W = 2048 (2 waves):
-1.75 GB, with W = 1024 (4 waves): 0.89 GB.  8 ranks, T = 8192: 13.77 GB with W = T, 2.03 GB with
+1.92 GB, with W = 1024 (4 waves): 0.98 GB.  8 ranks, T = 8192: 14.47 GB with W = T, 2.13 GB with
 the default W = 1171 (7 waves).
 
 On CPU, or with a group of one, the buffer is ordinary memory; on CUDA with more than one rank it
@@ -165,11 +168,12 @@ def get_symm_buffer_layout(num_ranks: int, num_experts: int, num_max_tokens_per_
         ('l1_topk_weights', torch.float32, (r,)),
         ('l2_x', torch.bfloat16, (r, i)),
         ('combine', torch.bfloat16, (r, h)),
+        ('combine_in', torch.bfloat16, (w * k if num_ranks > 1 else 0, h)),
         ('pair_row', torch.int32, (t, k)),
         ('expert_offsets', torch.int32, (e_l + 1,)),
         ('meta', torch.int32, (META_INTS,)),
         ('flags', torch.int32, (NUM_PHASES, num_ranks)),
-        ('work', torch.int32, (WORK_HEADER_INTS + 3 * e_l + 2 * r,)),
+        ('work', torch.int32, (WORK_HEADER_INTS + 4 * e_l + 3 * r,)),
     ]
     layout: 'OrderedDict[str, Region]' = OrderedDict()
     off = 0
@@ -257,7 +261,10 @@ class SymmBuffer:
         waited for: the ranks' barriers wait for each other, and nothing that synchronises the device
         or allocates device memory or loads a kernel may run between the first rank's launch and the
         last's: the layer skips its value checks on these buffers, and the caller runs
-        ``deep_gemm.mega.sm90.prepare`` for every rank before launching any.  For tests on one GPU."""
+        ``deep_gemm.mega.sm90.prepare`` for every rank before launching any.  The ranks' fused kernels
+        must all be resident at once, so their calls should pick the same token tile
+        (``deep_gemm.mega.sm90.block_t_for``): one-CTA-per-SM and two-CTA-per-SM grids side by side may
+        not fit, and the first rank then times out at barrier 0.  For tests on one GPU."""
         check_positive_int('num_ranks', num_ranks)
         bufs = [cls(None, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, device,
                     timeout_s, num_max_tokens_per_wave=num_max_tokens_per_wave, _emulated=(r, num_ranks))
@@ -319,7 +326,7 @@ class SymmBuffer:
     def offset(self, name: str, row: int = 0) -> int:
         """Byte offset of the named region, or of its row ``row`` (the same on every rank)."""
         reg = self.layout[name]
-        return reg.offset + row * (reg.nbytes // reg.shape[0])
+        return reg.offset if row == 0 else reg.offset + row * (reg.nbytes // reg.shape[0])
 
     def peer_region(self, name: str, rank: int) -> torch.Tensor:
         """The named region of another rank's buffer (CUDA symmetric memory or an emulated group)."""

@@ -65,6 +65,13 @@ _MAX_RANKS = 128              # mega::kMaxRanks
 _LOOKAHEAD_EXPERTS = 2        # docs/perf-notes.md, "Fused kernel (issue #6)"
 
 
+def push_enabled(buffer) -> bool:
+    """Whether the fused kernel pushes the combine rows of other ranks' pairs to their sources as
+    token tiles finish (``combine_in``), or every source pulls them after barrier 1
+    (``DG_MEGA_MOE_PUSH=0``).  Results are the same bits either way; one rank has nothing to push."""
+    return buffer.num_ranks > 1 and os.environ.get('DG_MEGA_MOE_PUSH', '1') != '0'
+
+
 def fused_enabled(fused: Optional[bool] = None) -> bool:
     if fused is not None:
         return bool(fused)
@@ -165,6 +172,7 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
         raise ValueError(f'trace: expected int64 with >= {trace_size(buffer, block_t)} entries, one wave, '
                          f'<= {_TRACE_MAX_CTAS} CTAs')
     l1_x, l2_x = buffer.region('l1_x'), buffer.region('l2_x')
+    push = push_enabled(buffer)
     maps = (make_tma_2d(l1_x, block_t, 64, 128), make_tma_2d(l2_x, block_t, 64, 128))
     clamp = math.inf if activation_clamp is None else float(activation_clamp)
     u64, i32 = runtime.u64, runtime.i32
@@ -176,7 +184,7 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
             *maps, l1.codes, l1.scales, l1.alpha, l2.codes, l2.scales, l2.alpha,
             buffer.peer_bases, u64(buffer.offset('x', t0)), u64(buffer.offset('x_sf', t0)),
             u64(buffer.offset('topk_idx', t0)), u64(buffer.offset('topk_weights', t0)),
-            u64(buffer.offset('pair_row', t0)), u64(buffer.offset('combine')),
+            u64(buffer.offset('pair_row', t0)), u64(buffer.offset('combine')), u64(buffer.offset('combine_in')),
             u64(buffer.offset('meta')), u64(buffer.offset('flags')),
             l1_x, buffer.region('l1_src'), buffer.region('l1_topk_weights'), l2_x, buffer.region('combine'),
             buffer.region('expert_offsets'), buffer.region('meta'), buffer.region('flags'), buffer.region('work'),
@@ -185,7 +193,7 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
             i32(buffer.num_topk), i32(buffer.num_experts_per_rank), i32(l1_x.shape[0]), i32(buffer.hidden),
             i32(buffer.intermediate_hidden), runtime.f32(clamp), i32(_LOOKAHEAD_EXPERTS), i32(2 * grid),
             i32(gemm._token_group(block_t, buffer.hidden)), i32(gemm._token_group(block_t, buffer.intermediate_hidden)),
-            u64(int(buffer.timeout_s * 1e9)), u64(buffer.error_record_ptr), trace])
+            i32(int(push)), u64(int(buffer.timeout_s * 1e9)), u64(buffer.error_record_ptr), trace])
     return y
 
 

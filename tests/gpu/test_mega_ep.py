@@ -263,6 +263,43 @@ def test_token_groups_bitwise_equal(make_problem, monkeypatch):
             assert torch.equal(ys_g[r].view(torch.int16), ys[r].view(torch.int16)), f'group {group}, rank {r}'
 
 
+def test_combine_push_equals_pull(make_problem, monkeypatch, mega_path):
+    """The fused kernel's owners push the L2 rows of other ranks' pairs into the sources' `combine_in`
+    as token tiles finish (sm90.push_enabled); pulled after barrier 1 instead (DG_MEGA_MOE_PUSH=0)
+    the bits are the same.  Every pushed row is checked against the owner's `combine` row it copies,
+    and a pulling call must leave `combine_in` untouched."""
+    if mega_path != 'fused':
+        pytest.skip('the kernel sequence pulls')
+    counts = [21, 9, 0, 14]      # every rank picks BLOCK_T 32: emulated ranks must all be resident
+    p = make_problem(seed=404, t=sum(counts), hidden=512, inter=256, experts=16, topk=6, use_ue8m0=True,
+                     mask_frac=0.1)
+    g = Group(p, counts)
+    for b in g.bufs:
+        b.region('combine_in').fill_(float('nan'))
+    monkeypatch.setenv('DG_MEGA_MOE_PUSH', '0')
+    ys_pull, _ = g.run()
+    assert all(torch.isnan(b.region('combine_in').float()).all() for b in g.bufs)
+    monkeypatch.setenv('DG_MEGA_MOE_PUSH', '1')
+    ys, _ = g.run()
+    y_ref, _ = reference(p)
+    for r in range(g.world):
+        if counts[r]:
+            assert relative_error(ys[r].cpu(), y_ref[g.rows(r)]) < TOL, f'rank {r}'
+        assert torch.equal(ys[r].view(torch.int16), ys_pull[r].view(torch.int16)), f'rank {r}: push != pull'
+    e_l, k, pushed = p.experts // g.world, p.topk, 0
+    for r, b in enumerate(g.bufs):
+        idx, rows = b.topk_idx[:counts[r]].cpu(), b.region('pair_row')[:counts[r]].cpu()
+        got = b.region('combine_in').cpu().view(torch.int16)
+        for t, j in zip(*torch.nonzero(idx >= 0, as_tuple=True)):
+            owner, row = int(idx[t, j]) // e_l, int(rows[t, j])
+            if owner == r or row < 0:
+                continue
+            want = g.bufs[owner].region('combine')[row].cpu().view(torch.int16)
+            assert torch.equal(got[t * k + j], want), (r, int(t), int(j))
+            pushed += 1
+    assert pushed > 100, pushed
+
+
 @pytest.mark.parametrize('block_t', [8, 16, 32])
 def test_small_token_tiles(make_problem, monkeypatch, block_t):
     """The calls pick tiles of at least 32 rows (sm90._MIN_TILE_ROWS); the narrower ones stay

@@ -44,6 +44,37 @@ __device__ __forceinline__ const uint4* expert_output_row(const PeerBuffers peer
     return peers.at<const uint4>(int(e / num_local_experts), combine_offset + uint64_t(row) * hidden * 2);
 }
 
+// Combine, after the owners pushed the rows of remote pairs into this rank's `combine_in` at row
+// `pair` (token x k + slot; the fused kernel, `pushed` true): rows of this rank's own experts are
+// read in place.  Not pushed: every row where its owner wrote it (pulled).  Offsets, not pointers:
+// the fused combine runs under warpgroup 0's 56 registers, where one more live pointer spilled.
+__device__ __forceinline__ const uint4* combine_source_row(const PeerBuffers peers, uint64_t combine_offset,
+                                                           uint64_t combine_in_offset, bool pushed, int64_t e,
+                                                           int row, size_t pair, int rank, int num_local_experts,
+                                                           int num_ranks, int hidden) {
+    if (e < 0 || e >= int64_t(num_ranks) * num_local_experts || row < 0) return nullptr;
+    const int owner = int(e / num_local_experts);
+    const bool in = pushed && owner != rank;
+    return peers.at<const uint4>(in ? rank : owner, in ? combine_in_offset + uint64_t(pair) * hidden * 2
+                                                       : combine_offset + uint64_t(row) * hidden * 2);
+}
+
+// Combine push: one BF16 row of num_v uint4 from src to dst (a peer's memory), uint4 v = first,
+// first + kStride, ...; kChunks loads in flight per thread before its stores.  src is read with
+// plain loads (written during the launch by other CTAs, ordered by the caller's acquire).
+template <int kStride, int kChunks>
+__device__ __forceinline__ void copy_row(const uint4* src, uint4* dst, int num_v, int first) {
+    for (int v0 = first; v0 < num_v; v0 += kStride * kChunks) {
+        uint4 in[kChunks];
+        #pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+            if (v0 + kStride * c < num_v) in[c] = src[v0 + kStride * c];
+        #pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+            if (v0 + kStride * c < num_v) dst[v0 + kStride * c] = in[c];
+    }
+}
+
 // Combine: acc += 8 BF16 of one expert output row (FP32, in the caller's slot order).
 __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const uint4 w) {
     const uint32_t words[4] = {w.x, w.y, w.z, w.w};

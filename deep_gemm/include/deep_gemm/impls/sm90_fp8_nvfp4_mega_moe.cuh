@@ -11,21 +11,26 @@
 //      ranges.
 //   2. warpgroup 0, warps 1-3: route this CTA's pairs (row_src, routing weight, the source's
 //      pair_row); once every CTA has routed, pull the rows' FP8 tokens from their source ranks in row
-//      order over all CTAs, store them as BF16 (exact) and count them per token tile.
+//      order over all CTAs, store them as BF16 (exact) and count them per token tile; then, with
+//      peers (`push_combine`), push every finished token tile's combine rows of other ranks' pairs
+//      into their sources' `combine_in` while later units run.
 //      warp 4, lane 0: meanwhile builds the work order (MegaMoEWork).
 //      warpgroup 0, thread 0: the TMA producer of common/sm90_fp4_pipeline.cuh; it claims units
 //      from one counter in work order and tags the first stage of each for the consumers; a unit's
 //      weights stream before its tokens are ready; its token loads wait for the tile's rows (L1) or
 //      its L1 tiles (L2).
 //      warpgroups 1-2: the grouped GEMM's consumers and epilogues.  L1 writes h (BF16) and bumps
-//      the token tile's L1 counter; L2 writes the combine rows.  The CTA that completes the rank's
-//      last piece of work (every L2 unit and every CTA's routing) signals barrier 1 at every peer.
-//   3. every warp, when done: wait for barrier 1 of every rank, then pull and reduce its share of
-//      this rank's tokens from the experts' owners (fixed slot order, FP32, one BF16 rounding).
+//      the token tile's L1 counter; L2 writes the combine rows and bumps the tile's L2 counter.  The
+//      CTA that completes the rank's last piece of work (every L2 unit and every CTA's routing and
+//      pushes) signals barrier 1 at every peer.
+//   3. every warp, when done: wait for barrier 1 of every rank, then reduce its share of this
+//      rank's tokens (fixed slot order, FP32, one BF16 rounding) from the rows the owners pushed and
+//      its own experts' rows; without pushes, from the rows pulled from the experts' owners.
 //   4. the last CTA to finish zeroes the counters and advances the call counters in `meta`.
 //
 // Progress: units wait only on earlier units (scheduler/mega_moe_work.cuh) and on the routing
-// warps, which wait on nothing but barrier 0.  Every wait has the buffer's timeout; a timed-out
+// warps' gather, which waits on nothing but barrier 0; the pushes that follow it wait on L2 units,
+// and only barrier 1 waits on the pushes.  Every wait has the buffer's timeout; a timed-out
 // wait records the error (host-mapped), marks the buffer aborted, and the launch finishes with y
 // = NaN.  Generic-proxy stores that TMA reads later (rows, h) are followed by fence.proxy.async
 // before the release, and the TMA issuer fences after its acquire.
@@ -54,6 +59,8 @@ struct MegaWork {
     __device__ __forceinline__ int* arrived() const { return base + kHeader + num_experts; }
     // finished L1 units (x 2 consumer warpgroups), per token tile
     __device__ __forceinline__ int* l1_done() const { return base + kHeader + num_experts + max_tiles; }
+    // finished L2 units (x 2 consumer warpgroups), per token tile: its combine rows may be pushed
+    __device__ __forceinline__ int* l2_done() const { return base + kHeader + num_experts + 2 * max_tiles; }
 };
 
 namespace mega {
@@ -105,14 +112,15 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         const uint8_t* l1_codes, const uint8_t* l1_scales, const float* l1_alpha,
                         const uint8_t* l2_codes, const uint8_t* l2_scales, const float* l2_alpha,
                         const uint64_t* bases, uint64_t x_off, uint64_t x_sf_off, uint64_t topk_idx_off,
-                        uint64_t topk_weights_off, uint64_t pair_row_off, uint64_t combine_off, uint64_t meta_off,
-                        uint64_t flags_off,
+                        uint64_t topk_weights_off, uint64_t pair_row_off, uint64_t combine_off,
+                        uint64_t combine_in_off, uint64_t meta_off, uint64_t flags_off,
                         __nv_bfloat16* l1_x, comm::RowSource* row_src, float* row_weight, __nv_bfloat16* l2_x,
                         __nv_bfloat16* combine, int* expert_offsets, int* meta, int* flags, int* work_ws,
                         const int64_t* topk_idx, const int* pair_row, __nv_bfloat16* y, int* stats,
                         int rank, int num_ranks, int num_tokens, int max_tokens, int topk, int num_experts,
                         int max_rows, int hidden, int inter, float clamp, int lookahead_experts,
-                        int lookahead_units, int l1_token_group, int l2_token_group, uint64_t timeout_ns,
+                        int lookahead_units, int l1_token_group, int l2_token_group, int push_combine,
+                        uint64_t timeout_ns,
                         comm::CommError* error, uint64_t* trace) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
     using Pipe = sm90::FP4Pipeline<kFmt, kBlockT, kNumStages>;
@@ -341,9 +349,41 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                     atomicAdd(ws.arrived() + work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT, 1);
                 }
             }
+            // Push the combine rows of other ranks' pairs to their sources' `combine_in` as each token
+            // tile's L2 units finish, while later units run: pulled after barrier 1 instead, all of
+            // the combine's NVLink traffic came after the last unit.  Whole rows (H x 2 bytes), in row
+            // order over all comm warps like the gather; rows of this rank's own pairs stay in place.
+            // One uint4 in flight per lane (the rows were just written, so mostly L2 hits): with 2 or 4,
+            // ptxas scheduled the consumers' k loop differently and one rank ran 1.3-1.5 % slower at
+            // BLOCK_T 32 (perf-notes, v13), although a rank alone never pushes; the BLOCK_T 16 variant
+            // spills with 1 and compiles clean with 2.
+            constexpr int kPushChunks = kBlockT == 16 ? 2 : 1;
+            if (push_combine) {
+                const int l2_target = 2 * l2_row_tiles;
+                int waited = -1;
+                k = 0;
+                for (int row = blockIdx.x * mega::kCommWarps + cw; row < num_rows_total; row += grid * mega::kCommWarps) {
+                    while (row >= work.row_prefix[k + 1]) ++k;
+                    int4 packed;
+                    asm volatile("ld.relaxed.gpu.global.v4.s32 {%0, %1, %2, %3}, [%4];"
+                                 : "=r"(packed.x), "=r"(packed.y), "=r"(packed.z), "=r"(packed.w) : "l"(row_src + row));
+                    if (packed.x == rank) continue;
+                    const int tile = work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT;
+                    if (tile != waited) {
+                        // no timer of its own: a unit that never finishes times out in the producer or
+                        // a consumer of its CTA, which aborts the call (the waiter's registers spilled
+                        // the BLOCK_T 16 variant under warpgroup 0's 56)
+                        if (!comm::wait_at_least(ws.l2_done() + tile, l2_target, meta)) break;
+                        waited = tile;
+                    }
+                    comm::copy_row<32, kPushChunks>(reinterpret_cast<const uint4*>(combine + size_t(row) * hidden),
+                                          peers.at<uint4>(packed.x, combine_in_off + (uint64_t(packed.y) * topk + packed.z) * hidden * 2),
+                                          hidden / 8, lane);
+                }
+            }
             mega::named_barrier(mega::kBarComm, 32 * mega::kCommWarps);
             if (tid == 32) {
-                __threadfence_system();   // this CTA's pair_row stores at the sources
+                __threadfence_system();   // this CTA's pair_row stores and pushed rows at the sources
                 signal(1);
             }
         }
@@ -389,6 +429,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                 mega::named_barrier(mega::kBarConsumer + cw, 128);
                 if (wg_tid == 0) {
                     __threadfence_system();
+                    atomicAdd(ws.l2_done() + unit.tile_index, 1);
                     signal(1);
                 }
                 if (stamps) mega::stamp<kTrace>(trace, mega::kTraceUnits + 4 * u + 3);
@@ -414,8 +455,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             for (int j = 0; j < topk; ++j) {
                 // pair_row: written by the owners during this launch, so not through the read-only path
                 const size_t pair = size_t(t) * topk + j;
-                const uint4* src = comm::expert_output_row(peers, combine_off, __ldg(topk_idx + pair), pair_row[pair],
-                                                           num_experts, num_ranks, hidden);
+                const uint4* src = comm::combine_source_row(peers, combine_off, combine_in_off, push_combine != 0,
+                                                            __ldg(topk_idx + pair), pair_row[pair], pair, rank,
+                                                            num_experts, num_ranks, hidden);
                 if (src != nullptr) comm::add_bf16x8(accum, src[v]);
             }
             reinterpret_cast<uint4*>(y + size_t(t) * hidden)[v] = comm::pack_bf16x8(accum, aborted);
@@ -434,7 +476,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         __threadfence();
         const int n = MegaWork::kHeader + num_experts, tiles = sh.work.num_token_tiles();
         for (int i = tid; i < n; i += mega::kThreads) ws.base[i] = 0;
-        for (int i = tid; i < tiles; i += mega::kThreads) ws.arrived()[i] = 0, ws.l1_done()[i] = 0;
+        for (int i = tid; i < tiles; i += mega::kThreads) ws.arrived()[i] = 0, ws.l1_done()[i] = 0, ws.l2_done()[i] = 0;
         if (tid == 0) {
             meta[comm::kMetaEpoch] = epoch0;
             meta[comm::kMetaEpoch + 1] = epoch1;
