@@ -17,8 +17,9 @@ same run, per rank:
 
 Printed per token count: us (the slowest rank; fixed iteration counts, every rank in step), TFLOPS
 (useful: 2 x 3 x hidden x inter per routed pair of this rank's experts), HBM GB/s of the FP4
-weights of the local experts that received tokens, NVLink GB/s (bytes this rank pulled from peers:
-token rows + scales at dispatch, BF16 rows at combine, over our time), and baseline / ours.
+weights of the local experts that received tokens, NVLink GB/s (bytes that reach this rank from
+peers: token rows + scales it pulls at dispatch, BF16 rows of its tokens' remote slots at combine,
+pushed by their owners or pulled; over our time), and baseline / ours.
 
 ``--tokens-per-wave W`` sizes the buffer's receive rows for waves of at most W tokens per rank (default:
 the buffer's, see deep_gemm/mega/buffer.py); the first line prints W and the waves per token count,

@@ -7,7 +7,8 @@ barrier (inputs ready on every rank) -> dispatch layout (every rank's routing ->
 dispatch gather (pull FP8 tokens from their source ranks, -> BF16 rows grouped by local expert) ->
 L1 grouped GEMM (SwiGLU, routing weight) -> L2 grouped GEMM (rows into ``combine``) -> barrier
 (expert outputs ready) -> combine (each rank pulls its pairs' rows from their experts' owners and
-reduces them in slot order).  Peers are reached through NVLink mappings of the symmetric buffer; a
+reduces them in slot order).  The fused kernel runs the same protocol in one launch, except that
+the owners push finished token tiles' rows to their sources before barrier 1 (``push_enabled``).  Peers are reached through NVLink mappings of the symmetric buffer; a
 group of one runs the same kernels on its own buffer, without the barriers.  No host
 synchronisation: every shape is fixed by the buffer, counts stay on the device, so a call can be
 captured in a CUDA graph (the barriers count calls on the device).
