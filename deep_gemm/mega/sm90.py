@@ -8,8 +8,9 @@ dispatch gather (pull FP8 tokens from their source ranks, -> BF16 rows grouped b
 L1 grouped GEMM (SwiGLU, routing weight) -> L2 grouped GEMM (rows into ``combine``) -> barrier
 (expert outputs ready) -> combine (each rank pulls its pairs' rows from their experts' owners and
 reduces them in slot order).  The fused kernel runs the same protocol in one launch, except that
-the owners push finished token tiles' rows to their sources before barrier 1 (``push_enabled``).  Peers are reached through NVLink mappings of the symmetric buffer; a
-group of one runs the same kernels on its own buffer, without the barriers.  No host
+the owners push finished token tiles' rows to their sources before barrier 1 (``push_enabled``).
+Peers are reached through NVLink mappings of the symmetric buffer; a group of one runs the same
+kernels on its own buffer, without the barriers.  No host
 synchronisation: every shape is fixed by the buffer, counts stay on the device, so a call can be
 captured in a CUDA graph (the barriers count calls on the device).
 
@@ -30,7 +31,7 @@ from .. import gemm
 from ..jit import registry, runtime
 from . import kernels
 
-__all__ = ['run', 'prepare', 'MULTI_RANK', 'FUSED', 'fused_enabled']
+__all__ = ['run', 'prepare', 'MULTI_RANK', 'FUSED', 'fused_enabled', 'push_enabled']
 
 MULTI_RANK = True
 
