@@ -35,19 +35,12 @@ __device__ __forceinline__ void gather_fp8_row(const uint4* x, const float* sf, 
     }
 }
 
-// Combine: the L2 output row (as uint4) of a pair routed to global expert e, which its owner wrote
-// at `row` of its `combine` region; nullptr for masked or out-of-range ids and overflowed pairs.
-__device__ __forceinline__ const uint4* expert_output_row(const PeerBuffers peers, uint64_t combine_offset,
-                                                          int64_t e, int row, int num_local_experts, int num_ranks,
-                                                          int hidden) {
-    if (e < 0 || e >= int64_t(num_ranks) * num_local_experts || row < 0) return nullptr;
-    return peers.at<const uint4>(int(e / num_local_experts), combine_offset + uint64_t(row) * hidden * 2);
-}
-
-// Combine, after the owners pushed the rows of remote pairs into this rank's `combine_in` at row
-// `pair` (token x k + slot; the fused kernel, `pushed` true): rows of this rank's own experts are
-// read in place.  Not pushed: every row where its owner wrote it (pulled).  Offsets, not pointers:
-// the fused combine runs under warpgroup 0's 56 registers, where one more live pointer spilled.
+// Combine: the L2 output row (as uint4) of a pair routed to global expert e; nullptr for masked or
+// out-of-range ids and overflowed pairs.  Not pushed: where its owner wrote it, at `row` of the
+// owner's `combine` region (pulled).  Pushed (the fused kernel): the owners copied the rows of
+// remote pairs into this rank's `combine_in` at row `pair` (token x k + slot); rows of this rank's
+// own experts are read in place.  Offsets, not pointers: the fused combine runs under warpgroup 0's
+// 56 registers, where one more live pointer spilled.
 __device__ __forceinline__ const uint4* combine_source_row(const PeerBuffers peers, uint64_t combine_offset,
                                                            uint64_t combine_in_offset, bool pushed, int64_t e,
                                                            int row, size_t pair, int rank, int num_local_experts,
@@ -57,6 +50,13 @@ __device__ __forceinline__ const uint4* combine_source_row(const PeerBuffers pee
     const bool in = pushed && owner != rank;
     return peers.at<const uint4>(in ? rank : owner, in ? combine_in_offset + uint64_t(pair) * hidden * 2
                                                        : combine_offset + uint64_t(row) * hidden * 2);
+}
+
+// Combine without pushes (the kernel sequence): the row where its owner wrote it.
+__device__ __forceinline__ const uint4* expert_output_row(const PeerBuffers peers, uint64_t combine_offset,
+                                                          int64_t e, int row, int num_local_experts, int num_ranks,
+                                                          int hidden) {
+    return combine_source_row(peers, combine_offset, 0, false, e, row, 0, 0, num_local_experts, num_ranks, hidden);
 }
 
 // Combine push: one BF16 row of num_v uint4 from src to dst (a peer's memory), uint4 v = first,

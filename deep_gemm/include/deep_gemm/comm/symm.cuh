@@ -52,16 +52,6 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
     return t;
 }
 
-// Spin until *p >= target (acquire, GPU scope), or false once the call is aborted: for waits on
-// work of this rank's own kernel that other waits with timeouts already cover.
-__device__ __forceinline__ bool wait_at_least(const int* p, int target, const int* meta) {
-    while (ld_acquire_gpu(p) - target < 0) {
-        if (ld_volatile(meta + kMetaAbort) != 0) return false;
-        __nanosleep(64);
-    }
-    return true;
-}
-
 // Host-mapped (pinned) record of the first failed wait, read by Python without a device sync.
 struct CommError {
     int code;        // 0 = none, 1 = timeout

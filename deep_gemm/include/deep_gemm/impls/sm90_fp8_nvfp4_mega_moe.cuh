@@ -370,10 +370,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                     if (packed.x == rank) continue;
                     const int tile = work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT;
                     if (tile != waited) {
-                        // no timer of its own: a unit that never finishes times out in the producer or
-                        // a consumer of its CTA, which aborts the call (the waiter's registers spilled
-                        // the BLOCK_T 16 variant under warpgroup 0's 56)
-                        if (!comm::wait_at_least(ws.l2_done() + tile, l2_target, meta)) break;
+                        if (!waiter.until<false>(ws.l2_done() + tile, l2_target, mega::kPhaseInternal, rank)) break;
                         waited = tile;
                     }
                     comm::copy_row<32, kPushChunks>(reinterpret_cast<const uint4*>(combine + size_t(row) * hidden),
