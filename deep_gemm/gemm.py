@@ -51,9 +51,9 @@ GROUPED_GEMM = registry.register_kernel(registry.KernelSpec(
         {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 2},
         {'fmt': _FMT['nvfp4'], 'block_t': 16, 'stages': 8, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 2},
         {'fmt': _FMT['nvfp4'], 'block_t': 32, 'stages': 6, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
-        {'fmt': _FMT['nvfp4'], 'block_t': 64, 'stages': 8, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 1},
+        {'fmt': _FMT['nvfp4'], 'block_t': 64, 'stages': 4, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 2},
         {'fmt': _FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
-        {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
+        {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 4, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
     ),
 ))
 
@@ -133,12 +133,15 @@ def _block_t(tokens_per_expert: int, block_t: Optional[int] = None) -> int:
 
 
 def _ctas_per_sm(block_t: int) -> int:
-    # Small token tiles are latency-bound in the dequant: two CTAs per SM (measured on H100:
-    # L1+L2 decode 553 us vs 628 us at BLOCK_T 16).  Larger tiles need more than the 96
-    # registers a consumer gets then.  DG_GROUPED_GEMM_CTAS_PER_SM=1 turns it off.
-    if block_t > 32:
-        return 1
-    return 1 if os.environ.get('DG_GROUPED_GEMM_CTAS_PER_SM') == '1' else 2
+    # Tiles of up to 64 tokens are latency-bound in the dequant: two CTAs per SM (4 consumer
+    # warpgroups, 80 registers at compile time, half a block of A in registers).  Measured on H200:
+    # L1+L2 at 48 tokens per expert 552-555 us vs 583-591 with one CTA at BLOCK_T 64 (H100, v4: 553 vs
+    # 628 us at BLOCK_T 16; docs/perf-notes.md, v14).  128-token tiles need more registers (64
+    # accumulators).  DG_GROUPED_GEMM_CTAS_PER_SM=1 or 2 overrides it for tiles of up to 64 tokens.
+    env = os.environ.get('DG_GROUPED_GEMM_CTAS_PER_SM')
+    if env in ('1', '2') and block_t <= 64:
+        return int(env)
+    return 1 if block_t > 64 else 2
 
 
 # Token bytes a group of token tiles may hold (scheduler/tile_order.cuh): a group is read from HBM

@@ -1,6 +1,7 @@
 """Timeline of the fused Mega MoE kernel on one rank: where a launch spends its time.
 
-    python scripts/trace_mega_moe.py [tokens,...]          # default 16,128,4096
+    python scripts/trace_mega_moe.py [tokens,...] [--experts-per-rank E] [--routing uniform]
+                                                           # default 16,128,4096, E = 8, skewed
 
 Runs the kernel's trace variant (`kTrace`: globaltimer stamps per CTA and per unit, see
 `mega::stamp` in impls/sm90_fp8_nvfp4_mega_moe.cuh) after warm-up launches of the normal kernel,
@@ -13,9 +14,10 @@ first stamp:
   ready (the producer's wait for rows or for L1 tiles), time between ready and the consumer's start;
 - CTA occupancy: the sum of unit MMA times over CTAs x span, and the idle time split into before
   the first unit, between units, and after the last one.
-Inputs as scripts/bench_mega_moe.py (DeepSeek-V4 shapes, 8 local experts, top-6, skewed routing).
+Inputs as scripts/bench_mega_moe.py (DeepSeek-V4 shapes, top-6).
 The stamps come from one consumer warpgroup per CTA; the other runs the same units.
 """
+import argparse
 import os
 import statistics
 import sys
@@ -60,14 +62,20 @@ def analyse(tr, grid, num_units):
 
 
 def main():
-    tokens = [int(v) for v in (sys.argv[1] if len(sys.argv) > 1 else '16,128,4096').split(',')]
-    e_l, hidden, inter, k = 8, 7168, 3072, 6
+    ap = argparse.ArgumentParser()
+    ap.add_argument('tokens', nargs='?', default='16,128,4096')
+    ap.add_argument('--experts-per-rank', type=int, default=8)
+    ap.add_argument('--routing', choices=['skewed', 'uniform'], default='skewed')
+    args = ap.parse_args()
+    tokens = [int(v) for v in args.tokens.split(',')]
+    e_l, hidden, inter, k = args.experts_per_rank, 7168, 3072, 6
     gen = torch.Generator(device='cuda').manual_seed(0)
     l1, l2 = make_weights(e_l, hidden, inter, gen)
     buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e_l, max(tokens), k, hidden, inter)
-    print(f'device: {torch.cuda.get_device_name()}; one rank, {e_l} experts, top-{k}, {hidden}/{inter}')
+    print(f'device: {torch.cuda.get_device_name()}; one rank, {e_l} experts, top-{k}, {hidden}/{inter}, '
+          f'{args.routing} routing')
     for t in tokens:
-        fill_inputs(buf, t, 1000 * t)
+        fill_inputs(buf, t, 1000 * t, args.routing)
         y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
         for _ in range(3):
             sm90.run_fused(y, l1, l2, buf)
@@ -90,7 +98,8 @@ def main():
         tiles = [-(-c // block_t) for c in counts if c > 0]
         l1_rt, l2_rt = 2 * inter // 128, hidden // 128
         num_units = sum(tiles) * (l1_rt + l2_rt)
-        print(f'{t} tokens: BLOCK_T {block_t}, {ctas} CTA/SM, rows per expert {counts}, trace output equal: {same}')
+        shown = counts if e_l <= 16 else f'{min(counts)}-{max(counts)} ({sum(c > 0 for c in counts)} experts with rows)'
+        print(f'{t} tokens: BLOCK_T {block_t}, {ctas} CTA/SM, rows per expert {shown}, trace output equal: {same}')
         units, end = analyse(trace, grid, num_units)
         for phase in ('L1', 'L2'):
             sel = [x for x in units if x[6] == phase]

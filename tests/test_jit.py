@@ -270,7 +270,8 @@ def test_sass_check_catches_missing_and_local_memory(fresh_cache):
 
 
 # ptxas -v lines as nvcc 13.0 printed them for two pipelined variants of the expert GEMM's k loop
-# (perf-notes v12); the cubins still worked, with a wait after every wgmma.
+# (perf-notes v12), the C7512 wording of the fused kernel at BLOCK_T 64 (v14), and a made-up one;
+# the cubins still worked, with a wait after every wgmma.
 _PTXAS_SERIALIZED = (
     "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'\n"
     "ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
@@ -278,6 +279,9 @@ _PTXAS_SERIALIZED = (
     "ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
     "non wgmma instructions defining input registers of a wgmma between start and end of the pipeline stage "
     "in the function '_Z3fooPf'\n"
+    "ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+    "insufficient register resources for the function '_Z3fooPf'\n"
+    "ptxas info    : (C7599) wgmma.mma_async instructions are serialized for a reason not seen yet\n"
     "ptxas info    : Used 168 registers, used 1 barriers, 2448 bytes smem\n")
 
 
@@ -288,7 +292,9 @@ def test_sass_check_catches_serialized_wgmma(fresh_cache):
     assert meta['registers'] == 168
     assert meta['wgmma_serialized'] == [
         'C7511: insufficient register resources for the wgmma pipeline',
-        'C7513: non wgmma instructions defining input registers of a wgmma between start and end of the pipeline stage']
+        'C7512: insufficient register resources',
+        'C7513: non wgmma instructions defining input registers of a wgmma between start and end of the pipeline stage',
+        'ptxas info    : (C7599) wgmma.mma_async instructions are serialized for a reason not seen yet']
     assert compiler.parse_ptxas(_PTXAS_SERIALIZED.replace('serialized', 'pipelined'))['wgmma_serialized'] == []
     clean = sass.SassReport(Path('k.cubin'), [], [])
     assert clean.ok(forbid_local_memory=True)

@@ -260,6 +260,7 @@ def _check_routing_offsets(buf, rec, t0, names=('topk_idx_offset', 'topk_weights
 def test_sequence_waves_one_rank(monkeypatch):
     from deep_gemm.mega import sm90
     monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)   # the hint's wave arithmetic, without the tile floor
+    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS_BUSY', 1)
     r = Recorder(monkeypatch)
     buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
     y = torch.empty(40, H, dtype=torch.bfloat16)
@@ -296,6 +297,7 @@ def test_sequence_waves_one_rank(monkeypatch):
 def test_sequence_waves_emulated_ranks(monkeypatch):
     from deep_gemm.mega import sm90
     monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)
+    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS_BUSY', 1)
     r = Recorder(monkeypatch)
     bufs = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
     y = torch.empty(50, H, dtype=torch.bfloat16)
@@ -324,6 +326,7 @@ def test_sequence_waves_emulated_ranks(monkeypatch):
 def test_fused_waves(monkeypatch, ranks, count, waves, hint):
     from deep_gemm.mega import sm90
     monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)   # the hint's wave arithmetic, without the tile floor
+    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS_BUSY', 1)
     r = Recorder(monkeypatch)
     if ranks == 1:
         buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
@@ -353,16 +356,20 @@ def test_fused_waves(monkeypatch, ranks, count, waves, hint):
 
 
 @pytest.mark.parametrize('world,tokens,block_t', [
-    (1, 1, 32), (1, 64, 32), (2, 32, 32), (1, 80, 64), (1, 200, 128), (2, 96, 128), (1, 4096, 256)])
+    (1, 1, 32), (1, 24, 32), (1, 26, 64), (1, 64, 64), (2, 32, 64), (1, 128, 64), (1, 130, 128), (1, 200, 128),
+    (2, 96, 128), (1, 4096, 256)])
 def test_token_tile_choice(monkeypatch, world, tokens, block_t):
     """The token tile of a call: the mean rows per local expert (tokens x top-k x ranks / experts, E = 8,
-    top-4), but at least 32 rows, so that the busiest experts of uneven routing do not stream their
-    weights once per small tile; the fused kernel and the sequence's GEMMs agree; the env override wins."""
+    top-4), but at least 32 rows, and at least 64 once the mean exceeds 12 rows, so that the busiest
+    experts of uneven routing do not stream their weights once per small tile; tiles of up to 64 rows
+    run two CTAs per SM; the fused kernel and the sequence's GEMMs agree; the env override wins."""
     from deep_gemm.mega import sm90
     bufs = SymmBuffer.emulated_group(world, E, 4096, K, H, I, device='cpu') if world > 1 else \
         [get_symm_buffer_for_mega_moe(None, E, 4096, K, H, I, device='cpu')]
     monkeypatch.delenv('DG_GROUPED_GEMM_BLOCK_T', raising=False)
     assert sm90.block_t_for(bufs[-1], tokens) == block_t
     assert gemm._block_t(sm90._expected_m(bufs[-1], tokens)) == block_t
+    monkeypatch.delenv('DG_GROUPED_GEMM_CTAS_PER_SM', raising=False)
+    assert gemm._ctas_per_sm(block_t) == (2 if block_t <= 64 else 1)
     monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', '8')
     assert sm90.block_t_for(bufs[-1], tokens) == 8

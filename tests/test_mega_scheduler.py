@@ -109,8 +109,9 @@ def test_lookahead_hides_l1_latency(sim):
 
 def test_header_compiles(tmp_path):
     # device code for both targets (shared-memory schedule, atomic claims), then a plain C++ TU
-    _compile(['-gencode', 'arch=compute_90a,code=sm_90a', '-gencode', 'arch=compute_100a,code=sm_100a',
-              '-c', CPP / 'mega_moe_work_device.cu', '-o', tmp_path / 'device.o'])
+    for name in ('mega_moe_work_device', 'mega_moe_work_build_warp'):
+        _compile(['-gencode', 'arch=compute_90a,code=sm_90a', '-gencode', 'arch=compute_100a,code=sm_100a',
+                  '-c', CPP / f'{name}.cu', '-o', tmp_path / f'{name}.o'])
     _compile(['-c', CPP / 'mega_moe_work_host_only.cpp', '-o', tmp_path / 'host_only.o'])
 
 

@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 # `deep_gemm/include`: the only include root of our own kernels
 INCLUDE_DIR = Path(__file__).resolve().parent.parent / 'include'
 # Bump when the cache layout or the meaning of an entry changes
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 # Hopper and Blackwell *arch-specific* targets only: the family target `sm_100f` rejects
 # `tcgen05.mma ... kind::mxf4nvf4.block_scale.scale_vec::4X`, so it is refused here
 SUPPORTED_ARCHS = ('sm_90a', 'sm_100a')
@@ -150,9 +150,19 @@ _RE_REGS = re.compile(r'Used (\d+) registers')
 _RE_SMEM = re.compile(r'(\d+) bytes smem')
 _RE_FRAME = re.compile(r'(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads')
 # "(C7513) Potential Performance Loss: wgmma.mma_async instructions are serialized due to <why> in the
-# function '...'": ptxas then waits for every wgmma right after issuing it, silently.
-_RE_WGMMA_SERIAL = re.compile(r'\((C75\d\d)\) Potential Performance Loss: wgmma\.mma_async instructions are '
-                              r'serialized due to (.*?) in the function')
+# function '...'" (C7512 says "for the function"): ptxas then waits for every wgmma right after
+# issuing it, silently.  Any other line that says wgmma and serialized is kept whole.
+_RE_WGMMA_SERIAL = re.compile(r'\((C\d+)\) Potential Performance Loss: wgmma\.mma_async instructions are '
+                              r'serialized due to (.*?) (?:in|for) the function')
+
+
+def _wgmma_serialized(log: str) -> List[str]:
+    found = set()
+    for line in log.splitlines():
+        if 'wgmma' in line and 'serialized' in line:
+            m = _RE_WGMMA_SERIAL.search(line)
+            found.add(f'{m.group(1)}: {m.group(2)}' if m else line.strip())
+    return sorted(found)
 
 
 def parse_ptxas(log: str) -> Dict[str, object]:
@@ -169,7 +179,7 @@ def parse_ptxas(log: str) -> Dict[str, object]:
         'stack': int(frame.group(1)) if frame else 0,
         'spill_stores': int(frame.group(2)) if frame else 0,
         'spill_loads': int(frame.group(3)) if frame else 0,
-        'wgmma_serialized': sorted({f'{code}: {why}' for code, why in _RE_WGMMA_SERIAL.findall(log)}),
+        'wgmma_serialized': _wgmma_serialized(log),
     }
 
 

@@ -48,14 +48,17 @@ FUSED = registry.register_kernel(registry.KernelSpec(
     default_params=(
         {'fmt': gemm._FMT['nvfp4'], 'block_t': 16, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 2,
          'max_experts': 8, 'gran_k': 32},
-        # decode at EP 8 (48 local experts): the smallest tile a call picks (_MIN_TILE_ROWS)
+        # decode at EP 8 (48 local experts): the smallest tile a call picks (_MIN_TILE_ROWS), and the
+        # one of 128 tokens per rank (_MIN_TILE_ROWS_BUSY)
         {'fmt': gemm._FMT['nvfp4'], 'block_t': 32, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 2,
+         'max_experts': 64, 'gran_k': 32},
+        {'fmt': gemm._FMT['nvfp4'], 'block_t': 64, 'stages': 4, 'fast_math': True, 'ctas_per_sm': 2,
          'max_experts': 64, 'gran_k': 32},
         {'fmt': gemm._FMT['nvfp4'], 'block_t': 128, 'stages': 5, 'fast_math': True, 'ctas_per_sm': 1,
          'max_experts': 64, 'gran_k': 32},
         {'fmt': gemm._FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'fast_math': True, 'ctas_per_sm': 1,
          'max_experts': 8, 'gran_k': 32},
-        {'fmt': gemm._FMT['mxfp4'], 'block_t': 64, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 1,
+        {'fmt': gemm._FMT['mxfp4'], 'block_t': 64, 'stages': 4, 'fast_math': True, 'ctas_per_sm': 2,
          'max_experts': 8, 'gran_k': 32},
         # the timeline variant (scripts/trace_mega_moe.py), so that CI keeps it compiling
         {'fmt': gemm._FMT['nvfp4'], 'block_t': 128, 'stages': 5, 'fast_math': True, 'ctas_per_sm': 1,
@@ -108,22 +111,31 @@ def _fused_config(buffer, l1, expected_m: int, fast_math: bool, trace: bool = Fa
     return kernel, block_t, ctas, smem
 
 
-# The token tile of the Mega MoE kernels holds at least this many rows.  Routing is uneven: with 16
-# rows per expert on average the busiest experts of a call get 25-46 (48 experts, uniform / skewed
-# routing), and a tile sized for the mean makes them stream and dequantize their weights 2-3 times.
-# A tile of 32 rows costs an expert with a few rows nothing in MMA width (FP4Consumer::mma_tile
-# narrows it to the rows present, in steps of 8) and still runs 2 CTAs per SM.  H200, 48 experts,
-# one call: 12-39 % faster than the mean's tile at 32-128 tokens under skewed routing, 21-24 % at
-# 64-128 under uniform routing, 1.7 % slower at 32 uniform (docs/perf-notes.md, "v12").
+# The token tile of a Mega MoE call holds at least _MIN_TILE_ROWS rows, and at least
+# _MIN_TILE_ROWS_BUSY once the mean rows per local expert exceed _BUSY_MEAN_ROWS.  Routing is
+# uneven: with 16 rows per expert on average the busiest experts of a call get 25-46 (48 experts,
+# uniform / skewed routing), and a tile sized for the mean makes them stream and dequantize their
+# weights 2-3 times.  A tile costs an expert with a few rows nothing in MMA width
+# (FP4Consumer::mma_tile narrows it to the rows present, in steps of 8), and tiles of up to 64 rows
+# run 2 CTAs per SM.  H200 (docs/perf-notes.md, v12 and v14):
+#   - 32 rows against the mean's tile, 48 experts: 12-39 % faster at 32-128 tokens under skewed
+#     routing, 21-24 % at 64-128 under uniform routing, 1.7 % slower at 32 uniform;
+#   - 64 rows against 32, 48 experts: 10-12 % faster at 128 tokens skewed (mean 16 rows), 1 % uniform,
+#     16-20 % at 256 tokens (mean 32); 2-6 % slower at 32 / 64 tokens (mean 4 / 8);
+#   - 8 experts: 64 rows 11 % faster than the mean's 128 at 64 tokens (mean 48), 6 % slower than 32
+#     at 16 tokens (mean 12, at most 20 rows an expert).
 _MIN_TILE_ROWS = 32
+_MIN_TILE_ROWS_BUSY = 64
+_BUSY_MEAN_ROWS = 12
 
 
 def _expected_m(buffer, t: int) -> int:
     # Block-size hint only (the counts stay on the device): the mean rows per local expert of one
-    # wave if every rank has t tokens, at least _MIN_TILE_ROWS.  The same for every wave of a call,
-    # so one set of kernels (loaded by prepare) serves them all.
+    # wave if every rank has t tokens, raised to the tile floor above.  The same for every wave of a
+    # call, so one set of kernels (loaded by prepare) serves them all.
     t = min(t, buffer.num_max_tokens_per_wave)
-    return max(_MIN_TILE_ROWS, -(-t * buffer.num_topk * buffer.num_ranks // buffer.num_experts))
+    mean = -(-t * buffer.num_topk * buffer.num_ranks // buffer.num_experts)
+    return max(_MIN_TILE_ROWS if mean <= _BUSY_MEAN_ROWS else _MIN_TILE_ROWS_BUSY, mean)
 
 
 def block_t_for(buffer, num_tokens: int) -> int:

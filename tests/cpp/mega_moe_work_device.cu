@@ -10,7 +10,7 @@ constexpr int kMaxExperts = 64;
 __global__ void claim_units(const int* counts, int num_experts, int* next, int4* units, int2* waits) {
     __shared__ deep_gemm::MegaMoEWork<kMaxExperts> work;
     __shared__ int claimed;
-    if (threadIdx.x == 0) work.build(counts, num_experts, 64, 48, 56, 1, 2 * gridDim.x);
+    if (threadIdx.x < 32) work.build_warp(counts, num_experts, 64, 48, 56, 1, 2 * gridDim.x, 2, 5, threadIdx.x);
     __syncthreads();
     for (;;) {
         if (threadIdx.x == 0) claimed = atomicAdd(next, 1);

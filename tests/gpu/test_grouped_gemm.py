@@ -92,7 +92,8 @@ def check_masked_plain(b, counts, max_m, expected_m, gen):
         assert torch.isnan(d[i, c:].float()).all(), 'rows past masked_m were written'
 
 
-@pytest.mark.parametrize('block_t,ctas', [(8, 1), (8, 2), (16, 1), (16, 2), (32, 1), (32, 2), (64, 1), (128, 1), (256, 1)])
+@pytest.mark.parametrize('block_t,ctas', [(8, 1), (8, 2), (16, 1), (16, 2), (32, 1), (32, 2), (64, 1), (64, 2), (128, 1),
+                                           (256, 1)])
 def test_every_tile_config(block_t, ctas, monkeypatch):
     """Each token-tile width and CTAs-per-SM mode, with several token tiles and k blocks per expert."""
     monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', str(block_t))

@@ -14,7 +14,7 @@
 //      order over all CTAs, store them as BF16 (exact) and count them per token tile; then, with
 //      peers (`push_combine`), push every finished token tile's combine rows of other ranks' pairs
 //      into their sources' `combine_in` while later units run.
-//      warp 4, lane 0: meanwhile builds the work order (MegaMoEWork).
+//      warp 0: meanwhile builds the work order (MegaMoEWork::build_warp).
 //      warpgroup 0, thread 0: the TMA producer of common/sm90_fp4_pipeline.cuh; it claims units
 //      from one counter in work order and tags the first stage of each for the consumers; a unit's
 //      weights stream before its tokens are ready; its token loads wait for the tile's rows (L1) or
@@ -93,7 +93,7 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 
 template <int kMaxExperts>
 struct Shared {
-    alignas(8) uint64_t work_built;   // mbarrier, one arrival: warp 4 has built `work`
+    alignas(8) uint64_t work_built;   // mbarrier, 32 arrivals: warp 0 has built `work`
     MegaMoEWork<kMaxExperts> work;
     int count[kMaxExperts];       // pairs of this CTA per local expert, then the routing cursor
     int first[kMaxExperts];       // this CTA's first row of each expert
@@ -149,7 +149,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         if (blockIdx.x == 0) meta[comm::kMetaNumTokens] = num_tokens;
     }
     if (tid == 32) {
-        cutlass::arch::ClusterBarrier::init(&sh.work_built, 1);
+        cutlass::arch::ClusterBarrier::init(&sh.work_built, 32);
         pipe.init();   // ends with the fence that publishes both inits
     }
     if (tid == 64) {
@@ -234,11 +234,11 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     }
     __syncthreads();
 
-    // Warp 4 (idle until its first tile) builds the work order while warps 1-3 route: they need only
-    // the row ranges; the producer and the gather wait for sh.work_built, the consumers for their
-    // first stage, which the producer tags after that wait.  Built before the routing, it held up the
-    // first rows; built by the producer thread, it came later (under warpgroup 0's 56 registers) and
-    // so did the first claims (perf-notes, v10).
+    // Warp 0 builds the work order while warps 1-3 route: they need only the row ranges; the producer
+    // (warp 0's lane 0) and the gather wait for sh.work_built, the consumers for their first stage,
+    // which the producer tags after that wait.  Built before the routing, it held up the first rows
+    // (perf-notes, v10).  Built by one thread it took 17 us at 48 experts; with 64-bit scans, ptxas
+    // serialized the BLOCK_T 64 consumers' wgmmas (v14).
     // The barrier-1 target comes from the row ranges, not the order, so that no consumer reads the
     // order outside a unit (that reload cost the consumers' main loop instructions under the
     // 80-register cap).  Target: each consumer warpgroup per L2 unit + each CTA's routing.
@@ -258,7 +258,11 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     if (warpgroup == 0) {
         cutlass::arch::warpgroup_reg_dealloc<Regs::kProducer>();
         if (warp == 0) {
-            // ---------------- 2a. TMA producer ----------------
+            // ---------------- 2a. work order (warp 0), then the TMA producer (lane 0) ----------------
+            sh.work.build_warp(sh.rows, num_experts, kBlockT, l1_row_tiles, l2_row_tiles, lookahead_experts,
+                               lookahead_units, l1_token_group, l2_token_group, lane);
+            if (lane == 0) mega::stamp<kTrace>(trace, 8 * blockIdx.x + 1);
+            cutlass::arch::ClusterBarrier::arrive(&sh.work_built);   // every lane: each releases its own writes
             if (lane == 0) {
                 cutlass::arch::ClusterBarrier::wait(&sh.work_built, 0);
                 const int num_units = sh.work.num_units();
@@ -385,13 +389,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             }
         }
     } else {
-        // ---------------- 2c. work order (warp 4), consumers: L1 and L2 tiles ----------------
-        if (warp == 4 && lane == 0) {
-            sh.work.build(sh.rows, num_experts, kBlockT, l1_row_tiles, l2_row_tiles, lookahead_experts, lookahead_units,
-                          l1_token_group, l2_token_group);
-            mega::stamp<kTrace>(trace, 8 * blockIdx.x + 1);
-            cutlass::arch::ClusterBarrier::arrive(&sh.work_built);
-        }
+        // ---------------- 2c. consumers: L1 and L2 tiles ----------------
         __syncwarp();
         cutlass::arch::warpgroup_reg_alloc<Regs::kConsumer>();
         const int cw = warpgroup - 1;

@@ -51,8 +51,9 @@ struct MegaUnit {
     int expert_rows;    // rows of the expert
 };
 
-// Plain data (no constructor), so a kernel can keep it in shared memory; build() runs on one
-// thread, O(E) for E up to ~64 local experts, then the block syncs.
+// Plain data (no constructor), so a kernel can keep it in shared memory.  build() runs on one
+// thread (host or device, O(E log^2 E) for E local experts); a kernel builds it with one warp
+// (build_warp: a warp scan, then every lane places some L2 blocks), then syncs.
 template <int kMaxExperts>
 struct MegaMoEWork {
     int num_active;                     // experts with rows
@@ -69,11 +70,7 @@ struct MegaMoEWork {
     DG_HOST_DEVICE bool build(const int* counts, int num_experts, int block_t_, int l1_row_tiles_,
                               int l2_row_tiles_, int lookahead_experts, int lookahead_units,
                               int l1_token_group_ = 0x7fffffff, int l2_token_group_ = 0x7fffffff) {
-        block_t = block_t_, l1_row_tiles = l1_row_tiles_, l2_row_tiles = l2_row_tiles_;
-        l1_token_group = l1_token_group_ > 1 ? l1_token_group_ : 1;
-        l2_token_group = l2_token_group_ > 1 ? l2_token_group_ : 1;
-        num_active = 0, tile_prefix[0] = 0, row_prefix[0] = 0, l2_before[0] = 0;
-        if (num_experts < 0 || num_experts > kMaxExperts || block_t <= 0 || l1_row_tiles <= 0 || l2_row_tiles <= 0)
+        if (!set_shape(num_experts, block_t_, l1_row_tiles_, l2_row_tiles_, l1_token_group_, l2_token_group_))
             return false;
         long long tiles = 0, rows = 0;
         for (int e = 0; e < num_experts; ++e) {
@@ -83,22 +80,88 @@ struct MegaMoEWork {
             expert[num_active++] = e;
             tile_prefix[num_active] = int(tiles), row_prefix[num_active] = int(rows);
         }
-        if (rows > 0x7fffffffLL || tiles * (l1_row_tiles + l2_row_tiles) > 0x7fffffffLL) {
+        if (!fits(tiles, rows, l1_row_tiles, l2_row_tiles)) {
             num_active = 0;
             return false;
         }
-        // g(k) (the L1 block that L2 block k follows) is non-decreasing in k; l2_before[j] = #{k : g(k) < j}.
-        int g = 0, filled = 0;
-        for (int k = 0; k < num_active; ++k) {
-            const int least = k + (lookahead_experts > 0 ? lookahead_experts : 0);
-            g = least < g ? g : (least < num_active - 1 ? least : num_active - 1);
-            while (g < num_active - 1 &&
-                   (long long)l1_row_tiles * (tile_prefix[g + 1] - tile_prefix[k + 1]) < lookahead_units)
-                ++g;
-            while (filled < g) l2_before[++filled] = k;
-        }
-        while (filled < num_active) l2_before[++filled] = num_active;
+        for (int j = 1; j <= num_active; ++j) l2_before[j] = l2_blocks_before(j, lookahead_experts, lookahead_units);
         return true;
+    }
+
+#if defined(__CUDACC__)
+    // The same as build(), by the 32 lanes of one warp (all must call it; the warp has synced when it
+    // returns).  One thread took 17 us at 48 experts (H200), all of it before the first unit.
+    __device__ __forceinline__ bool build_warp(const int* counts, int num_experts, int block_t_, int l1_row_tiles_,
+                                               int l2_row_tiles_, int lookahead_experts, int lookahead_units,
+                                               int l1_token_group_, int l2_token_group_, int lane) {
+        bool ok = false;
+        if (lane == 0) ok = set_shape(num_experts, block_t_, l1_row_tiles_, l2_row_tiles_, l1_token_group_, l2_token_group_);
+        ok = __shfl_sync(0xffffffffu, ok, 0);
+        if (!ok) {
+            __syncwarp();
+            return false;
+        }
+        // 32-bit sums that stick at kOver once past INT_MAX (fewer registers than 64-bit scans: under
+        // the fused kernel's register cap those made ptxas serialize wgmmas); equal in every lane
+        constexpr unsigned kOver = 0x80000000u;
+        auto add = [](unsigned a, unsigned b) {   // a, b <= kOver, so a + b wraps only at 2 kOver
+            const unsigned s = a + b;
+            return s < a || s >= kOver ? kOver : s;
+        };
+        unsigned tiles = 0, rows = 0;   // over the chunks before this one
+        int active = 0;
+        for (int base = 0; base < num_experts; base += 32) {
+            const int e = base + lane;
+            const int n = e < num_experts && counts[e] > 0 ? counts[e] : 0;
+            unsigned t = n > 0 ? unsigned(n / block_t_ + (n % block_t_ != 0)) : 0u, r = unsigned(n);   // inclusive scans
+            #pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const unsigned tu = __shfl_up_sync(0xffffffffu, t, o), ru = __shfl_up_sync(0xffffffffu, r, o);
+                if (lane >= o) t = add(t, tu), r = add(r, ru);
+            }
+            const unsigned has = __ballot_sync(0xffffffffu, n > 0);
+            if (n > 0) {
+                const int k = active + __popc(has & ((1u << lane) - 1u));
+                expert[k] = e;
+                tile_prefix[k + 1] = int(add(tiles, t)), row_prefix[k + 1] = int(add(rows, r));
+            }
+            tiles = add(tiles, __shfl_sync(0xffffffffu, t, 31)), rows = add(rows, __shfl_sync(0xffffffffu, r, 31));
+            active += __popc(has);
+        }
+        ok = rows < kOver && tiles < kOver && fits(tiles, rows, l1_row_tiles_, l2_row_tiles_);
+        if (lane == 0) num_active = ok ? active : 0;
+        __syncwarp();
+        if (!ok)
+            return false;
+        for (int j = 1 + lane; j <= active; j += 32) l2_before[j] = l2_blocks_before(j, lookahead_experts, lookahead_units);
+        __syncwarp();
+        return true;
+    }
+#endif
+
+    // g(k): the L1 block that L2 block k follows, i.e. the first j >= min(k + lookahead_experts, last
+    // active expert) whose L1 blocks k+1 .. j hold at least lookahead_units units, or the last
+    // active expert.  Non-decreasing in k.
+    DG_HOST_DEVICE int l2_anchor(int k, int lookahead_experts, int lookahead_units) const {
+        const int last = num_active - 1, ahead = lookahead_experts > 0 ? lookahead_experts : 0;
+        int lo = ahead >= last - k ? last : k + ahead, hi = last;
+        while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            if ((long long)l1_row_tiles * (tile_prefix[mid + 1] - tile_prefix[k + 1]) >= lookahead_units) hi = mid;
+            else lo = mid + 1;
+        }
+        return lo;
+    }
+
+    // l2_before[j] = #{k : g(k) < j} (g is non-decreasing): the first k with g(k) >= j, or num_active.
+    DG_HOST_DEVICE int l2_blocks_before(int j, int lookahead_experts, int lookahead_units) const {
+        int lo = 0, hi = num_active;
+        while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            if (l2_anchor(mid, lookahead_experts, lookahead_units) >= j) hi = mid;
+            else lo = mid + 1;
+        }
+        return lo;
     }
 
     DG_HOST_DEVICE int num_token_tiles() const { return tile_prefix[num_active]; }
@@ -144,6 +207,21 @@ struct MegaMoEWork {
         const int left = u.expert_rows - u.token_tile * block_t;
         u.num_rows = left < block_t ? left : block_t;
         return u;
+    }
+
+    // Fields that do not depend on the counts, and no units yet; false for a shape build() refuses.
+    DG_HOST_DEVICE bool set_shape(int num_experts, int block_t_, int l1_row_tiles_, int l2_row_tiles_,
+                                  int l1_token_group_, int l2_token_group_) {
+        block_t = block_t_, l1_row_tiles = l1_row_tiles_, l2_row_tiles = l2_row_tiles_;
+        l1_token_group = l1_token_group_ > 1 ? l1_token_group_ : 1;
+        l2_token_group = l2_token_group_ > 1 ? l2_token_group_ : 1;
+        num_active = 0, tile_prefix[0] = 0, row_prefix[0] = 0, l2_before[0] = 0;
+        return num_experts >= 0 && num_experts <= kMaxExperts && block_t > 0 && l1_row_tiles > 0 && l2_row_tiles > 0;
+    }
+
+    // Whether the totals keep rows and units in int.
+    static DG_HOST_DEVICE bool fits(long long tiles, long long rows, int l1_row_tiles_, int l2_row_tiles_) {
+        return rows <= 0x7fffffffLL && tiles * (l1_row_tiles_ + l2_row_tiles_) <= 0x7fffffffLL;
     }
 
     DG_HOST_DEVICE MegaWait wait_for(const MegaUnit& u) const {
