@@ -257,10 +257,16 @@ def _check_routing_offsets(buf, rec, t0, names=('topk_idx_offset', 'topk_weights
         assert rec[pname] == buf.offset(region, t0), (pname, t0)
 
 
+def _no_tile_floor(monkeypatch):
+    # the block-size hint's wave arithmetic, without the tile floors of sm90._expected_m
+    from deep_gemm.mega import sm90
+    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)
+    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS_BUSY', 1)
+
+
 def test_sequence_waves_one_rank(monkeypatch):
     from deep_gemm.mega import sm90
-    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)   # the hint's wave arithmetic, without the tile floor
-    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS_BUSY', 1)
+    _no_tile_floor(monkeypatch)
     r = Recorder(monkeypatch)
     buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
     y = torch.empty(40, H, dtype=torch.bfloat16)
@@ -296,8 +302,7 @@ def test_sequence_waves_one_rank(monkeypatch):
 
 def test_sequence_waves_emulated_ranks(monkeypatch):
     from deep_gemm.mega import sm90
-    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)
-    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS_BUSY', 1)
+    _no_tile_floor(monkeypatch)
     r = Recorder(monkeypatch)
     bufs = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
     y = torch.empty(50, H, dtype=torch.bfloat16)
@@ -325,8 +330,7 @@ def test_sequence_waves_emulated_ranks(monkeypatch):
                                                     (2, 50, [(0, 32), (32, 18), (64, 0)], 32)])
 def test_fused_waves(monkeypatch, ranks, count, waves, hint):
     from deep_gemm.mega import sm90
-    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS', 1)   # the hint's wave arithmetic, without the tile floor
-    monkeypatch.setattr(sm90, '_MIN_TILE_ROWS_BUSY', 1)
+    _no_tile_floor(monkeypatch)
     r = Recorder(monkeypatch)
     if ranks == 1:
         buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)

@@ -234,9 +234,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     }
     __syncthreads();
 
-    // Warp 0 builds the work order while warps 1-3 route: they need only the row ranges; the producer
-    // (warp 0's lane 0) and the gather wait for sh.work_built, the consumers for their first stage,
-    // which the producer tags after that wait.  Built before the routing, it held up the first rows
+    // Warp 0 builds the work order while warps 1-3 route: they need only the row ranges; the gather
+    // waits for sh.work_built, the consumers for their first stage, which the producer (warp 0's
+    // lane 0, after the build) tags.  Built before the routing, it held up the first rows
     // (perf-notes, v10).  Built by one thread it took 17 us at 48 experts; with 64-bit scans, ptxas
     // serialized the BLOCK_T 64 consumers' wgmmas (v14).
     // The barrier-1 target comes from the row ranges, not the order, so that no consumer reads the
@@ -263,8 +263,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                                lookahead_units, l1_token_group, l2_token_group, lane);
             if (lane == 0) mega::stamp<kTrace>(trace, 8 * blockIdx.x + 1);
             cutlass::arch::ClusterBarrier::arrive(&sh.work_built);   // every lane: each releases its own writes
-            if (lane == 0) {
-                cutlass::arch::ClusterBarrier::wait(&sh.work_built, 0);
+            if (lane == 0) {   // build_warp's last __syncwarp ordered every lane's part of the order
                 const int num_units = sh.work.num_units();
                 sm90::FP4Producer<Pipe> producer(pipe);
                 // Units are claimed from one counter in work order (the progress argument of
@@ -390,7 +389,6 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
         }
     } else {
         // ---------------- 2c. consumers: L1 and L2 tiles ----------------
-        __syncwarp();
         cutlass::arch::warpgroup_reg_alloc<Regs::kConsumer>();
         const int cw = warpgroup - 1;
         sm90::FP4Consumer<Pipe, kCTAsPerSM> consumer(pipe, cw, wg_tid);
