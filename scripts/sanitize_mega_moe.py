@@ -6,9 +6,11 @@ and the cross-rank barriers run as on N GPUs).
     compute-sanitizer --tool racecheck python scripts/sanitize_mega_moe.py [--ranks 2]
     compute-sanitizer --tool synccheck python scripts/sanitize_mega_moe.py [--ranks 2]
 
-Prints the relative error against the float64 reference.  racecheck reports pipeline hazards (TMA
-writes / stage tags against consumer reads) in some runs and token tiles, HEAD of v13 included:
-docs/perf-notes.md, v14; DG_GROUPED_GEMM_BLOCK_T picks another tile.  (--report-api-errors no: cuda-bindings
+Prints the relative error against the float64 reference.  memcheck and synccheck must be clean.
+racecheck reports the pipeline's TMA writes and stage tags against the consumers' reads, a number
+that depends on timing: this compute-sanitizer does not order accesses by mbarriers, and reports a
+race-free TMA + mbarrier pipeline just as it reports a racy one (scripts/racecheck_probe.py,
+docs/perf-notes.md, v15).  DG_GROUPED_GEMM_BLOCK_T picks another tile.  (--report-api-errors no: cuda-bindings
 probes driver entry points that do not exist, which memcheck reports as API errors.)
 """
 import argparse

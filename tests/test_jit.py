@@ -302,3 +302,10 @@ def test_sass_check_catches_serialized_wgmma(fresh_cache):
     # and the real log of a real build lands in its cached meta
     cubin = compiler.build('regs', '__global__ void regs(float* y) { y[threadIdx.x] *= 2.0f; }', 'sm_90a')
     assert compiler.load_meta(cubin)['ptxas']['wgmma_serialized'] == []
+
+
+def test_racecheck_probe_compiles(cache):
+    # scripts/racecheck_probe.cu backs what docs/perf-notes.md says of racecheck: it must stay buildable
+    from scripts import racecheck_probe
+    meta = compiler.load_meta(racecheck_probe.build('sm_90a'))
+    assert meta['ptxas']['entries'] == ['racecheck_probe'] and meta['ptxas']['spill_stores'] == 0

@@ -81,7 +81,7 @@ struct FP4Pipeline {
         #pragma unroll
         for (int s = 0; s < kNumStages; ++s) {
             full[s].init(1);
-            empty[s].init(kNumConsumerWarpgroups);   // one elected thread per consumer warpgroup
+            empty[s].init(kNumConsumerWarpgroups * 4);   // lane 0 of every consumer warp (release_and_advance)
         }
         cutlass::arch::fence_barrier_init();
     }
@@ -258,8 +258,12 @@ struct FP4Consumer {
         cute::warpgroup_commit_batch();
     }
 
+    // Every warp releases the stage itself: its own ld.shared of the stage (codes, scales, tag) are
+    // ordered before its lane 0's arrive by the warp-synchronous wgmma wait.  One arrive per
+    // warpgroup would order warps 1-3's reads only through the collective wgmma, which the hardware
+    // honours but the memory model does not state.  Same speed (docs/perf-notes.md, v15).
     __device__ __forceinline__ void release_and_advance(int wg_tid) {
-        if (wg_tid == 0) pipe.empty[stage].arrive();
+        if (wg_tid % 32 == 0) pipe.empty[stage].arrive();
         if (++stage == Pipe::kStages) stage = 0, phase ^= 1;
     }
 
