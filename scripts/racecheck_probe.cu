@@ -2,7 +2,7 @@
 // expert GEMMs' (one producer thread: a tag store and a TMA bulk copy per stage; two consumer
 // warpgroups that read the stage after `full` and release it on `empty`), in five variants picked
 // by `mode` (scripts/racecheck_probe.py runs each under racecheck):
-//   0 racy:        one thread per warpgroup releases while warps 1-3, delayed, still read;
+//   0 racy:        one thread per warpgroup releases; nothing orders warps 1-3's reads before it;
 //   1 per-warp:    every warp releases its own reads (__syncwarp, then lane 0 arrives);
 //   2 named:       a warpgroup bar.sync, then one thread releases;
 //   3 token:       no parity waits: consumers arrive on `full` and wait on the returned state, the
@@ -40,8 +40,8 @@ __device__ __forceinline__ void copy_stage(const uint8_t* src, int block, uint8_
                                    reinterpret_cast<uint64_t*>(bar), dst, kStageBytes);
 }
 
-// 32 bytes of the stage per consumer thread, then a delay that grows with the warp index (so in
-// mode 0 warp 0 releases long before warp 3 has read).
+// 32 bytes of the stage per consumer thread, then a delay that grows with the warp index (warps
+// reach the release at different times).
 __device__ __forceinline__ float consume(const uint8_t* stage, const int* tag, int cw, int wg_tid) {
     const uint4* p = reinterpret_cast<const uint4*>(stage + cw * 4096 + wg_tid * 32);
     const uint4 a = p[0], b = p[1];

@@ -18,7 +18,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT))
 SOURCE = Path(__file__).resolve().with_suffix('.cu')
-MODES = {0: 'racy (one release per warpgroup, warps 1-3 still reading)', 1: 'per-warp release',
+MODES = {0: 'racy (one release per warpgroup, warps 1-3 unordered)', 1: 'per-warp release',
          2: 'warpgroup bar.sync, one release', 3: 'token waits, no parity', 4: '__syncthreads, no pipeline'}
 SMEM = 4 * 8192 + 2 * 4 * 8 + 4 * 4
 GRID = 4
