@@ -91,6 +91,21 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(threads) : "memory");
 }
 
+// The packed RowSource of a row (rank, token, slot, local expert): written by other CTAs during this
+// launch (ordered by the caller's acquire), so a relaxed load, not the read-only path.
+__device__ __forceinline__ int4 load_row_src(const comm::RowSource* row_src, int row) {
+    int4 packed;
+    asm volatile("ld.relaxed.gpu.global.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(packed.x), "=r"(packed.y), "=r"(packed.z), "=r"(packed.w) : "l"(row_src + row));
+    return packed;
+}
+
+// The token tile holding `row`, a row of the k-th active expert of the work order.
+template <int kBlockT, class Work>
+__device__ __forceinline__ int token_tile(const Work& work, int k, int row) {
+    return work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT;
+}
+
 template <int kMaxExperts>
 struct Shared {
     alignas(8) uint64_t work_built;   // mbarrier, 32 arrivals: warp 0 has built `work`
@@ -336,10 +351,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             int k = 0;
             for (int row = blockIdx.x * mega::kCommWarps + cw; row < num_rows_total; row += grid * mega::kCommWarps) {
                 while (row >= work.row_prefix[k + 1]) ++k;
-                // written by other CTAs during this launch (ordered by the routed counter): no read-only path
-                int4 packed;
-                asm volatile("ld.relaxed.gpu.global.v4.s32 {%0, %1, %2, %3}, [%4];"
-                             : "=r"(packed.x), "=r"(packed.y), "=r"(packed.z), "=r"(packed.w) : "l"(row_src + row));
+                const int4 packed = mega::load_row_src(row_src, row);   // ordered by the routed counter
                 const comm::RowSource src{packed.x, packed.y, packed.z, packed.w};
                 const uint4* x = peers.at<const uint4>(src.rank, x_off + uint64_t(src.token) * hidden);
                 const float* sf = peers.at<const float>(src.rank, x_sf_off + uint64_t(src.token) * (hidden / kGranK) * 4);
@@ -349,7 +361,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                 __syncwarp();
                 if (lane == 0) {
                     __threadfence();
-                    atomicAdd(ws.arrived() + work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT, 1);
+                    atomicAdd(ws.arrived() + mega::token_tile<kBlockT>(work, k, row), 1);
                 }
             }
             // Push the combine rows of other ranks' pairs to their sources' `combine_in` as each token
@@ -367,11 +379,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                 k = 0;
                 for (int row = blockIdx.x * mega::kCommWarps + cw; row < num_rows_total; row += grid * mega::kCommWarps) {
                     while (row >= work.row_prefix[k + 1]) ++k;
-                    int4 packed;
-                    asm volatile("ld.relaxed.gpu.global.v4.s32 {%0, %1, %2, %3}, [%4];"
-                                 : "=r"(packed.x), "=r"(packed.y), "=r"(packed.z), "=r"(packed.w) : "l"(row_src + row));
+                    const int4 packed = mega::load_row_src(row_src, row);
                     if (packed.x == rank) continue;
-                    const int tile = work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT;
+                    const int tile = mega::token_tile<kBlockT>(work, k, row);
                     if (tile != waited) {
                         if (!waiter.until<false>(ws.l2_done() + tile, l2_target, mega::kPhaseInternal, rank)) break;
                         waited = tile;
