@@ -9,7 +9,6 @@ The toolkit's answer decides what racecheck on the Mega MoE kernel can show
 (scripts/sanitize_mega_moe.py, docs/perf-notes.md).
 """
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -20,7 +19,8 @@ sys.path.insert(0, str(_ROOT))
 SOURCE = Path(__file__).resolve().with_suffix('.cu')
 MODES = {0: 'racy (one release per warpgroup, warps 1-3 unordered)', 1: 'per-warp release',
          2: 'warpgroup bar.sync, one release', 3: 'token waits, no parity', 4: '__syncthreads, no pipeline'}
-SMEM = 4 * 8192 + 2 * 4 * 8 + 4 * 4
+STAGES, STAGE_BYTES, BLOCKS = 4, 8192, 64    # kStages, kStageBytes, kBlocks of the .cu
+SMEM = STAGES * (STAGE_BYTES + 2 * 8 + 4)     # stages, then full + empty barriers and tags
 GRID = 4
 
 
@@ -34,7 +34,7 @@ def run_one(mode: int):
     from deep_gemm.jit import runtime
     kernel = runtime.load(build())
     gen = torch.Generator(device='cuda').manual_seed(mode)
-    src = torch.randint(0, 256, (GRID * 64 * 8192,), dtype=torch.uint8, device='cuda', generator=gen)
+    src = torch.randint(0, 256, (GRID * BLOCKS * STAGE_BYTES,), dtype=torch.uint8, device='cuda', generator=gen)
     out = torch.full((GRID * 256,), float('nan'), device='cuda')
     runtime.launch(kernel, GRID, 384, SMEM, [src, out, runtime.i32(mode)])
     torch.cuda.synchronize()
@@ -52,9 +52,10 @@ def main():
     print(f'{"mode":<58} racecheck')
     for mode, what in MODES.items():
         res = subprocess.run(['compute-sanitizer', '--tool', 'racecheck', sys.executable, __file__, '--mode', str(mode)],
-                             capture_output=True, text=True, env=os.environ)
-        summary = re.search(r'RACECHECK SUMMARY: (\d+) hazards displayed \((\d+) errors', res.stdout + res.stderr)
-        pairs = len(re.findall(r'and (?:Read|Write) access at', res.stdout + res.stderr))
+                             capture_output=True, text=True)
+        text = res.stdout + res.stderr
+        summary = re.search(r'RACECHECK SUMMARY: (\d+) hazards displayed \((\d+) errors', text)
+        pairs = len(re.findall(r'and (?:Read|Write) access at', text))
         verdict = f'{summary.group(2)} errors ({pairs} access pairs)' if summary else f'no summary (rc {res.returncode})'
         print(f'{mode} {what:<56} {verdict}', flush=True)
 
