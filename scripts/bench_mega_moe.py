@@ -26,7 +26,11 @@ the buffer's, see deep_gemm/mega/buffer.py); the first line prints W and the wav
 so e.g. ``--tokens 4096 --tokens-per-wave 1024`` against ``--tokens-per-wave 4096`` measures the
 overhead of 4 waves.
 
-    python scripts/bench_mega_moe.py [--experts-per-rank 8] [--tokens 128,4096] [--tokens-per-wave 1024]
+``--clocks`` then runs the fused graph and the compute-only and comm-only sequences for about 3 s each while
+``nvidia-smi`` samples every rank's SM clock and board power: a kernel at the power limit runs at a
+reduced clock, and only less energy per weight or per FLOP makes it faster (docs/perf-notes.md, v7).
+
+    python scripts/bench_mega_moe.py [--experts-per-rank 8] [--tokens 128,4096] [--tokens-per-wave 1024] [--clocks]
     torchrun --nproc-per-node 4 scripts/bench_mega_moe.py --tokens 128,4096
 """
 import argparse
@@ -42,6 +46,7 @@ from deep_gemm.gemm import m_grouped_fp8_nvfp4_gemm_nt_contiguous  # noqa: E402
 from deep_gemm.mega import sm90  # noqa: E402
 from deep_gemm.utils import per_token_cast_to_fp8, relative_error  # noqa: E402
 from scripts.bench_grouped_gemm import ceilings, make_weights  # noqa: E402
+from scripts.profile_decode import sustained  # noqa: E402
 
 WARMUP, ITERS = 5, 30
 
@@ -151,6 +156,21 @@ def baseline_nccl(buf, l1, l2, t, k, e_l, group):
     return ep_all_to_all(buf, t, k, e_l, group, experts)
 
 
+def sustained_in_step(fn, us_per_call, group, seconds=3.0):
+    """scripts.profile_decode.sustained over the same call count on every rank (each call waits on
+    the others); every rank's (us, SM MHz, W, limit W)."""
+    calls = torch.tensor(int(seconds * 1e6 / us_per_call) + 1, device='cuda')
+    if group is not None:
+        dist.all_reduce(calls, dist.ReduceOp.MAX, group)
+        dist.barrier(group)
+    mine = torch.tensor(sustained(fn, calls=int(calls)), device='cuda', dtype=torch.float64)
+    if group is None:
+        return [mine.tolist()]
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return [p.tolist() for p in parts]
+
+
 def fill_inputs(buf, t: int, seed: int, routing: str = 'skewed') -> None:
     """The first ``t`` tokens of ``buf``: per-token log-normal magnitudes, FP8 with UE8M0 per-32
     scales, top-k routing skewed towards the higher expert ids (``routing='uniform'``: every expert
@@ -189,6 +209,9 @@ def main():
                     help='num_max_tokens_per_wave of the buffer (default: the buffer\'s own)')
     ap.add_argument('--routing', choices=['skewed', 'uniform'], default='skewed',
                     help='expert popularity: rising with the expert id (default), or equal')
+    ap.add_argument('--clocks', action='store_true',
+                    help='also run the fused graph and the compute-only and comm-only sequences for ~3 s each while '
+                         'nvidia-smi samples every rank\'s SM clock and board power')
     args = ap.parse_args()
     world = int(os.environ.get('WORLD_SIZE', '1'))
     group = None
@@ -238,7 +261,9 @@ def main():
         # the unfused sm90 sequence, and its compute-only (expert GEMMs) and communication-only (barriers,
         # dispatch, combine) parts, each in a CUDA graph (issue #6: fused <= 1.15 x max(compute, comm))
         y_seq = torch.empty_like(y)
-        seq_times = []
+        seq_times, clocks = [], []
+        if args.clocks:
+            clocks.append(('fused', sustained_in_step(graph.replay, t_ours, group)))
         for parts in (dict(), dict(comm=False), dict(compute=False)):
             out = y_seq if not parts else torch.empty_like(y)
             fn = lambda: sm90.run_sequence(out, l1, l2, buf, **parts)  # noqa: E731
@@ -247,6 +272,9 @@ def main():
             with torch.cuda.graph(g2):
                 fn()
             seq_times.append(timed(g2.replay, group))
+            if args.clocks and parts:
+                clocks.append(('compute-only' if parts == dict(comm=False) else 'comm-only',
+                               sustained_in_step(g2.replay, seq_times[-1], group)))
             del g2
         t_seq, t_compute, t_comm = seq_times
         sm90.run_sequence(y_seq, l1, l2, buf)
@@ -280,6 +308,10 @@ def main():
             f'{t_base / t_ours:>8.2f} {t_base / t_eager:>8.2f} {err:>8.1e} {t_seq:>8.1f} {t_seq / t_ours:>6.2f} '
             f'{t_compute:>8.1f} {t_comm:>7.1f} {t_ours / max(t_compute, t_comm):>5.2f} {seq_err:>8.1e} {str(bitwise):>7} '
             f'{f"{int(rows.min())}-{int(rows.max())}":>9} {sm90.block_t_for(buf, t):>7}')
+        for name, per_rank in clocks:
+            say(f'{"":>7} sustained {name}: ' + ', '.join(
+                f'rank {r} {us:.1f} us, SM {mhz:.0f} MHz, {w:.0f} of {lim:.0f} W' for r, (us, mhz, w, lim) in
+                enumerate(per_rank)))
         del graph
     say('(us: slowest rank, graph = the layer captured in a CUDA graph; rates are rank 0\'s over the graph time; '
         'x graph / x eager = baseline us / ours; seq = the unfused sm90 kernel sequence, x seq = seq / ours; '

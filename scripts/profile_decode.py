@@ -19,17 +19,19 @@ from deep_gemm.gemm import m_grouped_fp8_nvfp4_gemm_nt_masked
 from scripts.bench_grouped_gemm import make_weights
 
 
-def sustained(fn, seconds=4.0):
-    """(us per call, median SM MHz, median W, power limit W) while fn runs back to back."""
+def sustained(fn, seconds=4.0, calls=None):
+    """(us per call, median SM MHz, median W, power limit W) while fn runs back to back, for
+    ``seconds`` or, where ranks must stay in step (each call waits on the others), exactly ``calls``
+    calls."""
     query = ['nvidia-smi', '-i', str(torch.cuda.current_device()), '--query-gpu=clocks.sm,power.draw,power.limit',
              '--format=csv,noheader,nounits', '-lms', '100']
     mon = subprocess.Popen(query, stdout=subprocess.PIPE, text=True)
     start, n = time.time(), 0
-    while time.time() - start < seconds:
-        for _ in range(20):
+    while (n < calls) if calls is not None else (time.time() - start < seconds):
+        for _ in range(20 if calls is None else min(20, calls - n)):
             fn()
+            n += 1
         torch.cuda.synchronize()
-        n += 20
     elapsed = time.time() - start
     mon.terminate()
     rows = [[float(v) for v in line.split(',')] for line in mon.stdout.read().strip().splitlines()]

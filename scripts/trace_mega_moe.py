@@ -1,7 +1,8 @@
-"""Timeline of the fused Mega MoE kernel on one rank: where a launch spends its time.
+"""Timeline of the fused Mega MoE kernel: where a launch spends its time, on every rank.
 
     python scripts/trace_mega_moe.py [tokens,...] [--experts-per-rank E] [--routing uniform]
                                                            # default 16,128,4096, E = 8, skewed
+    torchrun --nproc-per-node 2 scripts/trace_mega_moe.py 128 --routing uniform   # one timeline per rank
 
 Runs the kernel's trace variant (`kTrace`: globaltimer stamps per CTA and per unit, see
 `mega::stamp` in impls/sm90_fp8_nvfp4_mega_moe.cuh) after warm-up launches of the normal kernel,
@@ -14,15 +15,20 @@ first stamp:
   ready (the producer's wait for rows or for L1 tiles), time between ready and the consumer's start;
 - CTA occupancy: the sum of unit MMA times over CTAs x span, and the idle time split into before
   the first unit, between units, and after the last one.
-Inputs as scripts/bench_mega_moe.py (DeepSeek-V4 shapes, top-6).
+Inputs as scripts/bench_mega_moe.py (DeepSeek-V4 shapes, top-6, the same seeds).  With several ranks
+every rank launches the trace variant together (the kernel's cross-rank waits need it); each rank's
+times are from its own first stamp (the GPUs' globaltimers are not compared).
 The stamps come from one consumer warpgroup per CTA; the other runs the same units.
 """
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deep_gemm  # noqa: E402
@@ -68,67 +74,88 @@ def main():
     ap.add_argument('--routing', choices=['skewed', 'uniform'], default='skewed')
     args = ap.parse_args()
     tokens = [int(v) for v in args.tokens.split(',')]
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    group = None
+    if world > 1:
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+        dist.init_process_group('nccl', device_id=torch.device('cuda', torch.cuda.current_device()))
+        group = dist.group.WORLD
+    rank = 0 if group is None else dist.get_rank()
     e_l, hidden, inter, k = args.experts_per_rank, 7168, 3072, 6
-    gen = torch.Generator(device='cuda').manual_seed(0)
+    gen = torch.Generator(device='cuda').manual_seed(rank)
     l1, l2 = make_weights(e_l, hidden, inter, gen)
-    buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e_l, max(tokens), k, hidden, inter)
-    print(f'device: {torch.cuda.get_device_name()}; one rank, {e_l} experts, top-{k}, {hidden}/{inter}, '
-          f'{args.routing} routing')
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(group, e_l * world, max(tokens), k, hidden, inter)
+    if rank == 0:
+        print(f'device: {torch.cuda.get_device_name()}; {world} rank(s), {e_l} experts per rank, top-{k}, '
+              f'{hidden}/{inter}, {args.routing} routing', flush=True)
     for t in tokens:
-        fill_inputs(buf, t, 1000 * t, args.routing)
-        y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
-        for _ in range(3):
-            sm90.run_fused(y, l1, l2, buf)
-        torch.cuda.synchronize()
-        ref = y.clone()
-        _, block_t, ctas, _ = sm90._fused_config(buf, l1, sm90._expected_m(buf, t), True)
-        grid = deep_gemm.gemm.get_num_sms() * ctas
-        trace = torch.zeros(sm90.trace_size(buf, block_t), dtype=torch.int64, device='cuda')
-        try:
-            for _ in range(2):   # the second launch runs warm (module loaded, caches as in steady state)
-                trace.zero_()
-                y.fill_(float('nan'))
-                sm90.run_fused(y, l1, l2, buf, trace=trace)
-        except Exception as ex:  # a variant that fails to build or launch: report, go on
-            print(f'{t} tokens: no trace variant ({type(ex).__name__}: {str(ex)[:160]})')
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            trace_one(buf, l1, l2, t, e_l, inter, hidden, rank, group, args.routing)
+        texts = [out.getvalue()]
+        if group is not None:
+            texts = [None] * world
+            dist.all_gather_object(texts, out.getvalue(), group=group)
+        if rank == 0:
+            for r, text in enumerate(texts):
+                print((f'rank {r}: ' if world > 1 else '') + text, end='', flush=True)
+    if group is not None:
+        dist.destroy_process_group()
+
+
+def trace_one(buf, l1, l2, t, e_l, inter, hidden, rank, group, routing):
+    fill_inputs(buf, t, 1000 * t + rank, routing)
+    y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
+    for _ in range(3):
+        sm90.run_fused(y, l1, l2, buf)
+    torch.cuda.synchronize()
+    ref = y.clone()
+    _, block_t, ctas, _ = sm90._fused_config(buf, l1, sm90._expected_m(buf, t), True)
+    grid = deep_gemm.gemm.get_num_sms() * ctas
+    trace = torch.zeros(sm90.trace_size(buf, block_t), dtype=torch.int64, device='cuda')
+    for _ in range(2):   # the second launch runs warm (module loaded, caches as in steady state)
+        trace.zero_()
+        y.fill_(float('nan'))
+        if group is not None:
+            dist.barrier(group)
+        sm90.run_fused(y, l1, l2, buf, trace=trace)
+    torch.cuda.synchronize()
+    same = torch.equal(y, ref)
+    counts = buf.region('expert_offsets')[:e_l + 1].diff().tolist()
+    tiles = [-(-c // block_t) for c in counts if c > 0]
+    l1_rt, l2_rt = 2 * inter // 128, hidden // 128
+    num_units = sum(tiles) * (l1_rt + l2_rt)
+    shown = counts if e_l <= 16 else f'{min(counts)}-{max(counts)} ({sum(c > 0 for c in counts)} experts with rows)'
+    print(f'{t} tokens: BLOCK_T {block_t}, {ctas} CTA/SM, rows per expert {shown}, trace output equal: {same}')
+    units, end = analyse(trace, grid, num_units)
+    for phase in ('L1', 'L2'):
+        sel = [x for x in units if x[6] == phase]
+        mma = [x[5] - x[4] for x in sel]
+        wait = [x[3] - x[2] for x in sel]
+        queue = [x[4] - x[3] for x in sel]
+        print(f'  {phase}: {len(sel)} units; ' + describe('MMA us', mma) + '; ' + describe('claim -> ready us', wait)
+              + '; ' + describe('ready -> consumer start us', queue)
+              + f'; first start {min(x[4] for x in sel):.1f}, last done {max(x[5] for x in sel):.1f}')
+    busy = sum(x[5] - x[4] for x in units)
+    per_cta = {}
+    for x in units:
+        per_cta.setdefault(x[1], []).append(x)
+    before = after = between = 0.0
+    for b in range(grid):
+        xs = sorted(per_cta.get(b, []), key=lambda x: x[4])
+        if not xs:
             continue
-        torch.cuda.synchronize()
-        same = torch.equal(y, ref)
-        counts = buf.region('expert_offsets')[:e_l + 1].diff().tolist()
-        tiles = [-(-c // block_t) for c in counts if c > 0]
-        l1_rt, l2_rt = 2 * inter // 128, hidden // 128
-        num_units = sum(tiles) * (l1_rt + l2_rt)
-        shown = counts if e_l <= 16 else f'{min(counts)}-{max(counts)} ({sum(c > 0 for c in counts)} experts with rows)'
-        print(f'{t} tokens: BLOCK_T {block_t}, {ctas} CTA/SM, rows per expert {shown}, trace output equal: {same}')
-        units, end = analyse(trace, grid, num_units)
-        for phase in ('L1', 'L2'):
-            sel = [x for x in units if x[6] == phase]
-            mma = [x[5] - x[4] for x in sel]
-            wait = [x[3] - x[2] for x in sel]
-            queue = [x[4] - x[3] for x in sel]
-            print(f'  {phase}: {len(sel)} units; ' + describe('MMA us', mma) + '; ' + describe('claim -> ready us', wait)
-                  + '; ' + describe('ready -> consumer start us', queue)
-                  + f'; first start {min(x[4] for x in sel):.1f}, last done {max(x[5] for x in sel):.1f}')
-        busy = sum(x[5] - x[4] for x in units)
-        per_cta = {}
-        for x in units:
-            per_cta.setdefault(x[1], []).append(x)
-        before = after = between = 0.0
-        for b in range(grid):
-            xs = sorted(per_cta.get(b, []), key=lambda x: x[4])
-            if not xs:
-                continue
-            before += xs[0][4]
-            after += end - xs[-1][5]
-            between += sum(max(0.0, xs[i + 1][4] - xs[i][5]) for i in range(len(xs) - 1))
-        firsts = [min(xs, key=lambda x: x[2]) for xs in per_cta.values()]
-        print('  first unit of each CTA: ' + describe('claimed', [x[2] for x in firsts]) + '; '
-              + describe('ready', [x[3] for x in firsts]) + '; ' + describe('consumer start', [x[4] for x in firsts]))
-        print('  ' + describe('last unit done per CTA', [max(x[5] for x in xs) for xs in per_cta.values()]))
-        total = grid * end
-        print(f'  CTA time {total:.0f} CTA-us: units {100 * busy / total:.1f} %, before the first unit '
-              f'{100 * before / total:.1f} %, between units {100 * between / total:.1f} %, after the last '
-              f'{100 * after / total:.1f} %')
+        before += xs[0][4]
+        after += end - xs[-1][5]
+        between += sum(max(0.0, xs[i + 1][4] - xs[i][5]) for i in range(len(xs) - 1))
+    firsts = [min(xs, key=lambda x: x[2]) for xs in per_cta.values()]
+    print('  first unit of each CTA: ' + describe('claimed', [x[2] for x in firsts]) + '; '
+          + describe('ready', [x[3] for x in firsts]) + '; ' + describe('consumer start', [x[4] for x in firsts]))
+    print('  ' + describe('last unit done per CTA', [max(x[5] for x in xs) for xs in per_cta.values()]))
+    total = grid * end
+    print(f'  CTA time {total:.0f} CTA-us: units {100 * busy / total:.1f} %, before the first unit '
+          f'{100 * before / total:.1f} %, between units {100 * between / total:.1f} %, after the last '
+          f'{100 * after / total:.1f} %')
 
 
 if __name__ == '__main__':
