@@ -156,6 +156,17 @@ def baseline_nccl(buf, l1, l2, t, k, e_l, group):
     return ep_all_to_all(buf, t, k, e_l, group, experts)
 
 
+def torchrun_group():
+    """(group, rank, world size): under torchrun with several ranks, this rank's GPU and an NCCL
+    group of all ranks; else (None, 0, 1)."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return None, 0, 1
+    torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+    dist.init_process_group('nccl', device_id=torch.device('cuda', torch.cuda.current_device()))
+    return dist.group.WORLD, dist.get_rank(), world
+
+
 def sustained_in_step(fn, us_per_call, group, seconds=3.0):
     """scripts.profile_decode.sustained over the same call count on every rank (each call waits on
     the others); every rank's (us, SM MHz, W, limit W)."""
@@ -213,13 +224,7 @@ def main():
                     help='also run the fused graph and the compute-only and comm-only sequences for ~3 s each while '
                          'nvidia-smi samples every rank\'s SM clock and board power')
     args = ap.parse_args()
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    group = None
-    if world > 1:
-        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
-        dist.init_process_group('nccl', device_id=torch.device('cuda', torch.cuda.current_device()))
-        group = dist.group.WORLD
-    rank = 0 if group is None else dist.get_rank()
+    group, rank, world = torchrun_group()
     say = print if rank == 0 else (lambda *a, **kw: None)
     e_l, hidden, inter, k = args.experts_per_rank, args.hidden, args.inter, args.topk
     num_experts = e_l * world

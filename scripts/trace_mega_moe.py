@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deep_gemm  # noqa: E402
 from deep_gemm.mega import sm90  # noqa: E402
 from scripts.bench_grouped_gemm import make_weights  # noqa: E402
-from scripts.bench_mega_moe import fill_inputs  # noqa: E402
+from scripts.bench_mega_moe import fill_inputs, torchrun_group  # noqa: E402
 
 
 def describe(name, xs):
@@ -74,13 +74,7 @@ def main():
     ap.add_argument('--routing', choices=['skewed', 'uniform'], default='skewed')
     args = ap.parse_args()
     tokens = [int(v) for v in args.tokens.split(',')]
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    group = None
-    if world > 1:
-        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
-        dist.init_process_group('nccl', device_id=torch.device('cuda', torch.cuda.current_device()))
-        group = dist.group.WORLD
-    rank = 0 if group is None else dist.get_rank()
+    group, rank, world = torchrun_group()
     e_l, hidden, inter, k = args.experts_per_rank, 7168, 3072, 6
     gen = torch.Generator(device='cuda').manual_seed(rank)
     l1, l2 = make_weights(e_l, hidden, inter, gen)
