@@ -85,7 +85,7 @@ def main():
     for t in tokens:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            trace_one(buf, l1, l2, t, e_l, inter, hidden, rank, group, args.routing)
+            trace_one(buf, l1, l2, t, args.routing)
         texts = [out.getvalue()]
         if group is not None:
             texts = [None] * world
@@ -97,8 +97,11 @@ def main():
         dist.destroy_process_group()
 
 
-def trace_one(buf, l1, l2, t, e_l, inter, hidden, rank, group, routing):
-    fill_inputs(buf, t, 1000 * t + rank, routing)
+def trace_one(buf, l1, l2, t, routing):
+    """Trace one call of ``t`` tokens per rank on ``buf``'s rank (every rank of its group at once) and
+    print the timeline."""
+    group, e_l, hidden, inter = buf.group, buf.num_experts_per_rank, buf.hidden, buf.intermediate_hidden
+    fill_inputs(buf, t, 1000 * t + buf.rank, routing)
     y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
     for _ in range(3):
         sm90.run_fused(y, l1, l2, buf)
