@@ -14,7 +14,10 @@ first stamp:
 - per unit kind (L1, L2): count, MMA time (consumer start -> done), time between claim and inputs
   ready (the producer's wait for rows or for L1 tiles), time between ready and the consumer's start;
 - CTA occupancy: the sum of unit MMA times over CTAs x span, and the idle time split into before
-  the first unit, between units, and after the last one.
+  the first unit, between units, and after the last one;
+- tail: when the last unit would end if every CTA started at the median first start and claimed the
+  units in order, each taking its measured MMA time (at decode this reproduces the measured end: the
+  last partial wave of equal L2 units), against that work spread evenly over the CTAs.
 Inputs as scripts/bench_mega_moe.py (DeepSeek-V4 shapes, top-6, the same seeds).  With several ranks
 every rank launches the trace variant together (the kernel's cross-rank waits need it); each rank's
 times are from its own first stamp (the GPUs' globaltimers are not compared).
@@ -22,6 +25,7 @@ The stamps come from one consumer warpgroup per CTA; the other runs the same uni
 """
 import argparse
 import contextlib
+import heapq
 import io
 import os
 import statistics
@@ -159,6 +163,24 @@ def trace_one(buf, l1, l2, t, routing):
     print(f'  CTA time {total:.0f} CTA-us: units {100 * busy / total:.1f} %, before the first unit '
           f'{100 * before / total:.1f} %, between units {100 * between / total:.1f} %, after the last '
           f'{100 * after / total:.1f} %')
+    start = statistics.median(x[4] for x in firsts)
+    print(f'  tail: {claim_model(units, grid, start):.1f} us if every CTA starts at {start:.1f} and claims the '
+          f'units in order, each taking its measured MMA time; {start + busy / grid:.1f} us with that work spread '
+          f'evenly over the CTAs')
+
+
+def claim_model(units, grid, start):
+    """When the last unit would finish if ``grid`` CTAs all began at ``start`` and claimed the units in
+    order from one counter, each running for its measured MMA time (no waits): the part of the end that
+    comes from whole units alone (at decode, the last partial wave of equal L2 units)."""
+    free = [start] * grid
+    heapq.heapify(free)
+    end = start
+    for x in sorted(units, key=lambda x: x[0]):
+        done = heapq.heappop(free) + x[5] - x[4]
+        end = max(end, done)
+        heapq.heappush(free, done)
+    return end
 
 
 if __name__ == '__main__':
