@@ -309,3 +309,19 @@ def test_racecheck_probe_compiles(cache):
     from scripts import racecheck_probe
     meta = compiler.load_meta(racecheck_probe.build('sm_90a'))
     assert meta['ptxas']['entries'] == ['racecheck_probe'] and meta['ptxas']['spill_stores'] == 0
+
+
+def test_sass_kloops_finds_only_backward_branches_around_hgmma():
+    # scripts/sass_kloops.py: a k loop is a backward branch of at most 400 instructions over an HGMMA
+    # (instruction i at byte 16 i); bodies hash with immediates masked, registers kept
+    sys.path.insert(0, str(ROOT))
+    from scripts.sass_kloops import k_loops
+    body = ['LDS.128 R8, [R66+0x10]', 'HGMMA.64x48x16.F32.BF16 R24, R56, gdesc[UR12], R24', 'IADD3 R1, R1, 0x1, RZ']
+    prog = ['MOV R0, RZ'] + body + ['BRA 0x10'] + ['NOP'] + ['IADD3 R2, R2, 0x1, RZ', 'BRA 0x60'] + ['BRA 0x90', 'EXIT']
+    loops = k_loops(prog)
+    assert len(loops) == 1                      # the loop without HGMMA and the forward branch are not k loops
+    moved = ['MOV R0, RZ'] + [body[0].replace('0x10', '0x20')] + body[1:] + ['BRA 0x10']
+    assert k_loops(moved) == loops              # immediates do not count
+    renamed = ['MOV R0, RZ'] + [body[0].replace('R8', 'R10')] + body[1:] + ['BRA 0x10']
+    assert k_loops(renamed) != loops            # registers do
+    assert k_loops(['NOP'] * 500 + body + ['BRA 0x0']) == []   # longer than 400 instructions
