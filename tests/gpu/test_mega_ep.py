@@ -111,6 +111,9 @@ def reference(p, clamp=None):
     ([5, 0, 9, 2], dict(hidden=512, inter=256, experts=16, topk=6, use_ue8m0=True), 3.0),
     ([3, 11, 1, 6], dict(hidden=256, inter=128, experts=8, topk=6), None),       # 2 experts per rank
     ([19, 6], dict(hidden=7168, inter=3072, experts=8, topk=6, use_ue8m0=True), None),
+    # 8 ranks (issue #7's EP 8, emulated): 64 experts (8 per rank) and DeepSeek-V4's 384 (48 per rank)
+    ([7, 0, 12, 3, 9, 1, 5, 10], dict(hidden=512, inter=256, experts=64, topk=6, use_ue8m0=True), None),
+    ([4, 9, 0, 6, 2, 11, 3, 8], dict(hidden=512, inter=256, experts=384, topk=6), None),
 ])
 def test_matches_reference(make_problem, counts, shape, clamp):
     p = make_problem(seed=sum(counts) + len(counts), t=sum(counts), mask_frac=0.25, **shape)
