@@ -1,11 +1,12 @@
 """The sm90 Mega MoE across real GPUs: one process per GPU (NCCL group, torch symmetric memory).
 
-Needs 2 or more Hopper GPUs of one NVLink domain (the EP 4 and EP 8 cases 4 and 8); skipped otherwise
-(the same kernels run with ranks emulated on one GPU in test_mega_ep.py).  Each case spawns ``world`` processes, as
-``torchrun`` would, and checks every rank against the single-process reference on the concatenated
-tokens: random routing with masked slots, uneven counts, a rank with no tokens, an expert with no
-tokens, rel. error <= 1e-2, bitwise-identical repeats, exact receive statistics; and that a rank
-that never arrives makes the others raise a timeout error naming it within the configured time.
+Needs 2 or more Hopper GPUs of one NVLink domain (the EP 4 and EP 8 cases 4 and 8); skipped
+otherwise (the same kernels run with ranks emulated on one GPU in test_mega_ep.py).  Each case
+spawns ``world`` processes, as ``torchrun`` would, and checks every rank against the
+single-process reference on the concatenated tokens: random routing with masked slots, uneven
+counts, a rank with no tokens, an expert with no tokens, rel. error <= 1e-2, bitwise-identical
+repeats, exact receive statistics; and that a rank that never arrives makes the others raise a
+timeout error naming it within the configured time.
 """
 import os
 import time
@@ -83,7 +84,7 @@ def _data(tmp_path, p, counts, timeout=60.0):
     (2, [21, 8], dict(hidden=7168, inter=3072, experts=8, topk=6, use_ue8m0=True)),
     (4, [6, 11, 0, 3], dict(hidden=7168, inter=3072, experts=8, topk=6, use_ue8m0=True)),
     # EP 8 (issue #7): 64 experts (8 per rank) and DeepSeek-V4's 384 (48 per rank), at a reduced hidden
-    # size so that the CPU builds the problem in about a minute (2 threads)
+    # size so that the CPU builds each problem in 1-1.5 minutes (2 threads)
     (8, [7, 0, 12, 3, 9, 1, 5, 10], dict(hidden=2048, inter=1024, experts=64, topk=6, use_ue8m0=True)),
     (8, [4, 9, 0, 6, 2, 11, 3, 8], dict(hidden=1024, inter=512, experts=384, topk=6)),
 ])
