@@ -112,7 +112,7 @@ def trace_one(buf, l1, l2, t, routing):
     torch.cuda.synchronize()
     ref = y.clone()
     _, block_t, ctas, _ = sm90._fused_config(buf, l1, sm90._expected_m(buf, t), True)
-    grid = deep_gemm.gemm.get_num_sms() * ctas
+    grid = sm90.fused_grid(buf, ctas)
     trace = torch.zeros(sm90.trace_size(buf, block_t), dtype=torch.int64, device='cuda')
     try:
         for _ in range(2):   # the second launch runs warm (module loaded, caches as in steady state)
@@ -170,13 +170,14 @@ def trace_one(buf, l1, l2, t, routing):
 
 
 def claim_model(units, grid, start):
-    """When the last unit would finish if ``grid`` CTAs all began at ``start`` and claimed the units in
-    order from one counter, each running for its measured MMA time (no waits): the part of the end that
-    comes from whole units alone (at decode, the last partial wave of equal L2 units)."""
+    """When the last unit would finish if ``grid`` CTAs all began at ``start`` and claimed ``units`` (as
+    analyse returns them: in claim order) from one counter, each running for its measured MMA time (no
+    waits): the part of the end that comes from whole units alone (at decode, the last partial wave of
+    equal L2 units)."""
     free = [start] * grid
     heapq.heapify(free)
     end = start
-    for x in sorted(units, key=lambda x: x[0]):
+    for x in units:
         done = heapq.heappop(free) + x[5] - x[4]
         end = max(end, done)
         heapq.heappush(free, done)

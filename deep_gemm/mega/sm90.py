@@ -167,6 +167,12 @@ _TRACE_MAX_CTAS = 1024                 # mega::kTraceMaxCTAs
 TRACE_UNITS = 8 * _TRACE_MAX_CTAS      # mega::kTraceUnits: the units' stamps follow 8 per CTA
 
 
+def fused_grid(buffer, ctas: int) -> int:
+    """CTAs of a fused launch: every CTA must be resident (the kernel's grid-wide waits), ``ctas`` per
+    SM; ranks emulated on one GPU share its SMs."""
+    return max(1, gemm.get_num_sms() // (buffer.num_ranks if buffer.emulated else 1)) * ctas
+
+
 def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
               activation_clamp: Optional[float] = None, fast_math: bool = True,
               trace: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -178,9 +184,7 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
     if buffer.num_ranks > _MAX_RANKS:
         raise ValueError(f'buffer: {buffer.num_ranks} ranks > {_MAX_RANKS}, the most the fused kernel takes')
     kernel, block_t, ctas, smem = _fused_config(buffer, l1, _expected_m(buffer, t), fast_math, trace is not None)
-    # Every CTA must be resident (the kernel's grid-wide waits): one or two per SM; ranks emulated on
-    # one GPU share its SMs.
-    grid = max(1, gemm.get_num_sms() // (buffer.num_ranks if buffer.emulated else 1)) * ctas
+    grid = fused_grid(buffer, ctas)
     if trace is not None and (trace.dtype != torch.int64 or trace.numel() < trace_size(buffer, block_t)
                               or grid > _TRACE_MAX_CTAS or len(buffer.waves(t)) != 1):
         raise ValueError(f'trace: expected int64 with >= {trace_size(buffer, block_t)} entries, one wave, '
