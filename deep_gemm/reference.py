@@ -35,11 +35,51 @@ import torch
 import torch.nn.functional as F
 
 from .utils.quant import round_to_bf16
+from .utils.validation import (check_activation_clamp, check_expert_ids, check_finite, check_scales,
+                               check_tensor)
 
 __all__ = ['reference_moe_forward', 'reference_mega_moe', 'combine_slots']
 
 _SUB_BLOCK = 16
 _L2_BAND = 8
+
+
+def _check_inputs(x, x_sf, topk_idx, topk_weights, w1, w1_alpha, w2, w2_alpha, activation_clamp,
+                  num_experts: Optional[int]) -> int:
+    """The layer's checks, on the reference's arguments (TypeError for types and dtypes, ValueError
+    for shapes and values; each message names the argument).  Returns ``E_local``."""
+    check_tensor('x', x, dtype=torch.float8_e4m3fn, ndim=2, contiguous=False)
+    t, hidden = x.shape
+    check_tensor('x_sf', x_sf, dtype=torch.float32, ndim=2, shape=(t, None), device=x.device, contiguous=False)
+    groups = x_sf.shape[1]
+    if groups == 0 or hidden % groups or (hidden // groups) % _SUB_BLOCK and _SUB_BLOCK % (hidden // groups):
+        raise ValueError(f'x_sf: {groups} scales per token do not divide hidden = {hidden} into blocks of '
+                         f'a multiple or a divisor of {_SUB_BLOCK}')
+    check_finite('x_sf', x_sf)
+    check_tensor('topk_idx', topk_idx, ndim=2, shape=(t, None), device=x.device, contiguous=False)
+    k = topk_idx.shape[1]
+    check_tensor('topk_weights', topk_weights, dtype=torch.float32, shape=(t, k), device=x.device,
+                 contiguous=False)
+    check_finite('topk_weights', topk_weights)
+    for name, w in (('w1', w1), ('w2', w2)):
+        if not hasattr(w, '__len__') or not hasattr(w, '__getitem__'):
+            raise TypeError(f'{name}: expected per-expert weights (a tensor [E_local, N, K] or a sequence), '
+                            f'got {type(w).__name__}')
+    e_local = len(w1)
+    if len(w2) != e_local:
+        raise ValueError(f'w2: {len(w2)} experts, w1 has {e_local}')
+    check_tensor('w1_alpha', w1_alpha, dtype=torch.float32, shape=(e_local, 2), contiguous=False)
+    check_tensor('w2_alpha', w2_alpha, dtype=torch.float32, shape=(e_local, 1), contiguous=False)
+    check_scales('w1_alpha', w1_alpha)
+    check_scales('w2_alpha', w2_alpha)
+    check_expert_ids('topk_idx', topk_idx, num_experts if num_experts is not None else 1 << 62)
+    check_activation_clamp(activation_clamp)
+    return e_local
+
+
+def _check_weight_shape(name: str, w: torch.Tensor, n: int, k: int, e: int) -> None:
+    if tuple(w.shape) != (n, k):
+        raise ValueError(f'{name}[{e}]: expected shape ({n}, {k}), got {tuple(w.shape)}')
 
 
 def _l1_exact(xq: torch.Tensor, sf: torch.Tensor, w: torch.Tensor, gran: int) -> torch.Tensor:
@@ -97,14 +137,11 @@ def reference_moe_forward(x: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.T
         expert, zero elsewhere; ``stats`` with ``'recv_count'`` int64 ``[E_local]`` (number of
         (token, slot) pairs per local expert) and ``'local_mask'`` bool ``[T, k]``.
     """
+    e_local = _check_inputs(x, x_sf, topk_idx, topk_weights, w1, w1_alpha, w2, w2_alpha, activation_clamp,
+                            num_experts)
     t, hidden = x.shape
     k = topk_idx.shape[1]
-    e_local = len(w1)
     device = x.device
-    if num_experts is not None and topk_idx.numel() and int(topk_idx.max()) >= num_experts:
-        raise ValueError(f'topk_idx: expert id {int(topk_idx.max())} >= num_experts {num_experts}')
-    if x_sf.shape[1] == 0 or hidden % x_sf.shape[1]:
-        raise ValueError(f'x_sf: {x_sf.shape[1]} scales per token do not divide hidden = {hidden}')
     gran = hidden // x_sf.shape[1]
     xq = x.to(torch.float64)
     sf = x_sf.to(torch.float64)
@@ -124,6 +161,7 @@ def reference_moe_forward(x: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.T
         ti, ji = rows[:, 0], rows[:, 1]
         we1 = torch.as_tensor(w1[e]).to(device=device, dtype=torch.float64)
         inter = we1.shape[0] // 2
+        _check_weight_shape('w1', we1, 2 * inter, hidden, e)
         acc = _l1_exact(xq[ti], sf[ti], we1, gran)
         gate = acc[:, :inter] * a1[e, 0]
         up = acc[:, inter:] * a1[e, 1]
@@ -134,6 +172,7 @@ def reference_moe_forward(x: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.T
         h = F.silu(gate) * up * tw[ti, ji].unsqueeze(1)
         h = round_to_bf16(h).to(torch.float64)
         we2 = torch.as_tensor(w2[e]).to(device=device, dtype=torch.float64)
+        _check_weight_shape('w2', we2, hidden, inter, e)
         o = _l2_banded(h, we2) * a2[e, 0]
         out[ti, ji] = round_to_bf16(o)
     return out, {'recv_count': recv, 'local_mask': local}
@@ -172,10 +211,17 @@ def reference_mega_moe(x: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.Tens
     number of (token, slot) pairs each local expert received from all ranks.
     """
     world = _group_size(group)
+    if not hasattr(w1, '__len__'):
+        raise TypeError(f'w1: expected per-expert weights (a tensor [E_local, 2I, H] or a sequence), '
+                        f'got {type(w1).__name__}')
     e_local = len(w1)
     num_experts = e_local * world if num_experts is None else num_experts
     if num_experts != e_local * world:
         raise ValueError(f'num_experts: {num_experts} != {e_local} local experts x {world} ranks')
+    _check_inputs(x, x_sf, topk_idx, topk_weights, w1, w1_alpha, w2, w2_alpha, activation_clamp, num_experts)
+    if cumulative_local_expert_recv_stats is not None:
+        check_tensor('cumulative_local_expert_recv_stats', cumulative_local_expert_recv_stats, dtype=torch.int32,
+                     shape=(e_local,), device=x.device)
     t, hidden = x.shape
     k = topk_idx.shape[1]
     if world == 1:

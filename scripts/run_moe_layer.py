@@ -3,8 +3,10 @@
 
 Full shape (``--full``): hidden 7168, intermediate 3072, 384 experts, top-6.  By default the layer is
 scaled down (hidden 512, intermediate 256, 16 experts, top-4, 64 tokens) so that it also runs in
-seconds on a CPU with the reference backend (``--full`` is meant for GPUs: on a CPU, quantizing 384
-full-size experts and the float64 reference take a long time; ``--no-check`` skips the reference).
+seconds on a CPU with the reference backend.  ``--full`` is meant for GPUs: on a CPU it quantizes 384
+full-size experts and runs the float64 reference layer, which takes tens of minutes; it prints its
+estimate after the first expert, and skips the comparison (there the layer is the reference).
+``--no-check`` skips the comparison with the reference.
 
     python scripts/run_moe_layer.py                     # one process, best backend present
     torchrun --nproc-per-node 2 scripts/run_moe_layer.py # experts split over the ranks
@@ -14,11 +16,13 @@ global scales), transformed with ``transform_nvfp4_weights_for_mega_moe`` and ru
 ``fp8_nvfp4_mega_moe``; the result is compared with ``reference_mega_moe``.
 """
 import argparse
+import functools
 import os
 import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
@@ -68,31 +72,48 @@ def init_distributed():
     return dist.group.WORLD, dist.get_rank(), dist.get_world_size(), device
 
 
-def make_expert_weights(args, experts, device):
-    """NVFP4 ModelOpt tensors for the given global expert ids (each expert seeded by its id)."""
+def quantize_expert(args, e, device):
+    """ModelOpt NVFP4 tensors of global expert ``e`` (seeded by its id, so the same expert id gives the
+    same weights at any world size), each with a leading expert dimension of 1."""
     h, i = args.hidden, args.intermediate
-    w13, s13, g13, w2, s2, g2 = [], [], [], [], [], []
-    for e in experts:
-        # drawn on the device: at the full shape a CPU generator took minutes per rank under torchrun
-        # (one thread per process); the same expert id gives the same weights at any world size
-        gen = torch.Generator(device=device).manual_seed(args.seed * 100003 + e)
-        mag = float(torch.exp(0.5 * torch.randn((), generator=gen, device=device)))
-        row = torch.exp(0.5 * torch.randn(2 * i, 1, generator=gen, device=device))
-        w1 = torch.randn(2 * i, h, generator=gen, device=device) * row * mag / h ** 0.5
-        w1[i:] *= 2.5  # up rows: another global scale than gate rows
-        wd = torch.randn(h, i, generator=gen, device=device) * mag / i ** 0.5
-        pg, sg, gg = cast_to_nvfp4(w1[:i])
-        pu, su, gu = cast_to_nvfp4(w1[i:])
-        pd, sd, gd = cast_to_nvfp4(wd)
-        w13.append(torch.cat([pg, pu]))
-        s13.append(torch.cat([sg, su]))
-        g13.append(torch.stack([gg, gu]))
-        w2.append(pd)
-        s2.append(sd)
-        g2.append(gd)
-    l1 = {'weight': torch.stack(w13), 'weight_scale': torch.stack(s13), 'weight_scale_2': torch.stack(g13)}
-    l2 = {'weight': torch.stack(w2), 'weight_scale': torch.stack(s2), 'weight_scale_2': torch.stack(g2)}
+    # drawn on the device: at the full shape a CPU generator took minutes per rank under torchrun
+    gen = torch.Generator(device=device).manual_seed(args.seed * 100003 + e)
+    mag = float(torch.exp(0.5 * torch.randn((), generator=gen, device=device)))
+    row = torch.exp(0.5 * torch.randn(2 * i, 1, generator=gen, device=device))
+    w1 = torch.randn(2 * i, h, generator=gen, device=device) * row * mag / h ** 0.5
+    w1[i:] *= 2.5  # up rows: another global scale than gate rows
+    wd = torch.randn(h, i, generator=gen, device=device) * mag / i ** 0.5
+    pg, sg, gg = cast_to_nvfp4(w1[:i])
+    pu, su, gu = cast_to_nvfp4(w1[i:])
+    pd, sd, gd = cast_to_nvfp4(wd)
+    l1 = {'weight': torch.cat([pg, pu])[None], 'weight_scale': torch.cat([sg, su])[None],
+          'weight_scale_2': torch.stack([gg, gu])[None]}
+    l2 = {'weight': pd[None], 'weight_scale': sd[None], 'weight_scale_2': gd.reshape(1)}
     return l1, l2
+
+
+def _stack(parts):
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def build_weights(args, experts, device, keep_checkpoint: bool, progress, on_first=None):
+    """Quantize and transform this rank's experts one at a time (a progress bar over both), so that
+    only the transformed weights need to stay in memory.  Returns ``(L1, L2, l1, l2)``, the ModelOpt
+    dicts ``l1``/``l2`` only when ``keep_checkpoint`` (else None)."""
+    t_l1, t_l2, c_l1, c_l2 = [], [], [], []
+    for n, e in enumerate(progress(experts, desc='quantize + transform', unit='expert')):
+        t0 = time.perf_counter()
+        l1, l2 = quantize_expert(args, e, device)
+        L1, L2 = deep_gemm.transform_nvfp4_weights_for_mega_moe(l1, l2)
+        t_l1.append(L1)
+        t_l2.append(L2)
+        if keep_checkpoint:
+            c_l1.append(l1)
+            c_l2.append(l2)
+        if n == 0 and on_first is not None:
+            on_first(time.perf_counter() - t0, L1, L2)
+    L1, L2 = deep_gemm.ExpertWeights.cat(t_l1), deep_gemm.ExpertWeights.cat(t_l2)
+    return (L1, L2, _stack(c_l1), _stack(c_l2)) if keep_checkpoint else (L1, L2, None, None)
 
 
 def make_tokens(args, rank, device):
@@ -126,24 +147,46 @@ class _Lazy:
 def main():
     args = parse_args()
     group, rank, world, device = init_distributed()
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     if args.experts % world:
         raise SystemExit(f'--experts {args.experts} must be a multiple of the world size {world}')
-    if not hasattr(deep_gemm, 'transform_nvfp4_weights_for_mega_moe'):
-        raise SystemExit('deep_gemm.mega.weights (transform_nvfp4_weights_for_mega_moe) is missing from this checkout')
     e_l = args.experts // world
     backend = select_backend(args.backend, device)
     log(f'deep_gemm {deep_gemm.__version__}: backend={backend} device={device} ranks={world}')
     log(f'shape: tokens/rank={args.tokens} hidden={args.hidden} intermediate={args.intermediate} '
         f'experts={args.experts} ({e_l}/rank) top-{args.topk} clamp={args.activation_clamp}')
 
-    t0 = time.perf_counter()
-    l1, l2 = make_expert_weights(args, range(rank * e_l, (rank + 1) * e_l), device)
-    L1, L2 = deep_gemm.transform_nvfp4_weights_for_mega_moe(l1, l2)
-    log(f'weights: L1 {tuple(l1["weight"].shape)} L2 {tuple(l2["weight"].shape)} uint8 per rank, '
-        f'quantized + transformed in {time.perf_counter() - t0:.2f} s')
-
     x, x_sf, topk_idx, topk_weights = make_tokens(args, rank, device)
+    on_reference = backend == 'reference'
+    # On the reference backend the layer is the reference itself: at the full shape the comparison would
+    # double a long run for nothing, and dropping the checkpoint tensors after the transform halves
+    # the memory (384 experts: 14 GB instead of 29 GB).
+    check = not args.no_check and not (on_reference and args.full)
+    if not check and not args.no_check:
+        log('the reference backend is the reference: no comparison at this size (run without --full, or on a GPU)')
+    progress = functools.partial(tqdm, disable=rank != 0, dynamic_ncols=True, leave=True)
+
+    def estimate(first_s, L1, L2):
+        """After the first expert: the whole run's duration, said before the rest of the work."""
+        build = first_s * e_l
+        pairs = world * args.tokens * args.topk
+        hit = e_l * (1 - (1 - 1 / args.experts) ** pairs)  # expected local experts with rows
+        layer = 0.0
+        if on_reference:
+            t0 = time.perf_counter()
+            L1.dequantize([0]), L2.dequantize([0])
+            layer = (time.perf_counter() - t0) * hit * (iters + (1 if check else 0))
+        total = build + layer
+        if total > 30:
+            log(f'estimated time: {total / 60:.1f} min ({build / 60:.1f} min for {e_l} experts at {first_s:.2f} s '
+                f'each' + (f', {layer / 60:.1f} min for the float64 layer on {hit:.0f} experts with rows'
+                          if on_reference else '') + '); --experts N runs a smaller layer')
+
+    iters = args.iters if args.iters is not None else (1 if on_reference else 10)
+    t0 = time.perf_counter()
+    L1, L2, l1, l2 = build_weights(args, range(rank * e_l, (rank + 1) * e_l), device, check, progress, estimate)
+    log(f'weights: L1 {L1!r}, L2 {L2!r} per rank, quantized + transformed in {time.perf_counter() - t0:.2f} s')
+
     buf = deep_gemm.get_symm_buffer_for_mega_moe(group, args.experts, args.max_tokens or args.tokens, args.topk,
                                                  args.hidden, args.intermediate, device=device)
     t = args.tokens
@@ -154,13 +197,12 @@ def main():
     y = torch.empty(t, args.hidden, dtype=torch.bfloat16, device=device)
     stats = torch.zeros(e_l, dtype=torch.int32, device=device)
 
-    iters = args.iters if args.iters is not None else (1 if backend == 'reference' else 10)
-    if backend != 'reference':  # warm-up (JIT compilation)
+    if not on_reference:  # warm-up (JIT compilation)
         deep_gemm.fp8_nvfp4_mega_moe(y, L1, L2, buf, activation_clamp=args.activation_clamp, backend=backend)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    for _ in range(iters):
+    for _ in progress(range(iters), desc='layer runs', unit='run'):
         deep_gemm.fp8_nvfp4_mega_moe(y, L1, L2, buf, cumulative_local_expert_recv_stats=stats,
                                      activation_clamp=args.activation_clamp, backend=backend)
     sync()
@@ -168,7 +210,7 @@ def main():
     log(f'fp8_nvfp4_mega_moe: y {tuple(y.shape)} bf16, {dt * 1e3:.3f} ms/iter over {iters} iter(s)')
     log(f'rank {rank} local expert recv stats (cumulative): {stats.tolist()}')
 
-    if not args.no_check:
+    if check:
         t0 = time.perf_counter()
         y_ref = deep_gemm.reference_mega_moe(x, x_sf, topk_idx, topk_weights, _Lazy(l1), L1.alpha, _Lazy(l2),
                                              L2.alpha, group=group, activation_clamp=args.activation_clamp,

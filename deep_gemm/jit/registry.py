@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 from . import compiler
 
-# Modules that register kernels when imported; missing ones (not written yet) are skipped
+# Modules that register kernels when imported
 KERNEL_MODULES = ['deep_gemm.jit.smoke', 'deep_gemm.gemm', 'deep_gemm.mega.kernels', 'deep_gemm.mega.sm90']
 
 Params = Mapping[str, object]
@@ -100,12 +100,7 @@ def register_kernel(spec: KernelSpec) -> KernelSpec:
 
 def _import_kernel_modules():
     for module in KERNEL_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            # Skip only modules that do not exist yet, never a broken import inside one
-            if e.name is None or not (module == e.name or module.startswith(e.name + '.')):
-                raise
+        importlib.import_module(module)
 
 
 def all_specs() -> List[KernelSpec]:

@@ -1,10 +1,5 @@
 """Mega MoE: dispatch + L1 + SwiGLU + L2 + combine in one layer."""
-from .buffer import (SymmBuffer, get_symm_buffer_for_mega_moe, get_symm_buffer_size_for_mega_moe,
-                     get_symm_buffer_layout)
+from .buffer import (SymmBuffer, MegaMoETimeoutError, get_symm_buffer_for_mega_moe,
+                     get_symm_buffer_size_for_mega_moe, get_symm_buffer_layout)
 from .api import fp8_nvfp4_mega_moe, fp8_fp4_mega_moe, select_backend
-
-try:
-    from .weights import transform_nvfp4_weights_for_mega_moe, transform_weights_for_mega_moe, ExpertWeights
-except ModuleNotFoundError as _exc:  # written by another module owner; may not exist yet
-    if _exc.name != f'{__name__}.weights':
-        raise
+from .weights import transform_nvfp4_weights_for_mega_moe, transform_weights_for_mega_moe, ExpertWeights

@@ -13,14 +13,13 @@ then run one backend:
 from __future__ import annotations
 
 import importlib
-import math
 import warnings
 from typing import Optional, Tuple
 
 import torch
 
 from ..reference import reference_mega_moe
-from ..utils.validation import check_tensor
+from ..utils.validation import check_activation_clamp, check_tensor
 from .buffer import SymmBuffer
 
 __all__ = ['fp8_nvfp4_mega_moe', 'fp8_fp4_mega_moe', 'BACKENDS', 'select_backend']
@@ -89,14 +88,28 @@ def _capturing(device: torch.device) -> bool:
     return device.type == 'cuda' and torch.cuda.is_current_stream_capturing()
 
 
-def _check_values(buffer: SymmBuffer, t: int, buf_name: str) -> None:
-    """Expert ids in range, finite routing weights and scales, read back from the device at once
-    (one host sync per call instead of one per check)."""
-    idx = buffer.topk_idx[:t]
-    lo, hi, bad_w, bad_sf = torch.stack([
-        idx.min(), idx.max(),
-        (~torch.isfinite(buffer.topk_weights[:t])).any().long(),
-        (~torch.isfinite(buffer.x_sf[:t])).any().long()]).tolist()
+def _bad_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    return (~(torch.isfinite(alpha) & (alpha > 0))).any().long().to(alpha.device)
+
+
+def _check_values(buffer: SymmBuffer, t: int, names, l1, l2) -> None:
+    """Expert ids in range, finite routing weights and scales, finite positive alphas, read back from
+    the device at once (one host sync per call instead of one per check).  NaN inside the FP8 tokens
+    ``x`` is data, not checked: it stays in that token's output row."""
+    l1_name, l2_name, buf_name = names
+    checks = [_bad_alpha(l1.alpha).to(buffer.device), _bad_alpha(l2.alpha).to(buffer.device)]
+    if t:
+        idx = buffer.topk_idx[:t]
+        checks += [idx.min(), idx.max(), (~torch.isfinite(buffer.topk_weights[:t])).any().long(),
+                   (~torch.isfinite(buffer.x_sf[:t])).any().long()]
+    vals = torch.stack(checks).tolist()
+    if vals[0]:
+        raise ValueError(f'{l1_name}.alpha: global scales must be finite and positive')
+    if vals[1]:
+        raise ValueError(f'{l2_name}.alpha: global scales must be finite and positive')
+    if not t:
+        return
+    lo, hi, bad_w, bad_sf = vals[2:]
     if lo < -1 or hi >= buffer.num_experts:
         raise ValueError(f'{buf_name}.topk_idx: expert id {lo if lo < -1 else hi} out of range: ids must be -1 '
                          f'(masked) or in [0, {buffer.num_experts})')
@@ -115,27 +128,23 @@ def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fm
     t = y.shape[0]
     if t > buffer.num_max_tokens_per_rank:
         raise ValueError(f'y: too many tokens: {t} > num_max_tokens_per_rank = {buffer.num_max_tokens_per_rank}')
-    # Value checks read the device (a host sync), which a CUDA graph capture forbids: while capturing
-    # they are skipped, and the kernels ignore ids outside [0, num_experts) (treated as masked).
-    # Ranks emulated on one GPU skip them too: a host sync (or an allocation) while another rank's
-    # barrier kernel waits for this rank's launches would stall those launches until the timeout.
-    if t and not _capturing(buffer.device) and not buffer.emulated:
-        _check_values(buffer, t, buf_name)
     e_l = buffer.num_experts_per_rank
     if stats is not None:
         check_tensor('cumulative_local_expert_recv_stats', stats, dtype=torch.int32, shape=(e_l,),
                      device=buffer.device)
-    if activation_clamp is not None:
-        if isinstance(activation_clamp, bool) or not isinstance(activation_clamp, (int, float)):
-            raise TypeError(f'activation_clamp: expected a float or None, got {type(activation_clamp).__name__}')
-        if not math.isfinite(activation_clamp) or activation_clamp <= 0:
-            raise ValueError(f'activation_clamp: expected a finite positive value, got {activation_clamp}')
+    check_activation_clamp(activation_clamp)
     if not isinstance(fast_math, bool):
         raise TypeError(f'fast_math: expected a bool, got {type(fast_math).__name__}')
     if backend not in BACKENDS:
         raise ValueError(f'backend: expected one of {BACKENDS}, got {backend!r}')
     _check_weights(l1_name, l1, fmt, 2 * buffer.intermediate_hidden, buffer.hidden, e_l, 2)
     _check_weights(l2_name, l2, fmt, buffer.hidden, buffer.intermediate_hidden, e_l, 1)
+    # Value checks read the device (a host sync), which a CUDA graph capture forbids: while capturing
+    # they are skipped, and the kernels ignore ids outside [0, num_experts) (treated as masked).
+    # Ranks emulated on one GPU skip them too: a host sync (or an allocation) while another rank's
+    # barrier kernel waits for this rank's launches would stall those launches until the timeout.
+    if not _capturing(buffer.device) and not buffer.emulated:
+        _check_values(buffer, t, names, l1, l2)
     return t
 
 

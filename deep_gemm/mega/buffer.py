@@ -214,6 +214,10 @@ class SymmBuffer:
             self.num_ranks = 1 if group is None else dist.get_world_size(group)
             self.rank = 0 if group is None else dist.get_rank(group)
         self.group = group
+        if group is not None and self.num_ranks > 1 and _emulated is None:
+            _check_same_on_every_rank(group, num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
+                                      num_topk=num_topk, hidden=hidden, intermediate_hidden=intermediate_hidden,
+                                      num_max_tokens_per_wave=num_max_tokens_per_wave)
         self.layout = get_symm_buffer_layout(self.num_ranks, num_experts, num_max_tokens_per_rank, num_topk,
                                              hidden, intermediate_hidden,
                                              num_max_tokens_per_wave=num_max_tokens_per_wave)
@@ -376,6 +380,36 @@ class SymmBuffer:
                 f'max_tokens={self.num_max_tokens_per_rank}, tokens_per_wave={self.num_max_tokens_per_wave}, '
                 f'topk={self.num_topk}, hidden={self.hidden}, '
                 f'intermediate={self.intermediate_hidden}, bytes={self.num_bytes}, device={self.device})')
+
+
+def _encode(value) -> int:
+    """An argument as one int64 for the cross-rank comparison: ints as themselves, None as -1, anything
+    else (rejected later by the local checks, identically on every rank) as -2."""
+    if value is None:
+        return -1
+    if isinstance(value, int) and not isinstance(value, bool) and -(1 << 62) < value < (1 << 62):
+        return value
+    return -2
+
+
+def _check_same_on_every_rank(group, **args) -> None:
+    """Buffer creation is collective: every rank must pass the same sizes, or the kernels would read
+    each other's regions at the wrong offsets.  One all_gather, before any other collective; on a
+    mismatch every rank raises the same ValueError (so no rank is left waiting for the others)."""
+    import torch.distributed as dist
+    names = list(args)
+    dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend(group) == 'nccl' else torch.device('cpu')
+    mine = torch.tensor([_encode(args[n]) for n in names], dtype=torch.int64, device=dev)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    table = torch.stack(parts).cpu().tolist()
+    bad = [i for i, n in enumerate(names) if len({row[i] for row in table}) > 1]
+    if bad:
+        show = lambda v: 'None' if v == -1 else ('(not an int)' if v == -2 else str(v))  # noqa: E731
+        detail = '; '.join(f'{names[i]}: ' + ', '.join(f'rank {r} passed {show(row[i])}' for r, row in enumerate(table))
+                           for i in bad)
+        raise ValueError(f'get_symm_buffer_for_mega_moe: the ranks of the group passed different sizes, and every rank '
+                         f'must pass the same ({detail})')
 
 
 def _check_timeout(timeout_s) -> float:

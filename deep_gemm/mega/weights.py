@@ -154,6 +154,24 @@ class ExpertWeights:
     def device(self) -> torch.device:
         return self.codes.device
 
+    def __repr__(self) -> str:
+        return (f'ExpertWeights(fmt={self.fmt!r}, kind={self.kind!r}, experts={self.num_experts}, n={self.n}, '
+                f'k={self.k}, device={self.device}, bytes={self.codes.numel() + self.scales.numel()})')
+
+    @classmethod
+    def cat(cls, parts: Sequence['ExpertWeights']) -> 'ExpertWeights':
+        """The experts of several transforms of one projection, in order (e.g. transformed in chunks
+        to show progress, or loaded shard by shard)."""
+        if not parts:
+            raise ValueError('parts: expected at least one ExpertWeights')
+        first = parts[0]
+        for i, p in enumerate(parts):
+            if (p.fmt, p.kind, p.n, p.k, p.device) != (first.fmt, first.kind, first.n, first.k, first.device):
+                raise ValueError(f'parts[{i}]: {p!r} does not match parts[0] {first!r}')
+        return cls(fmt=first.fmt, kind=first.kind, codes=torch.cat([p.codes for p in parts]),
+                   scales=torch.cat([p.scales for p in parts]), alpha=torch.cat([p.alpha for p in parts]),
+                   num_experts=sum(p.num_experts for p in parts), n=first.n, k=first.k)
+
     def row_order(self) -> torch.Tensor:
         """Original row index of each kernel row."""
         return _l1_kernel_row_order(self.n) if self.kind == 'l1' else torch.arange(self.n)
@@ -210,7 +228,26 @@ def _check(cond: bool, exc, msg: str):
         raise exc(msg)
 
 
+@dataclass
+class _Parsed:
+    """One projection's checked inputs, before the permutation."""
+    what: str
+    kind: str
+    fmt: str
+    weight: torch.Tensor     # uint8 [E, N, K/2]
+    scale_bytes: torch.Tensor  # uint8 [E, N, K/gran]
+    alpha: torch.Tensor      # float32 [E, 1 | 2]
+    e: int
+    n: int
+    k: int
+
+
 def _transform_one(obj, what: str, kind: str, fmt: str) -> ExpertWeights:
+    return _permute(_parse(obj, what, kind, fmt))
+
+
+def _parse(obj, what: str, kind: str, fmt: str) -> _Parsed:
+    """Every check of one projection's tensors (types, shapes, finite scales), no work."""
     d = _as_tensor_dict(obj, what)
     for key in ('weight', 'weight_scale'):
         _check(key in d, ValueError, f'{what}: missing `{key}`')
@@ -249,10 +286,19 @@ def _transform_one(obj, what: str, kind: str, fmt: str) -> ExpertWeights:
         _check(g is not None, ValueError, f'{what}.weight_scale_2: expected [E] or [E, 2] with E = {e}')
         if kind == 'l2':
             _check(g.shape[1] == 1, ValueError, f'{what}.weight_scale_2: expected one global scale per expert')
+        if g.numel() and not bool((torch.isfinite(g) & (g > 0)).all()):
+            bad = g[~(torch.isfinite(g) & (g > 0))].flatten()[0].item()
+            raise ValueError(f'{what}.weight_scale_2: global scales must be finite and positive, found {bad}')
         alpha = g.expand(e, num_alpha).contiguous().to(torch.float32)
     else:
         alpha = torch.ones(e, num_alpha, dtype=torch.float32, device=w.device)
+    return _Parsed(what, kind, fmt, w, sbytes, alpha, e, n, k)
 
+
+def _permute(p: _Parsed) -> ExpertWeights:
+    """Bytes into kernel layout (see the module docstring)."""
+    kind, fmt, w, sbytes, alpha, e, n, k = p.kind, p.fmt, p.weight, p.scale_bytes, p.alpha, p.e, p.n, p.k
+    gran = SCALE_GRAN[fmt]
     tn, tk = n // BLOCK_N, k // BLOCK_K
     groups = BLOCK_K // gran
     code_idx = _code_index().to(w.device)
@@ -274,6 +320,26 @@ def _transform_one(obj, what: str, kind: str, fmt: str) -> ExpertWeights:
                          num_experts=e, n=n, k=k)
 
 
+def _check_pair(l1: _Parsed, l2: _Parsed) -> None:
+    """L1 (gate+up, ``[E, 2I, H]``) and L2 (down, ``[E, H, I]``) of one layer must agree."""
+    a, b = l1.what, l2.what
+    if l1.e != l2.e:
+        raise ValueError(f'{b}.weight: {l2.e} experts, {a}.weight has {l1.e}')
+    if l2.n != l1.k:
+        raise ValueError(f'{b}.weight: N = {l2.n} (hidden) must equal {a}.weight\'s K = {l1.k}')
+    if 2 * l2.k != l1.n:
+        raise ValueError(f'{b}.weight: K = {l2.k} (intermediate) must be half of {a}.weight\'s N = {l1.n} '
+                         f'(gate and up rows)')
+    if l1.weight.device != l2.weight.device:
+        raise ValueError(f'{b}.weight: on {l2.weight.device}, {a}.weight on {l1.weight.device}')
+
+
+def _transform_pair(l1, l2, names: Tuple[str, str], fmt: str) -> Tuple[ExpertWeights, ExpertWeights]:
+    p1, p2 = _parse(l1, names[0], 'l1', fmt), _parse(l2, names[1], 'l2', fmt)
+    _check_pair(p1, p2)
+    return _permute(p1), _permute(p2)
+
+
 def transform_nvfp4_weights_for_mega_moe(l1, l2) -> Tuple[ExpertWeights, ExpertWeights]:
     """ModelOpt NVFP4 expert weights -> kernel layout, bit-exact (bytes permuted, never re-quantized).
 
@@ -283,13 +349,12 @@ def transform_nvfp4_weights_for_mega_moe(l1, l2) -> Tuple[ExpertWeights, ExpertW
     ``input_scale`` (unused: activations arrive as FP8 with block scales).  L1 rows are gate rows
     ``[0, I)`` then up rows ``[I, 2I)``.
     """
-    return _transform_one(l1, 'l1', 'l1', 'nvfp4'), _transform_one(l2, 'l2', 'l2', 'nvfp4')
+    return _transform_pair(l1, l2, ('l1', 'l2'), 'nvfp4')
 
 
 def transform_weights_for_mega_moe(l1_weights, l2_weights) -> Tuple[ExpertWeights, ExpertWeights]:
     """Upstream's name for MXFP4 weights: each argument is ``(weight uint8 [E, N, K/2], scale uint8 UE8M0 [E, N, K/32])``."""
-    return (_transform_one(l1_weights, 'l1_weights', 'l1', 'mxfp4'),
-            _transform_one(l2_weights, 'l2_weights', 'l2', 'mxfp4'))
+    return _transform_pair(l1_weights, l2_weights, ('l1_weights', 'l2_weights'), 'mxfp4')
 
 
 def transform_nvfp4_weights_for_grouped_gemm(weight, weight_scale, weight_scale_2) -> ExpertWeights:

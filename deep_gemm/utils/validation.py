@@ -6,11 +6,13 @@ name, so ``pytest.raises(ValueError, match='topk_idx')`` style checks work.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ['check_tensor', 'check_expert_ids', 'check_multiple', 'check_positive_int', 'same_device']
+__all__ = ['check_tensor', 'check_expert_ids', 'check_multiple', 'check_positive_int', 'same_device',
+           'check_finite', 'check_scales', 'check_activation_clamp']
 
 
 def same_device(a: Union[torch.device, str], b: Union[torch.device, str]) -> bool:
@@ -85,3 +87,30 @@ def check_positive_int(name: str, value, allow_zero: bool = False) -> int:
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f'{name}: expected a {"non-negative" if allow_zero else "positive"} integer, got {value}')
     return value
+
+
+def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """No NaN or Inf in ``t`` (a host sync on a device tensor)."""
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = t[~torch.isfinite(t)].flatten()[0].item()
+        raise ValueError(f'{name}: must be finite, found {bad}')
+    return t
+
+
+def check_scales(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Global scales and alphas: finite and positive (a zero, negative, NaN or Inf multiplier would
+    silently give zero, sign-flipped, NaN or saturated outputs)."""
+    check_finite(name, t)
+    if t.numel() and not bool((t > 0).all()):
+        raise ValueError(f'{name}: must be positive, found {t[t <= 0].flatten()[0].item()}')
+    return t
+
+
+def check_activation_clamp(value) -> None:
+    """``activation_clamp``: None or a finite positive number."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'activation_clamp: expected a float or None, got {type(value).__name__}')
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f'activation_clamp: expected a finite positive value, got {value}')
