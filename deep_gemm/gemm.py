@@ -12,7 +12,7 @@ Entry points (upstream-style names):
 ``a`` is BF16 tokens (used as they are: the L2 input of the MoE), or ``a = (x_fp8, x_sf)``: E4M3 ``[rows, K]`` with float32 per-token block scales ``[rows, K / gran]``
 (gran 32 or 128).  They are converted once to BF16 (exact when the scales are powers of two,
 e.g. ``per_token_cast_to_fp8(..., use_ue8m0=True)``; otherwise rounded once to BF16).  ``b`` is
-an :class:`~deep_gemm.mega.weights.ExpertWeights` (``transform_nvfp4_weights_for_grouped_gemm``
+an :class:`~deep_gemm.weights.ExpertWeights` (``transform_nvfp4_weights_for_grouped_gemm``
 or the Mega MoE transforms).  ``epilogue='swiglu'`` is the L1 epilogue: ``b`` must be an L1
 (gate/up interleaved) weight, ``d`` is ``[rows, N / 2]`` and receives
 ``silu(clamp(gate)) * clamp(up) * route_weights[row]`` in BF16.
@@ -26,9 +26,10 @@ from typing import Optional, Tuple
 import torch
 
 from .jit import registry, runtime
-from .mega.weights import BLOCK_K, BLOCK_N, ExpertWeights
+from .weights import BLOCK_K, BLOCK_N, ExpertWeights
 
-__all__ = ['m_grouped_fp8_nvfp4_gemm_nt_contiguous', 'm_grouped_fp8_nvfp4_gemm_nt_masked', 'fp8_to_bf16_tokens',
+__all__ = ['set_pdl', 'get_pdl', 'use_deterministic_algorithms',
+           'm_grouped_fp8_nvfp4_gemm_nt_contiguous', 'm_grouped_fp8_nvfp4_gemm_nt_masked', 'fp8_to_bf16_tokens',
            'set_num_sms', 'get_num_sms']
 
 _FMT = {'nvfp4': 'deep_gemm::sm90::WeightFormat::NVFP4', 'mxfp4': 'deep_gemm::sm90::WeightFormat::MXFP4'}
@@ -81,6 +82,29 @@ def set_num_sms(num_sms: int):
 def get_num_sms() -> int:
     count = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     return count if _num_sms is None else min(_num_sms, count)
+
+
+_pdl = False
+
+
+def set_pdl(enable: bool) -> None:
+    """Upstream's switch for programmatic dependent launch.  Accepted for its callers; our Mega MoE
+    launches keep plain stream order either way (upstream's NVFP4 layer does too)."""
+    global _pdl
+    if not isinstance(enable, bool):
+        raise TypeError(f'enable: expected a bool, got {type(enable).__name__}')
+    _pdl = enable
+
+
+def get_pdl() -> bool:
+    return _pdl
+
+
+def use_deterministic_algorithms(enable: bool = True) -> None:
+    """Upstream's switch.  Every kernel here is deterministic already (fixed accumulation orders, the
+    same bits run to run), so this only checks its argument."""
+    if not isinstance(enable, bool):
+        raise TypeError(f'enable: expected a bool, got {type(enable).__name__}')
 
 
 def _check(cond, exc, msg):

@@ -29,7 +29,7 @@ ITERS = 20
 def fill(buf, t, num_experts, k, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, buf.hidden, generator=g)
-    q, sf = per_token_cast_to_fp8(x, 32, use_ue8m0=True)
+    q, sf = per_token_cast_to_fp8(x, True, 32)
     buf.x[:t].copy_(q)
     buf.x_sf[:t].copy_(sf)
     scores = torch.rand(t, num_experts, generator=g) + torch.linspace(0, 0.5, num_experts)
@@ -58,7 +58,7 @@ def main():
     e_l, k, hidden, inter = args.experts_per_rank, args.topk, 7168, 3072
     l1, l2 = make_weights(e_l, hidden, inter, torch.Generator(device='cuda').manual_seed(0))
     for t in [int(v) for v in args.tokens.split(',')]:
-        buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e_l, t, k, hidden, inter)
+        buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e_l, t, k, hidden, inter, mma_type='fp8xnvfp4')
         fill(buf, t, e_l, k, t)
         y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
         deep_gemm.fp8_nvfp4_mega_moe(y, l1, l2, buf, backend='sm90')
@@ -85,7 +85,7 @@ def main():
     if args.emulate_ranks > 1:
         n = args.emulate_ranks
         t = int(args.tokens.split(',')[0])
-        bufs = SymmBuffer.emulated_group(n, e_l * n, t, k, hidden, inter, device='cuda', timeout_s=30)
+        bufs = SymmBuffer.emulated_group(n, e_l * n, t, k, hidden, inter, device='cuda', timeout_s=30, mma_type='fp8xnvfp4')
         for r, b in enumerate(bufs):
             fill(b, t, e_l * n, k, 100 + r)
         ys = [torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda') for _ in bufs]

@@ -120,7 +120,7 @@ def make_tokens(args, rank, device):
     gen = torch.Generator(device='cpu').manual_seed(args.seed * 7919 + 1 + rank)
     t = args.tokens
     x = torch.randn(t, args.hidden, generator=gen) * torch.exp(0.5 * torch.randn(t, 1, generator=gen))
-    x_fp8, x_sf = per_token_cast_to_fp8(x, 32, use_ue8m0=args.ue8m0)
+    x_fp8, x_sf = per_token_cast_to_fp8(x, args.ue8m0, 32)
     bias = torch.linspace(0, 0.5, args.experts)  # non-uniform expert popularity
     scores = torch.rand(t, args.experts, generator=gen) + bias
     topk_idx = scores.topk(args.topk, dim=1).indices.to(torch.int64)
@@ -188,7 +188,7 @@ def main():
     log(f'weights: L1 {L1!r}, L2 {L2!r} per rank, quantized + transformed in {time.perf_counter() - t0:.2f} s')
 
     buf = deep_gemm.get_symm_buffer_for_mega_moe(group, args.experts, args.max_tokens or args.tokens, args.topk,
-                                                 args.hidden, args.intermediate, device=device)
+                                                 args.hidden, args.intermediate, device=device, mma_type='fp8xnvfp4')
     t = args.tokens
     buf.x[:t].copy_(x)
     buf.x_sf[:t].copy_(x_sf)

@@ -37,10 +37,10 @@ deep_gemm.set_num_sms(8 * world)
 p = _make_problem(seed=3, t=12 * world, hidden=256, inter=128, experts=8 * world, topk=3)
 if world == 1:
     bufs = [deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, 16, p.topk, p.hidden, p.inter,
-                                                   num_max_tokens_per_wave=8)]
+                                                   num_max_tokens_per_wave=8, mma_type='fp8xnvfp4')]
 else:
     bufs = SymmBuffer.emulated_group(world, p.experts, 16, p.topk, p.hidden, p.inter, device='cuda',
-                                     num_max_tokens_per_wave=8, timeout_s=60.0)
+                                     num_max_tokens_per_wave=8, timeout_s=60.0, mma_type='fp8xnvfp4')
 assert bufs[0].num_waves(12) == 2
 e_l = p.experts // world
 ls = [deep_gemm.transform_nvfp4_weights_for_mega_moe({k: v[r * e_l:(r + 1) * e_l].cuda() for k, v in p.l1.items()},

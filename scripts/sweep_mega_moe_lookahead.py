@@ -18,7 +18,7 @@ e_l, hidden, inter, k = 8, 7168, 3072, 6
 gen = torch.Generator(device='cuda').manual_seed(0)
 l1, l2 = make_weights(e_l, hidden, inter, gen)
 counts = [int(v) for v in sys.argv[1].split(',')]
-buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e_l, max(counts), k, hidden, inter)
+buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e_l, max(counts), k, hidden, inter, mma_type='fp8xnvfp4')
 for t in counts:
     fill_inputs(buf, t, 1000 * t)
     y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')

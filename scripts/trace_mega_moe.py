@@ -82,7 +82,7 @@ def main():
     e_l, hidden, inter, k = args.experts_per_rank, 7168, 3072, 6
     gen = torch.Generator(device='cuda').manual_seed(rank)
     l1, l2 = make_weights(e_l, hidden, inter, gen)
-    buf = deep_gemm.get_symm_buffer_for_mega_moe(group, e_l * world, max(tokens), k, hidden, inter)
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(group, e_l * world, max(tokens), k, hidden, inter, mma_type='fp8xnvfp4')
     if rank == 0:
         print(f'device: {torch.cuda.get_device_name()}; {world} rank(s), {e_l} experts per rank, top-{k}, '
               f'{hidden}/{inter}, {args.routing} routing', flush=True)

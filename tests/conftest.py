@@ -15,7 +15,7 @@ def _make_problem(seed=0, t=16, hidden=256, inter=128, experts=8, topk=3, mask_f
     """A random Mega MoE problem with NVFP4 weights (gate and up with different global scales)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(t, hidden, generator=gen) * torch.exp(torch.randn(t, 1, generator=gen))
-    x_fp8, x_sf = per_token_cast_to_fp8(x, gran_k, use_ue8m0)
+    x_fp8, x_sf = per_token_cast_to_fp8(x, use_ue8m0, gran_k)
     scores = torch.rand(t, experts, generator=gen)
     topk_idx = scores.topk(topk, dim=1).indices.to(torch.int64)
     topk_idx[torch.rand(t, topk, generator=gen) < mask_frac] = -1
@@ -39,7 +39,7 @@ def _make_problem(seed=0, t=16, hidden=256, inter=128, experts=8, topk=3, mask_f
 
 
 class FakeExpertWeights:
-    """Duck-typed stand-in for ``deep_gemm.mega.weights.ExpertWeights`` (float weights kept as is)."""
+    """Duck-typed stand-in for ``deep_gemm.weights.ExpertWeights`` (float weights kept as is)."""
 
     def __init__(self, w: torch.Tensor, alpha: torch.Tensor, fmt: str = 'nvfp4'):
         self.w, self.alpha, self.fmt = w, alpha, fmt

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from deep_gemm.mega.weights import (CODE_BYTES, ExpertWeights, _CODE_WORD_PERM, _NVFP4_SCALE_WORD_PERM,
+from deep_gemm.weights import (CODE_BYTES, ExpertWeights, _CODE_WORD_PERM, _NVFP4_SCALE_WORD_PERM,
                                     _permute_word_bits, transform_mxfp4_weights_for_grouped_gemm,
                                     transform_nvfp4_weights_for_grouped_gemm)
 

@@ -15,7 +15,7 @@ from deep_gemm.reference import reference_mega_moe
 
 def _layer_inputs(p):
     l1, l2 = deep_gemm.transform_nvfp4_weights_for_mega_moe(p.l1, p.l2)
-    buf = deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, p.t, p.topk, p.hidden, p.inter, device='cpu')
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, p.t, p.topk, p.hidden, p.inter, device='cpu', mma_type='fp8xnvfp4')
     buf.x[:p.t].copy_(p.x)
     buf.x_sf[:p.t].copy_(p.x_sf)
     buf.topk_idx[:p.t].copy_(p.topk_idx)
@@ -134,7 +134,7 @@ def _mismatch_worker(rank, world, port, out_dir):
     try:
         hidden = 256 if rank == 0 else 384
         try:
-            deep_gemm.get_symm_buffer_for_mega_moe(dist.group.WORLD, 8, 16, 2, hidden, 128, device='cpu')
+            deep_gemm.get_symm_buffer_for_mega_moe(dist.group.WORLD, 8, 16, 2, hidden, 128, device='cpu', mma_type='fp8xnvfp4')
             msg = None
         except ValueError as exc:
             msg = str(exc)

@@ -67,9 +67,12 @@ def test_render():
     assert smoke.AXPB.params_tag({'T': 'float', 'num_threads': 256}) == 'f32_256'
 
 
-def test_registry_lazy_modules(monkeypatch):
-    # Missing modules are skipped; the smoke kernels are always there
-    monkeypatch.setattr(registry, 'KERNEL_MODULES', ['deep_gemm.jit.smoke', 'deep_gemm.jit._not_written_yet'])
+def test_registry_modules(monkeypatch):
+    # Every kernel module exists now: a missing one is an error, not skipped
+    monkeypatch.setattr(registry, 'KERNEL_MODULES', ['deep_gemm.jit.smoke', 'deep_gemm.jit._no_such_module'])
+    with pytest.raises(ModuleNotFoundError, match='_no_such_module'):
+        registry.all_specs()
+    monkeypatch.setattr(registry, 'KERNEL_MODULES', ['deep_gemm.jit.smoke'])
     names = [s.name for s in registry.all_specs()]
     assert 'smxx_jit_smoke_axpb' in names and 'smxx_jit_smoke_tma' in names
     assert registry.get_spec('smxx_jit_smoke_tma').required_sass_for('sm_90a')

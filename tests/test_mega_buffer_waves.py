@@ -27,8 +27,8 @@ DSV4 = dict(num_experts=384, num_topk=6, hidden=7168, intermediate_hidden=3072)
 def test_rows_follow_the_wave_tokens_follow_t():
     t, w = 96, 32
     for ranks in (1, 2, 4):
-        full = get_symm_buffer_layout(ranks, E, t, K, H, I)
-        waved = get_symm_buffer_layout(ranks, E, t, K, H, I, num_max_tokens_per_wave=w)
+        full = get_symm_buffer_layout(ranks, E, t, K, H, I, mma_type='fp8xnvfp4')
+        waved = get_symm_buffer_layout(ranks, E, t, K, H, I, num_max_tokens_per_wave=w, mma_type='fp8xnvfp4')
         r_w = ranks * w * min(K, E // ranks)
         for name in TOKEN_REGIONS:
             assert waved[name].shape == full[name].shape and waved[name].shape[0] == t, name
@@ -39,18 +39,18 @@ def test_rows_follow_the_wave_tokens_follow_t():
         # the pushed combine rows: one per (token, slot) of a wave, with peers only
         assert waved['combine_in'].shape[0] == (w * K if ranks > 1 else 0)
         assert full['combine_in'].shape[0] == (t * K if ranks > 1 else 0)
-        small = get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I, num_max_tokens_per_wave=w)
-        big = get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I)
+        small = get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I, num_max_tokens_per_wave=w, mma_type='fp8xnvfp4')
+        big = get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I, mma_type='fp8xnvfp4')
         assert small < big
         # W = T is the unwaved layout
-        assert get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I, num_max_tokens_per_wave=t) == big
+        assert get_symm_buffer_size_for_mega_moe(ranks, E, t, K, H, I, num_max_tokens_per_wave=t, mma_type='fp8xnvfp4') == big
 
 
 def test_buffer_views_and_token_offsets():
-    buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32, mma_type='fp8xnvfp4')
     assert buf.num_max_tokens_per_wave == 32 and buf.num_max_tokens_per_rank == 96
     assert buf.num_bytes == buf.raw.numel() == get_symm_buffer_size_for_mega_moe(1, E, 96, K, H, I,
-                                                                                  num_max_tokens_per_wave=32)
+                                                                                  num_max_tokens_per_wave=32, mma_type='fp8xnvfp4')
     assert buf.x.shape == (96, H) and buf.region('l1_x').shape == (32 * K, H)
     base = buf.raw.data_ptr()
     # the offsets a wave passes to the kernels address the rows the local slices start at
@@ -78,7 +78,7 @@ def test_default_wave_at_dsv4_shape(ranks, t, want):
     w = default_num_max_tokens_per_wave(ranks, DSV4['num_experts'], t, DSV4['num_topk'])
     assert w == want
     lay = get_symm_buffer_layout(ranks, DSV4['num_experts'], t, DSV4['num_topk'], DSV4['hidden'],
-                                 DSV4['intermediate_hidden'])
+                                 DSV4['intermediate_hidden'], mma_type='fp8xnvfp4')
     assert lay['l1_x'].shape[0] == ranks * want * 6 <= DEFAULT_MAX_RECV_ROWS
     assert lay['x'].shape[0] == t
     if want < t:   # the fewest waves whose rows fit, evenly sized
@@ -97,16 +97,16 @@ def test_default_wave_with_fewer_local_experts_than_topk():
 
 def test_buffer_takes_the_default_wave():
     # one rank, 8 slots per token: 8200 tokens need 65600 rows > 65536, so two even waves of 4100
-    buf = get_symm_buffer_for_mega_moe(None, 8, 8200, 8, 128, 128, device='cpu')
+    buf = get_symm_buffer_for_mega_moe(None, 8, 8200, 8, 128, 128, device='cpu', mma_type='fp8xnvfp4')
     assert buf.num_max_tokens_per_wave == 4100
     assert buf.region('l1_x').shape == (32800, 128) and buf.x.shape == (8200, 128)
     assert buf.waves(8200) == [(0, 4100), (4100, 4100)]
-    assert get_symm_buffer_for_mega_moe(None, 8, 8192, 8, 128, 128, device='cpu').num_max_tokens_per_wave == 8192
+    assert get_symm_buffer_for_mega_moe(None, 8, 8192, 8, 128, 128, device='cpu', mma_type='fp8xnvfp4').num_max_tokens_per_wave == 8192
 
 
 # ------------------------------------------------------------------------------------- num_waves
 def test_num_waves_one_rank():
-    buf = get_symm_buffer_for_mega_moe(None, E, 100, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    buf = get_symm_buffer_for_mega_moe(None, E, 100, K, H, I, device='cpu', num_max_tokens_per_wave=32, mma_type='fp8xnvfp4')
     assert [buf.num_waves(n) for n in (0, 1, 32, 33, 64, 65, 100)] == [0, 1, 1, 2, 2, 3, 4]
     assert buf.waves(0) == []
     assert buf.waves(40) == [(0, 32), (32, 8)]            # trailing waves skipped
@@ -115,19 +115,19 @@ def test_num_waves_one_rank():
         buf.num_waves(101)
     with pytest.raises(ValueError, match='^num_tokens:'):
         buf.num_waves(-1)
-    assert get_symm_buffer_for_mega_moe(None, E, 100, K, H, I, device='cpu').num_waves(100) == 1
+    assert get_symm_buffer_for_mega_moe(None, E, 100, K, H, I, device='cpu', mma_type='fp8xnvfp4').num_waves(100) == 1
 
 
 def test_num_waves_several_ranks():
     """Every rank runs ceil(T / W) waves whatever its own token count: the barriers pair up."""
-    bufs = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    bufs = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32, mma_type='fp8xnvfp4')
     assert all(b.num_max_tokens_per_wave == 32 for b in bufs)
     for n in (0, 1, 50, 96):
         assert bufs[1].num_waves(n) == 3, n
     assert bufs[1].waves(50) == [(0, 32), (32, 18), (64, 0)]
     assert bufs[0].waves(0) == [(0, 0), (32, 0), (64, 0)]
     assert bufs[0].waves(96) == [(0, 32), (32, 32), (64, 32)]
-    unwaved = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu')
+    unwaved = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', mma_type='fp8xnvfp4')
     assert unwaved[0].num_max_tokens_per_wave == 96 and unwaved[0].waves(5) == [(0, 5)]
     assert unwaved[1].waves(0) == [(0, 0)]
 
@@ -138,27 +138,32 @@ def test_num_waves_several_ranks():
 def test_bad_tokens_per_wave(value, exc):
     pattern = '^num_max_tokens_per_wave:'
     with pytest.raises(exc, match=pattern):
-        get_symm_buffer_layout(1, E, 96, K, H, I, num_max_tokens_per_wave=value)
+        get_symm_buffer_layout(1, E, 96, K, H, I, num_max_tokens_per_wave=value, mma_type='fp8xnvfp4')
     with pytest.raises(exc, match=pattern):
-        get_symm_buffer_size_for_mega_moe(2, E, 96, K, H, I, num_max_tokens_per_wave=value)
+        get_symm_buffer_size_for_mega_moe(2, E, 96, K, H, I, num_max_tokens_per_wave=value, mma_type='fp8xnvfp4')
     with pytest.raises(exc, match=pattern):
-        get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=value)
+        get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=value, mma_type='fp8xnvfp4')
     with pytest.raises(exc, match=pattern):
-        SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=value)
+        SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=value, mma_type='fp8xnvfp4')
 
 
 def test_more_than_t_names_both_limits():
     with pytest.raises(ValueError, match=r'^num_max_tokens_per_wave: 97 > num_max_tokens_per_rank = 96'):
-        get_symm_buffer_layout(1, E, 96, K, H, I, num_max_tokens_per_wave=97)
+        get_symm_buffer_layout(1, E, 96, K, H, I, num_max_tokens_per_wave=97, mma_type='fp8xnvfp4')
 
 
 def test_upstream_positional_arguments_unchanged():
-    buf = get_symm_buffer_for_mega_moe(None, E, 16, K, H, I, 'cpu', 5.0)
+    # upstream's order: (group, E, T, k, H, I, num_shared_experts, use_fp8_dispatch, mma_type, activation)
+    buf = get_symm_buffer_for_mega_moe(None, E, 16, K, H, I, 0, None, 'fp8xnvfp4', 'swiglu', device='cpu',
+                                       timeout_s=5.0)
     assert buf.timeout_s == 5.0 and buf.device == torch.device('cpu') and buf.num_max_tokens_per_wave == 16
-    assert get_symm_buffer_size_for_mega_moe(1, E, 16, K, H, I) == buf.num_bytes
-    # the new argument is keyword-only: a positional extra cannot be taken for it
+    assert buf.mma_type == 'fp8xnvfp4' and buf.activation == 'swiglu' and buf.num_shared_experts == 0
+    assert get_symm_buffer_size_for_mega_moe(1, E, 16, K, H, I, mma_type='fp8xnvfp4') == buf.num_bytes
+    # our extras are keyword-only: the old positional device / timeout land on upstream's arguments and fail
+    with pytest.raises(TypeError, match='num_shared_experts: expected an int, got str'):
+        get_symm_buffer_for_mega_moe(None, E, 16, K, H, I, 'cpu', 5.0)
     with pytest.raises(TypeError):
-        get_symm_buffer_size_for_mega_moe(1, E, 16, K, H, I, 8)
+        get_symm_buffer_size_for_mega_moe(1, E, 16, K, H, I, 8, mma_type='fp8xnvfp4')
 
 
 # ------------------------------------------------------------------------------ docstring figures
@@ -176,7 +181,7 @@ def _formula(ranks, experts, t, w, k, h, i):
 def test_docstring_size_formula(ranks, experts, t, w, k, h, i):
     assert 'T x (9 H / 8 + 16 k) + R_w x (4 H + 2 I + 32) + P_w x 2 H' in buffer_mod.__doc__
     assert 'less than ``2176 + 20 E_l + 8 ranks``' in buffer_mod.__doc__
-    size = get_symm_buffer_size_for_mega_moe(ranks, experts, t, k, h, i, num_max_tokens_per_wave=w)
+    size = get_symm_buffer_size_for_mega_moe(ranks, experts, t, k, h, i, num_max_tokens_per_wave=w, mma_type='fp8xnvfp4')
     extra = size - _formula(ranks, experts, t, w, k, h, i)
     assert 0 <= extra < 2176 + 20 * (experts // ranks) + 8 * ranks, extra
 
@@ -193,7 +198,7 @@ def test_docstring_worked_figures():
         (8, 8192, None, '{} GB with the default W = 1171 (7 waves)'),
     ]
     for ranks, t, w, words in cases:
-        size = get_symm_buffer_size_for_mega_moe(ranks, 8 * ranks, t, k, h, i, num_max_tokens_per_wave=w)
+        size = get_symm_buffer_size_for_mega_moe(ranks, 8 * ranks, t, k, h, i, num_max_tokens_per_wave=w, mma_type='fp8xnvfp4')
         assert words.format(f'{size / 1e9:.2f}') in doc, (ranks, t, w, size)
     assert default_num_max_tokens_per_wave(4, 32, 4096, 6) == 2048
     assert default_num_max_tokens_per_wave(8, 64, 8192, 6) == 1171 and -(-8192 // 1171) == 7
@@ -268,7 +273,7 @@ def test_sequence_waves_one_rank(monkeypatch):
     from deep_gemm.mega import sm90
     _no_tile_floor(monkeypatch)
     r = Recorder(monkeypatch)
-    buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32, mma_type='fp8xnvfp4')
     y = torch.empty(40, H, dtype=torch.bfloat16)
     stats = torch.zeros(E, dtype=torch.int32)
     sm90.run_sequence(y, L1, L2, buf, stats)
@@ -304,7 +309,7 @@ def test_sequence_waves_emulated_ranks(monkeypatch):
     from deep_gemm.mega import sm90
     _no_tile_floor(monkeypatch)
     r = Recorder(monkeypatch)
-    bufs = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+    bufs = SymmBuffer.emulated_group(2, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32, mma_type='fp8xnvfp4')
     y = torch.empty(50, H, dtype=torch.bfloat16)
     sm90.run_sequence(y, L1, L2, bufs[1])
     per_wave = ['smxx_moe_barrier', 'smxx_moe_dispatch_layout', 'smxx_moe_dispatch_gather', 'gemm', 'gemm',
@@ -333,9 +338,9 @@ def test_fused_waves(monkeypatch, ranks, count, waves, hint):
     _no_tile_floor(monkeypatch)
     r = Recorder(monkeypatch)
     if ranks == 1:
-        buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)
+        buf = get_symm_buffer_for_mega_moe(None, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32, mma_type='fp8xnvfp4')
     else:
-        buf = SymmBuffer.emulated_group(ranks, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32)[-1]
+        buf = SymmBuffer.emulated_group(ranks, E, 96, K, H, I, device='cpu', num_max_tokens_per_wave=32, mma_type='fp8xnvfp4')[-1]
     y = torch.empty(count, H, dtype=torch.bfloat16)
     stats = torch.zeros(buf.num_experts_per_rank, dtype=torch.int32)
     sm90.run(y, L1, L2, buf, stats, fused=True)
@@ -368,8 +373,8 @@ def test_token_tile_choice(monkeypatch, world, tokens, block_t):
     experts of uneven routing do not stream their weights once per small tile; tiles of up to 64 rows
     run two CTAs per SM; the fused kernel and the sequence's GEMMs agree; the env override wins."""
     from deep_gemm.mega import sm90
-    bufs = SymmBuffer.emulated_group(world, E, 4096, K, H, I, device='cpu') if world > 1 else \
-        [get_symm_buffer_for_mega_moe(None, E, 4096, K, H, I, device='cpu')]
+    bufs = SymmBuffer.emulated_group(world, E, 4096, K, H, I, device='cpu', mma_type='fp8xnvfp4') if world > 1 else \
+        [get_symm_buffer_for_mega_moe(None, E, 4096, K, H, I, device='cpu', mma_type='fp8xnvfp4')]
     monkeypatch.delenv('DG_GROUPED_GEMM_BLOCK_T', raising=False)
     assert sm90.block_t_for(bufs[-1], tokens) == block_t
     assert gemm._block_t(sm90._expected_m(bufs[-1], tokens)) == block_t

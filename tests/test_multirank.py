@@ -48,7 +48,7 @@ def _worker(rank, world, port, data_path, out_dir):
             l2 = {k: v[es] for k, v in d['l2'].items()}
             L1, L2 = deep_gemm.transform_nvfp4_weights_for_mega_moe(l1, l2)
             buf = deep_gemm.get_symm_buffer_for_mega_moe(dist.group.WORLD, d['experts'], max(counts) + 3,
-                                                         d['topk'], d['hidden'], d['inter'], device='cpu')
+                                                         d['topk'], d['hidden'], d['inter'], device='cpu', mma_type='fp8xnvfp4')
             t = hi - lo
             buf.x[:t].copy_(tok['x'])
             buf.x_sf[:t].copy_(tok['x_sf'])
@@ -76,7 +76,7 @@ def _baseline_worker(rank, world, port, data_path, out_dir):
         e_l = d['experts'] // world
         es = slice(rank * e_l, (rank + 1) * e_l)
         buf = deep_gemm.get_symm_buffer_for_mega_moe(dist.group.WORLD, d['experts'], max(counts) + 1, d['topk'],
-                                                     d['hidden'], d['inter'], device='cpu')
+                                                     d['hidden'], d['inter'], device='cpu', mma_type='fp8xnvfp4')
         for name in ('x', 'x_sf', 'topk_idx', 'topk_weights'):
             getattr(buf, name)[:t].copy_(d[name][lo:lo + t])
         received = []

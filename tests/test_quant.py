@@ -1,5 +1,7 @@
-"""Every quantizer against a direct float64 computation (brute-force nearest value, ties to even)."""
+"""Every quantizer against a direct computation (brute-force nearest value, ties to even): float64 for
+the weight quantizers' documented steps, plain-Python float32 steps for upstream's activation cast."""
 import math
+import struct
 
 import pytest
 import torch
@@ -107,16 +109,20 @@ def test_round_to_bf16_single_rounding():
 
 # ------------------------------------------------------------------------------------------ NVFP4
 def naive_nvfp4(w: torch.Tensor):
-    w = w.double()
-    amax = w.abs().max().item()
-    gs = torch.tensor(amax / 2688.0, dtype=torch.float32) if amax > 0 else torch.tensor(1.0)
-    g = gs.double().item()
+    """The ModelOpt convention of ``cast_to_nvfp4`` with torch float32 steps and brute-force
+    roundings (``test_quant_modelopt.py`` checks the same convention element by element)."""
+    amax = w.abs().max().float()
+    gs = amax / 2688.0
+    gs = torch.where(gs == 0, torch.ones_like(gs), gs)
     n, k = w.shape
     blocks = w.reshape(n, k // 16, 16)
-    scale = brute_e4m3(blocks.abs().amax(-1) / 6.0 / g)
-    denom = scale * g
-    q = torch.where(denom.unsqueeze(-1) == 0, torch.zeros_like(blocks), blocks / denom.unsqueeze(-1).clamp(min=1e-300))
-    codes = brute_e2m1_codes(q.reshape(n, k))
+    s = blocks.abs().amax(-1).float() / (6.0 * gs)
+    s = torch.where(s == 0, torch.ones_like(s), s).clamp(2.0 ** -9, 448.0)
+    scale = brute_e4m3(s)  # float64 values, exact
+    denom = (scale.float() * gs).unsqueeze(-1)  # float32 product
+    q = (blocks.to(torch.promote_types(w.dtype, torch.float32)) / denom).reshape(n, k)
+    _idx, _ = brute_round(q, E2M1_MAG)
+    codes = (_idx | ((q < 0).long() << 3)).to(torch.uint8)
     return pack_e2m1(codes), scale.to(torch.float8_e4m3fn), gs
 
 
@@ -128,13 +134,14 @@ def nvfp4_test_matrix():
     amax = w.abs().max()
     w[1, :16] = amax / 448 * 0.005 * torch.linspace(-1, 1, 16)  # block scale 0.005: a UE4M3 subnormal
     w[1, 16:32] = amax / 448 * 0.012 * torch.linspace(-1, 1, 16)
-    w[2, 16:32] = 1e-9  # scale rounds to zero -> zero elements
+    w[2, 16:32] = 1e-9  # scale clamped up to 2^-9 -> zero elements
     w[4] = torch.tensor([-0.0] * 128)
     return w
 
 
-def test_cast_to_nvfp4_vs_float64():
-    w = nvfp4_test_matrix()
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float64])
+def test_cast_to_nvfp4_vs_naive(dtype):
+    w = nvfp4_test_matrix().to(dtype)
     packed, scale, gs = cast_to_nvfp4(w)
     p2, s2, g2 = naive_nvfp4(w)
     assert gs.dtype == torch.float32 and gs.dim() == 0
@@ -144,6 +151,7 @@ def test_cast_to_nvfp4_vs_float64():
     sv = scale.view(torch.uint8)
     assert ((sv[1] > 0) & (sv[1] < 8)).any(), 'expected UE4M3 subnormal scales'
     assert (sv[3, 0].item() == 0x7E)  # 448
+    assert sv[0, 0].item() == 0x38 and sv[2, 1].item() == 0x01  # zero block: 1.0; tiny block: 2^-9
     assert torch.equal(unpack_e2m1(packed)[3, :16] & 7, torch.full((16,), 7, dtype=torch.uint8))
     assert (sv & 0x80 == 0).all()  # UE4M3: no sign
 
@@ -162,7 +170,7 @@ def test_nvfp4_saturation_at_6_times_448():
 
 def test_nvfp4_all_zero_and_dequant_exact():
     packed, scale, gs = cast_to_nvfp4(torch.zeros(4, 64))
-    assert gs.item() == 1.0 and (packed == 0).all() and (scale.view(torch.uint8) == 0).all()
+    assert gs.item() == 1.0 and (packed == 0).all() and (scale.view(torch.uint8) == 0x38).all()  # scale 1.0
     w = nvfp4_test_matrix()
     packed, scale, gs = cast_to_nvfp4(w)
     codes = unpack_e2m1(packed)
@@ -224,31 +232,74 @@ def test_cast_to_mxfp4_vs_float64():
 
 
 # -------------------------------------------------------------------------------------------- FP8
+def f32(v: float) -> float:
+    """Round a Python float to float32 (one RNE rounding)."""
+    return struct.unpack('f', struct.pack('f', v))[0]
+
+
+def upstream_fp8_oracle(x: torch.Tensor, use_ue8m0: bool, gran_k: int):
+    """Upstream's per_token_cast_to_fp8, element by element in plain Python: float32 amax clamped at
+    1e-4, float32 amax / 448, the next power of two up (ue8m0), float32 reciprocal, float32 product,
+    RNE to E4M3 saturating at 448."""
+    m, n = x.shape
+    groups = -(-n // gran_k)
+    xs = x.float().tolist()
+    q = torch.zeros(m, n, dtype=torch.float64)
+    sf = torch.zeros(m, groups, dtype=torch.float64)
+    for r in range(m):
+        for gi in range(groups):
+            block = xs[r][gi * gran_k:(gi + 1) * gran_k]
+            s = f32(max(max(abs(v) for v in block), f32(1e-4)) / 448.0)
+            if use_ue8m0:
+                s = 2.0 ** math.ceil(math.log2(s))
+            sf[r, gi] = s
+            inv = f32(1.0 / s)
+            for j, v in enumerate(block):
+                q[r, gi * gran_k + j] = f32(v * inv)
+    return brute_e4m3(q), sf
+
+
 @pytest.mark.parametrize('gran_k', [32, 128])
 @pytest.mark.parametrize('use_ue8m0', [False, True])
-def test_per_token_cast_to_fp8_vs_float64(gran_k, use_ue8m0):
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_per_token_cast_to_fp8_is_upstreams(gran_k, use_ue8m0, dtype):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 256, generator=g) * torch.exp(3 * torch.randn(6, 1, generator=g))
     x[0] = 0
     x[1, :gran_k] = 0
-    q, sf = per_token_cast_to_fp8(x, gran_k, use_ue8m0)
+    x[2, :gran_k] = 3e-5      # below the 1e-4 amax clamp
+    x[3, 0] = 448 * 1.75      # amax / 448 exactly a power of two times 1.75
+    x = x.to(dtype)
+    q, sf = per_token_cast_to_fp8(x, use_ue8m0, gran_k)
     assert q.dtype == torch.float8_e4m3fn and sf.dtype == torch.float32 and sf.shape == (6, 256 // gran_k)
-    blocks = x.double().reshape(6, -1, gran_k)
-    amax = blocks.abs().amax(-1)
-    want_sf = (amax / 448).float().double()
-    if use_ue8m0:
-        want_sf = torch.tensor([[2.0 ** math.ceil(math.log2(s)) if s > 0 else 1.0 for s in row] for row in want_sf.tolist()],
-                               dtype=torch.float64)
-    want_sf = torch.where(amax == 0, torch.ones_like(want_sf), want_sf)
+    want_q, want_sf = upstream_fp8_oracle(x, use_ue8m0, gran_k)
     assert torch.equal(sf.double(), want_sf)
-    want_q = brute_e4m3(blocks / want_sf.unsqueeze(-1)).reshape(6, 256)
     assert torch.equal(q.double(), want_q)
-    assert q.double().abs().max() <= 448
+    assert sf[0, 0].item() == (2.0 ** -22 if use_ue8m0 else f32(f32(1e-4) / 448))   # all-zero block
     d = dequant_fp8(q, sf, gran_k, dtype=torch.float64)
     assert torch.equal(d, q.double() * sf.double().repeat_interleave(gran_k, 1))
     if use_ue8m0:  # power-of-two scales: FP8 x scale is exact in BF16
         assert torch.equal(d.to(torch.bfloat16).double(), d)
-    assert torch.allclose(d, x.double(), rtol=0.07, atol=0)
+    assert torch.allclose(d[4:], x[4:].double(), rtol=0.07, atol=0)
+
+
+def test_per_token_cast_to_fp8_packed_and_padded():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 200, generator=g)          # 200 is no multiple of 128: zero padding
+    q, sf = per_token_cast_to_fp8(x, True, 32)
+    assert q.shape == (5, 200) and sf.shape == (5, 7)
+    assert torch.equal(q.double(), upstream_fp8_oracle(x, True, 32)[0])
+    with pytest.raises(ValueError, match='multiple of 4'):   # 7 groups do not pack into words
+        per_token_cast_to_fp8(x, True, 32, True)
+    q, sf = per_token_cast_to_fp8(torch.cat([x, x[:, :56]], 1), True, 32)
+    qp, packed = per_token_cast_to_fp8(torch.cat([x, x[:, :56]], 1), True, 32, True)
+    assert torch.equal(q.view(torch.uint8), qp.view(torch.uint8))
+    assert packed.dtype == torch.int32 and packed.shape == (5, 2)
+    assert torch.equal(unpack_ue8m0(packed, 8), sf)
+    with pytest.raises(TypeError, match='use_ue8m0: expected a bool'):   # the old order (x, gran_k, ...)
+        per_token_cast_to_fp8(x, 32)
+    with pytest.raises(ValueError, match='use_packed_ue8m0'):
+        per_token_cast_to_fp8(x, False, 32, True)
 
 
 def test_pack_unpack_ue8m0():
@@ -262,7 +313,88 @@ def test_pack_unpack_ue8m0():
     g = torch.Generator().manual_seed(6)
     sf = torch.exp2(torch.randint(-100, 100, (7, 13), generator=g).float())
     assert torch.equal(unpack_ue8m0(pack_ue8m0(sf), 13), sf)
-    _, sf2 = per_token_cast_to_fp8(torch.randn(4, 256), 32, use_ue8m0=True)
+    _, sf2 = per_token_cast_to_fp8(torch.randn(4, 256), True, 32)
     assert torch.equal(unpack_ue8m0(pack_ue8m0(sf2), 8), sf2)
     with pytest.raises(ValueError, match='sf'):
         pack_ue8m0(torch.tensor([[1.5]]))
+
+
+# ------------------------------------------------------------- the previous float64 implementations
+# Copies of the float64 quantizers that the fast ones replaced: their math is the documented one
+# (single RNE roundings of float64 quotients), and the fast code must equal them bit for bit.
+def old_round_to_format(x, sig_bits, min_exp, max_value):
+    x = x.to(torch.float64)
+    a = x.abs().clamp(max=max_value)
+    _, e = torch.frexp(a)
+    quantum = torch.ldexp(torch.ones_like(a), e.clamp(min=min_exp) - sig_bits)
+    r = torch.round(a / quantum) * quantum
+    r = r.clamp(max=max_value)
+    return torch.where(torch.signbit(x), -r, r)
+
+
+def old_float_to_e2m1(x):
+    r = old_round_to_format(x.to(torch.float64), 2, 1, 6.0)
+    a = r.abs()
+    mag = torch.where(a < 2, a * 2, torch.where(a < 4, a + 2, a / 2 + 4)).to(torch.uint8)
+    return mag | (torch.signbit(r).to(torch.uint8) << 3)
+
+
+def old_cast_to_mxfp4(w):
+    w64 = w.to(torch.float64)
+    blocks = w64.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    amax = blocks.abs().amax(dim=-1) / 6.0
+    m, e = torch.frexp(amax)
+    ceil_log2 = torch.where(m == 0.5, e - 1, e)
+    b = torch.where(amax == 0, torch.zeros_like(e), (ceil_log2 + 127).clamp(0, 254))
+    s = torch.ldexp(torch.ones_like(amax), b - 127).unsqueeze(-1)
+    codes = old_float_to_e2m1(blocks / s).reshape(w.shape)
+    return pack_e2m1(codes), b.to(torch.uint8)
+
+
+def random_activations(dtype, seed, t=64, k=1024):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g) * torch.exp(3 * torch.randn(t, 1, generator=g))
+    x = x * torch.exp(torch.randn(t, k // 32, generator=g)).repeat_interleave(32, 1)
+    x[0] = 0
+    x[1, :128] = 0
+    x[2, :64] = -0.0
+    x[3, 5] = -1e-30
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float64])
+def test_cast_to_mxfp4_vs_old_float64(dtype):
+    for seed in range(3):
+        w = random_activations(dtype, seed, t=32, k=512)
+        ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4)
+        w[4, :32] = ties * torch.tensor([1.0, -1.0]).repeat(16)  # scale 1: the E2M1 ties themselves
+        w[5, 0] = 1e-38 if dtype != torch.float16 else 1e-5
+        got, want = cast_to_mxfp4(w), old_cast_to_mxfp4(w)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    w3 = random_activations(torch.float32, 4, t=24, k=256).reshape(2, 12, 256)
+    got, want = cast_to_mxfp4(w3), old_cast_to_mxfp4(w3)
+    assert got[0].shape == (2, 12, 128) and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_float_to_e2m1_all_dtypes():
+    grid = torch.arange(-8 * 64, 8 * 64 + 1, dtype=torch.float64) / 64
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        v = torch.cat([grid, torch.randn(1000, dtype=torch.float64) * 3]).to(dtype)
+        assert torch.equal(float_to_e2m1(v), old_float_to_e2m1(v))
+        assert torch.equal(float_to_e2m1(v), brute_e2m1_codes(v.double()))
+
+
+# ------------------------------------------------------------------------------------ input hygiene
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_non_finite_input_rejected(bad, dtype):
+    w = torch.randn(4, 128)
+    w[3, 100] = bad
+    w = w.to(dtype)
+    for f in (cast_to_nvfp4, cast_to_mxfp4, lambda t: cast_to_nvfp4_experts(t[None])):
+        with pytest.raises(ValueError, match='^w: .*NaN or Inf'):
+            f(w)
+    with pytest.raises(ValueError, match='^x: .*NaN or Inf'):
+        per_token_cast_to_fp8(w, False, 32)
+    with pytest.raises(ValueError, match='^x: .*NaN or Inf'):
+        per_token_cast_to_fp8(w, True, 128)

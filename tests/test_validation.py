@@ -47,10 +47,10 @@ def test_check_expert_ids_and_multiple():
 
 # -------------------------------------------------------------------------------------------- buffer
 def test_buffer_layout_and_views():
-    buf = get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu')
-    size = get_symm_buffer_size_for_mega_moe(1, E, TMAX, K, H, I)
+    buf = get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', mma_type='fp8xnvfp4')
+    size = get_symm_buffer_size_for_mega_moe(1, E, TMAX, K, H, I, mma_type='fp8xnvfp4')
     assert buf.num_bytes == size == buf.raw.numel()
-    layout = get_symm_buffer_layout(1, E, TMAX, K, H, I)
+    layout = get_symm_buffer_layout(1, E, TMAX, K, H, I, mma_type='fp8xnvfp4')
     end = 0
     for name, reg in layout.items():
         assert reg.offset % ALIGNMENT == 0 and reg.offset >= end, name
@@ -67,7 +67,7 @@ def test_buffer_layout_and_views():
     buf.topk_weights.fill_(1.0)
     assert (buf.x.view(torch.uint8) == 0).all() and (buf.topk_idx == 0).all()
     # larger problems need more room; the size grows with ranks (receive pools)
-    assert get_symm_buffer_size_for_mega_moe(4, E, TMAX, K, H, I) > size
+    assert get_symm_buffer_size_for_mega_moe(4, E, TMAX, K, H, I, mma_type='fp8xnvfp4') > size
 
 
 @pytest.mark.parametrize('kwargs,exc,name', [
@@ -85,21 +85,21 @@ def test_bad_buffer_args(kwargs, exc, name):
     args = dict(num_experts=E, num_max_tokens_per_rank=TMAX, num_topk=K, hidden=H, intermediate_hidden=I)
     args.update(kwargs)
     with pytest.raises(exc, match=f'^{name}:'):
-        get_symm_buffer_for_mega_moe(None, device='cpu', **args)
+        get_symm_buffer_for_mega_moe(None, device='cpu', **args, mma_type='fp8xnvfp4')
     with pytest.raises(exc, match=f'^{name}:'):
-        get_symm_buffer_size_for_mega_moe(1, **args)
+        get_symm_buffer_size_for_mega_moe(1, **args, mma_type='fp8xnvfp4')
 
 
 def test_buffer_num_experts_multiple_of_ranks():
     with pytest.raises(ValueError, match='^num_experts:'):
-        get_symm_buffer_size_for_mega_moe(3, E, TMAX, K, H, I)
+        get_symm_buffer_size_for_mega_moe(3, E, TMAX, K, H, I, mma_type='fp8xnvfp4')
 
 
 def test_multi_rank_layout():
     """The regions the EP kernels index: receive pools sized for every rank's tokens, per-pair rows
     of this rank's tokens, per-phase flags per rank."""
     for ranks in (1, 2, 4, 8):
-        lay = get_symm_buffer_layout(ranks, 8 * ranks, TMAX, 6, H, I)
+        lay = get_symm_buffer_layout(ranks, 8 * ranks, TMAX, 6, H, I, mma_type='fp8xnvfp4')
         r = ranks * TMAX * min(6, 8)
         assert lay['l1_x'].shape == (r, H) and lay['l1_x'].dtype == torch.bfloat16
         assert lay['combine'].shape == (r, H) and lay['l2_x'].shape == (r, I) and lay['l1_src'].shape == (r, 4)
@@ -110,11 +110,11 @@ def test_multi_rank_layout():
         # the rows other ranks push for this rank's (token, slot) pairs; none with one rank
         assert lay['combine_in'].shape == ((TMAX * 6 if ranks > 1 else 0), H)
     # top-k above the local expert count: at most E_l distinct experts of a token land on one rank
-    assert get_symm_buffer_layout(4, 8, TMAX, 6, H, I)['l1_x'].shape == (4 * TMAX * 2, H)
+    assert get_symm_buffer_layout(4, 8, TMAX, 6, H, I, mma_type='fp8xnvfp4')['l1_x'].shape == (4 * TMAX * 2, H)
 
 
 def test_emulated_group_views():
-    bufs = SymmBuffer.emulated_group(4, 8, TMAX, K, H, I, device='cpu')
+    bufs = SymmBuffer.emulated_group(4, 8, TMAX, K, H, I, device='cpu', mma_type='fp8xnvfp4')
     assert [b.rank for b in bufs] == [0, 1, 2, 3] and all(b.num_ranks == 4 and b.emulated for b in bufs)
     ptrs = [b.raw.data_ptr() for b in bufs]
     for b in bufs:
@@ -130,7 +130,7 @@ def test_emulated_group_views():
 
 def test_emulated_group_rejects_reference(make_problem, fake_weights):
     p = make_problem(seed=1, t=4, hidden=H, inter=I, experts=E, topk=K)
-    bufs = SymmBuffer.emulated_group(2, E, TMAX, K, H, I, device='cpu')
+    bufs = SymmBuffer.emulated_group(2, E, TMAX, K, H, I, device='cpu', mma_type='fp8xnvfp4')
     y = torch.empty(4, H, dtype=torch.bfloat16)
     l1 = fake_weights(p.w1[:4], p.w1_alpha[:4])
     l2 = fake_weights(p.w2[:4], p.w2_alpha[:4])
@@ -142,25 +142,25 @@ def test_emulated_group_rejects_reference(make_problem, fake_weights):
                                        ('5', TypeError), (True, TypeError)])
 def test_bad_timeout(value, exc):
     with pytest.raises(exc, match='^timeout_s:'):
-        get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', timeout_s=value)
+        get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', timeout_s=value, mma_type='fp8xnvfp4')
 
 
 def test_timeout_default_and_env(monkeypatch):
     monkeypatch.delenv('DG_MEGA_MOE_TIMEOUT_S', raising=False)
-    assert get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu').timeout_s == 300.0
-    assert get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', timeout_s=2).timeout_s == 2.0
+    assert get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', mma_type='fp8xnvfp4').timeout_s == 300.0
+    assert get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', timeout_s=2, mma_type='fp8xnvfp4').timeout_s == 2.0
     monkeypatch.setenv('DG_MEGA_MOE_TIMEOUT_S', '7.5')
-    assert get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu').timeout_s == 7.5
+    assert get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', mma_type='fp8xnvfp4').timeout_s == 7.5
     monkeypatch.setenv('DG_MEGA_MOE_TIMEOUT_S', 'soon')
     with pytest.raises(ValueError, match='^DG_MEGA_MOE_TIMEOUT_S:'):
-        get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu')
+        get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', mma_type='fp8xnvfp4')
 
 
 # ------------------------------------------------------------------------------------------ the API
 @pytest.fixture
 def setup(make_problem, fake_weights):
     p = make_problem(seed=3, t=10, hidden=H, inter=I, experts=E, topk=K)
-    buf = get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu')
+    buf = get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', mma_type='fp8xnvfp4')
     buf.x[:p.t].copy_(p.x)
     buf.x_sf[:p.t].copy_(p.x_sf)
     buf.topk_idx[:p.t].copy_(p.topk_idx)
@@ -261,25 +261,31 @@ def test_gpu_backend_on_cpu_buffer(setup):
 def test_mxfp4_api_args(setup, fake_weights):
     p, buf, l1, l2, y = setup
     m1, m2 = fake_weights(p.w1, torch.ones(E, 2), 'mxfp4'), fake_weights(p.w2, torch.ones(E, 1), 'mxfp4')
+    with pytest.raises(ValueError, match="^sym_buffer: fp8_fp4_mega_moe requires a symmetric buffer of mma_type "
+                                         "'fp8xfp4' or 'fp8xfp8', got 'fp8xnvfp4'"):
+        fp8_fp4_mega_moe(y, m1, m2, buf)
+    up = get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu')   # upstream's default kind
+    assert up.mma_type == 'fp8xfp4'
     with pytest.raises(ValueError, match='^recipe: '):
-        fp8_fp4_mega_moe(y, m1, m2, buf, recipe=(1, 1, 128))
+        fp8_fp4_mega_moe(y, m1, m2, up, recipe=(1, 1, 128))
     with pytest.raises(ValueError, match='^activation: '):
-        fp8_fp4_mega_moe(y, m1, m2, buf, activation='gelu')
+        fp8_fp4_mega_moe(y, m1, m2, up, activation='gelu')
     with pytest.raises(ValueError, match='^l1_weights: expected mxfp4'):
-        fp8_fp4_mega_moe(y, l1, l2, buf)
+        fp8_fp4_mega_moe(y, l1, l2, up)
     with pytest.raises(TypeError, match='^sym_buffer: '):
         fp8_fp4_mega_moe(y, m1, m2, None)
-    fp8_fp4_mega_moe(y, m1, m2, buf)
-    assert torch.equal(y, reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, p.w1, torch.ones(E, 2),
-                                             p.w2, torch.ones(E, 1)))
+    with pytest.raises(ValueError, match='^situ_beta: '):
+        fp8_fp4_mega_moe(y, m1, m2, up, situ_beta=1.0)
+    with pytest.raises(ValueError, match='^shared_l1_weights: the buffer was made for 1 shared'):
+        fp8_fp4_mega_moe(y, m1, m2, get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, 1, device='cpu'))
 
 
 # ------------------------------------------------------------- with the real kernel-side weight objects
 def test_api_with_transformed_nvfp4_weights(make_problem):
-    weights = pytest.importorskip('deep_gemm.mega.weights')
+    weights = pytest.importorskip('deep_gemm.weights')
     p = make_problem(seed=21, t=9, hidden=H, inter=I, experts=E, topk=K)
     l1, l2 = weights.transform_nvfp4_weights_for_mega_moe(p.l1, p.l2)
-    buf = get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu')
+    buf = get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu', mma_type='fp8xnvfp4')
     buf.x[:p.t].copy_(p.x)
     buf.x_sf[:p.t].copy_(p.x_sf)
     buf.topk_idx[:p.t].copy_(p.topk_idx)
@@ -287,25 +293,6 @@ def test_api_with_transformed_nvfp4_weights(make_problem):
     y = torch.empty(p.t, H, dtype=torch.bfloat16)
     deep_gemm.fp8_nvfp4_mega_moe(y, l1, l2, buf, backend='reference')
     want = reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, p.w1, p.w1_alpha, p.w2, p.w2_alpha)
-    assert torch.equal(y, want)
-
-
-def test_api_with_transformed_mxfp4_weights(make_problem):
-    weights = pytest.importorskip('deep_gemm.mega.weights')
-    from deep_gemm.utils import cast_to_mxfp4, dequant_mxfp4
-    p = make_problem(seed=22, t=9, hidden=H, inter=I, experts=E, topk=K)
-    w1p, w1s = cast_to_mxfp4(p.w1)
-    w2p, w2s = cast_to_mxfp4(p.w2)
-    l1, l2 = weights.transform_weights_for_mega_moe((w1p, w1s), (w2p, w2s))
-    buf = get_symm_buffer_for_mega_moe(None, E, TMAX, K, H, I, device='cpu')
-    buf.x[:p.t].copy_(p.x)
-    buf.x_sf[:p.t].copy_(p.x_sf)
-    buf.topk_idx[:p.t].copy_(p.topk_idx)
-    buf.topk_weights[:p.t].copy_(p.topk_weights)
-    y = torch.empty(p.t, H, dtype=torch.bfloat16)
-    fp8_fp4_mega_moe(y, l1, l2, buf)
-    want = reference_mega_moe(p.x, p.x_sf, p.topk_idx, p.topk_weights, dequant_mxfp4(w1p, w1s), torch.ones(E, 2),
-                              dequant_mxfp4(w2p, w2s), torch.ones(E, 1))
     assert torch.equal(y, want)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from deep_gemm.mega.weights import (BLOCK_K, CODE_BYTES, transform_nvfp4_weights_for_mega_moe,
+from deep_gemm.weights import (BLOCK_K, CODE_BYTES, transform_nvfp4_weights_for_mega_moe,
                                     transform_weights_for_mega_moe, _code_index, _scale_index,
                                     _CODE_WORD_PERM, _NVFP4_SCALE_WORD_PERM, _WORD_BIT_CELL, _permute_word_bits)
 

@@ -13,16 +13,18 @@ then run one backend:
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from typing import Optional, Tuple
 
 import torch
 
 from ..reference import reference_mega_moe
+from ..utils.math import unpack_ue8m0_from_int
 from ..utils.validation import check_activation_clamp, check_tensor
 from .buffer import SymmBuffer
 
-__all__ = ['fp8_nvfp4_mega_moe', 'fp8_fp4_mega_moe', 'BACKENDS', 'select_backend']
+__all__ = ['fp8_nvfp4_mega_moe', 'fp8_fp4_mega_moe', 'bf16_mega_moe', 'fp4_fp4_mega_moe', 'BACKENDS', 'select_backend']
 
 BACKENDS = ('auto', 'reference', 'sm90', 'sm100')
 
@@ -67,13 +69,14 @@ def select_backend(backend: str, device: torch.device) -> str:
     return arch
 
 
-def _check_weights(name: str, w, fmt: str, n: int, k: int, num_experts: int, num_alpha: int):
+def _check_weights(name: str, w, fmt, n: int, k: int, num_experts: int, num_alpha: int):
     for attr in ('fmt', 'n', 'k', 'num_experts', 'alpha', 'dequantize'):
         if not hasattr(w, attr):
-            raise TypeError(f'{name}: expected transformed expert weights (deep_gemm.mega.weights.ExpertWeights), '
-                            f'got {type(w).__name__} without `{attr}`')
-    if w.fmt != fmt:
-        raise ValueError(f'{name}: expected {fmt} weights, got fmt={w.fmt!r}')
+            raise TypeError(f'{name}: expected transformed expert weights (deep_gemm.weights.ExpertWeights, from '
+                            f'transform_weights_for_mega_moe), got {type(w).__name__} without `{attr}`')
+    fmts = (fmt,) if isinstance(fmt, str) else tuple(fmt)
+    if w.fmt not in fmts:
+        raise ValueError(f'{name}: expected {" or ".join(fmts)} weights, got fmt={w.fmt!r}')
     if w.n != n:
         raise ValueError(f'{name}: n = {w.n}, expected {n}')
     if w.k != k:
@@ -88,42 +91,61 @@ def _capturing(device: torch.device) -> bool:
     return device.type == 'cuda' and torch.cuda.is_current_stream_capturing()
 
 
-def _bad_alpha(alpha: torch.Tensor) -> torch.Tensor:
-    return (~(torch.isfinite(alpha) & (alpha > 0))).any().long().to(alpha.device)
+def _bad_scale_values(buffer: SymmBuffer, t: int) -> torch.Tensor:
+    """1 if any activation scale of the first ``t`` tokens is NaN / Inf (float32 scales), the UE8M0
+    NaN byte 0xFF (FP8 kinds' packed words) or a UE4M3 NaN (NVFP4 activations)."""
+    sf = buffer.x_sf
+    if sf is None:
+        return torch.zeros((), dtype=torch.int64, device=buffer.device)
+    sf = sf[:t]
+    if sf.is_floating_point():
+        return (~torch.isfinite(sf)).any().long()
+    b = sf.contiguous().view(torch.uint8)
+    bad = (b == 0xFF) if buffer.mma_type in ('fp8xfp4', 'fp8xfp8') else ((b & 0x7F) == 0x7F) | (b >= 0x80)
+    return bad.any().long()
 
 
-def _check_values(buffer: SymmBuffer, t: int, names, l1, l2) -> None:
-    """Expert ids in range, finite routing weights and scales, finite positive alphas, read back from
-    the device at once (one host sync per call instead of one per check).  NaN inside the FP8 tokens
-    ``x`` is data, not checked: it stays in that token's output row."""
-    l1_name, l2_name, buf_name = names
-    checks = [_bad_alpha(l1.alpha).to(buffer.device), _bad_alpha(l2.alpha).to(buffer.device)]
+def _check_values(buffer: SymmBuffer, t: int, buf_name: str, scales) -> None:
+    """Expert ids in range, finite routing weights and activation scales, finite positive alphas /
+    global scales (``scales``: ``(name, tensor)`` pairs), read back from the device at once (one host
+    sync per call instead of one per check).  NaN inside the tokens ``x`` is data, not checked: it
+    stays in that token's output row."""
+    checks, msgs = [], []
+    for name, v in scales:
+        if v is not None:
+            checks.append((~(torch.isfinite(v) & (v > 0))).any().long().to(buffer.device))
+            msgs.append(f'{name}: global scales must be finite and positive')
     if t:
         idx = buffer.topk_idx[:t]
-        checks += [idx.min(), idx.max(), (~torch.isfinite(buffer.topk_weights[:t])).any().long(),
-                   (~torch.isfinite(buffer.x_sf[:t])).any().long()]
-    vals = torch.stack(checks).tolist()
-    if vals[0]:
-        raise ValueError(f'{l1_name}.alpha: global scales must be finite and positive')
-    if vals[1]:
-        raise ValueError(f'{l2_name}.alpha: global scales must be finite and positive')
-    if not t:
-        return
-    lo, hi, bad_w, bad_sf = vals[2:]
-    if lo < -1 or hi >= buffer.num_experts:
-        raise ValueError(f'{buf_name}.topk_idx: expert id {lo if lo < -1 else hi} out of range: ids must be -1 '
-                         f'(masked) or in [0, {buffer.num_experts})')
-    if bad_w:
-        raise ValueError(f'{buf_name}.topk_weights: must be finite')
-    if bad_sf:
-        raise ValueError(f'{buf_name}.x_sf: must be finite')
+        checks += [(~torch.isfinite(buffer.topk_weights[:t])).any().long(), _bad_scale_values(buffer, t)]
+        msgs += [f'{buf_name}.topk_weights: must be finite', f'{buf_name}.x_sf: activation scales must be finite']
+        checks += [idx.min(), idx.max()]
+    vals = torch.stack(checks).tolist() if checks else []
+    if t:
+        lo, hi = vals[-2:]
+        if lo < -1 or hi >= buffer.num_experts:
+            raise ValueError(f'{buf_name}.topk_idx: expert id {lo if lo < -1 else hi} out of range: ids must be -1 '
+                             f'(masked) or in [0, {buffer.num_experts})')
+    for bad, msg in zip(vals, msgs):
+        if bad:
+            raise ValueError(msg)
 
 
-def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fmt: str,
-              names=('l1', 'l2', 'buffer')) -> int:
-    l1_name, l2_name, buf_name = names
+def _check_buffer(buffer, buf_name: str, mma_types: Tuple[str, ...], entry: str) -> None:
     if not isinstance(buffer, SymmBuffer):
         raise TypeError(f'{buf_name}: expected a SymmBuffer from get_symm_buffer_for_mega_moe, got {type(buffer).__name__}')
+    if buffer.mma_type not in mma_types:
+        want = ' or '.join(repr(m) for m in mma_types)
+        raise ValueError(f'{buf_name}: {entry} requires a symmetric buffer of mma_type {want}, got '
+                         f'{buffer.mma_type!r} (get_symm_buffer_for_mega_moe(..., mma_type=...))')
+    if buffer.destroyed:
+        raise ValueError(f'{buf_name}: this buffer was destroyed')
+
+
+def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fmt,
+              names=('l1', 'l2', 'buffer'), mma_types=('fp8xnvfp4',), entry='fp8_nvfp4_mega_moe') -> int:
+    l1_name, l2_name, buf_name = names
+    _check_buffer(buffer, buf_name, mma_types, entry)
     check_tensor('y', y, dtype=torch.bfloat16, ndim=2, shape=(None, buffer.hidden), device=buffer.device)
     t = y.shape[0]
     if t > buffer.num_max_tokens_per_rank:
@@ -144,8 +166,22 @@ def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fm
     # Ranks emulated on one GPU skip them too: a host sync (or an allocation) while another rank's
     # barrier kernel waits for this rank's launches would stall those launches until the timeout.
     if not _capturing(buffer.device) and not buffer.emulated:
-        _check_values(buffer, t, names, l1, l2)
+        _check_values(buffer, t, buf_name, [(f'{l1_name}.alpha', l1.alpha), (f'{l2_name}.alpha', l2.alpha)])
     return t
+
+
+def _fp32_scales(buffer: SymmBuffer, t: int) -> torch.Tensor:
+    """The float32 per-32 activation scales of the first ``t`` tokens, whatever the FP8 kind."""
+    if buffer.mma_type in ('fp8xfp4', 'fp8xfp8'):
+        return unpack_ue8m0_from_int(buffer.x_sf[:t])
+    return buffer.x_sf[:t]
+
+
+def _stage_packed_scales(buffer: SymmBuffer, t: int) -> None:
+    """Upstream's FP8 kinds hand in packed UE8M0 words; the kernels read float32 per-32 scales from
+    the buffer's ``x_sf`` region (peers read it too, after barrier 0), so unpack them there first."""
+    if buffer.mma_type in ('fp8xfp4', 'fp8xfp8') and t:
+        buffer.views['x_sf'][:t].copy_(unpack_ue8m0_from_int(buffer.x_sf[:t]))
 
 
 def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, backend, t: int):
@@ -162,7 +198,7 @@ def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, back
         if buffer.num_ranks > 1 and buffer.group is None:
             raise ValueError(f'buffer: an emulated {buffer.num_ranks}-rank group has no process group; '
                              f'the reference backend needs one')
-        out = reference_mega_moe(buffer.x[:t], buffer.x_sf[:t], buffer.topk_idx[:t], buffer.topk_weights[:t],
+        out = reference_mega_moe(buffer.x[:t], _fp32_scales(buffer, t), buffer.topk_idx[:t], buffer.topk_weights[:t],
                                  _LazyDequant(l1), l1.alpha, _LazyDequant(l2), l2.alpha, group=buffer.group,
                                  activation_clamp=activation_clamp, num_experts=buffer.num_experts,
                                  cumulative_local_expert_recv_stats=stats)
@@ -174,6 +210,7 @@ def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, back
     if mod is None or not hasattr(mod, 'run'):
         raise NotImplementedError(f"backend={backend!r}: deep_gemm.mega.{backend} is not available in this build; "
                                   f"use backend='reference' (or 'auto')")
+    _stage_packed_scales(buffer, t)
     mod.run(y, l1, l2, buffer, cumulative_local_expert_recv_stats=stats,
             activation_clamp=activation_clamp, fast_math=fast_math)
     return y
@@ -183,36 +220,234 @@ def fp8_nvfp4_mega_moe(y: torch.Tensor, l1, l2, buffer: SymmBuffer,
                        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
                        activation_clamp: Optional[float] = None, fast_math: bool = True,
                        backend: str = 'auto') -> torch.Tensor:
-    """FP8 activations x NVFP4 weights Mega MoE layer, written into ``y`` (bf16 ``[T, hidden]``).
+    """FP8 activations x NVFP4 weights Mega MoE layer (exact products), written into ``y``.
 
-    ``T = y.shape[0]``; the inputs are ``buffer.x[:T]``, ``buffer.x_sf[:T]``, ``buffer.topk_idx[:T]``,
-    ``buffer.topk_weights[:T]``.  ``l1``/``l2`` come from ``transform_nvfp4_weights_for_mega_moe``
-    (this rank's ``num_experts / num_ranks`` experts).  ``cumulative_local_expert_recv_stats`` (int32
-    ``[E_local]``) is incremented by the (token, slot) pairs each local expert received.
-    ``T`` is at most ``buffer.num_max_tokens_per_rank``; the GPU backends run the call as waves of at
-    most ``buffer.num_max_tokens_per_wave`` tokens (same result; the reference backend needs none).
-    Semantics: ``docs/design.md``.  Returns ``y``.
+    Inputs, written by the caller into the buffer's views before the call (``T = y.shape[0]``):
+
+    * ``buffer.x[:T]``: float8_e4m3fn ``[T, hidden]``, this rank's tokens;
+    * ``buffer.x_sf[:T]``: float32 ``[T, hidden / 32]``, one scale per 32 channels
+      (``deep_gemm.utils.per_token_cast_to_fp8(x, use_ue8m0=False, gran_k=32)`` makes both);
+    * ``buffer.topk_idx[:T]``: int64 ``[T, num_topk]``, global expert ids, -1 = masked slot;
+    * ``buffer.topk_weights[:T]``: float32 ``[T, num_topk]``, routing weights.
+
+    Args:
+        y: bfloat16 ``[T, hidden]`` on the buffer's device, ``T <= buffer.num_max_tokens_per_rank``
+            (``T`` may differ per rank, 0 included); overwritten with the layer's output.
+        l1, l2: from :func:`~deep_gemm.transform_nvfp4_weights_for_mega_moe`, this rank's
+            ``num_experts / num_ranks`` experts (L1 = gate+up ``[E_l, 2 I, hidden]``, L2 = down).
+        buffer: a :class:`SymmBuffer` from :func:`get_symm_buffer_for_mega_moe`.
+        cumulative_local_expert_recv_stats: None or int32 ``[E_l]``, incremented by the (token, slot)
+            pairs each local expert received from all ranks.
+        activation_clamp: None or ``c > 0``: ``up = clamp(up, -c, c)``, ``gate = min(gate, c)``.
+        fast_math: accepted for upstream compatibility; every backend computes the same result.
+        backend: ``'auto'`` (sm90 on Hopper, sm100 on Blackwell when built, else reference),
+            ``'reference'`` (float64 PyTorch, any device, any ``torch.distributed`` group),
+            ``'sm90'`` or ``'sm100'``.
+
+    Semantics (``docs/design.md``): per slot ``h = bf16(silu(gate) * up * topk_weight)``,
+    ``o = bf16(h @ W2^T * alpha2)``; ``y`` = the slots' ``o`` summed in slot order in float32.
+    The GPU backends run a long call as waves of at most ``buffer.num_max_tokens_per_wave``
+    tokens (same result).  NaN inside ``x`` is data: it reaches only that token's row of ``y``.
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype (the message names it).
+        ValueError: a wrong shape, device, layout or value: expert ids outside ``[-1, num_experts)``,
+            non-finite routing weights or scales, non-positive or non-finite alphas, weights of
+            another format or size, ``T`` above the buffer's maximum.  Checked before any kernel runs
+            (the value checks are skipped while a CUDA graph is being captured).
+        MegaMoETimeoutError: a cross-rank wait of an earlier call on this buffer timed out.
+        NotImplementedError: ``backend='sm100'`` where that backend is not built.
+
+    Returns ``y``.
     """
     t = _validate(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math, backend,
-                  'nvfp4')
+                  'nvfp4', mma_types=('fp8xnvfp4', 'fp8xfp4'))
     return _run(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math, backend, t)
 
 
+
+
+# ------------------------------------------------------------------------ upstream's entry points
+#: The weight format each upstream buffer kind computes with, and the reference recipe of its numerics.
+_KIND_FORMAT = {'fp8xfp4': 'mxfp4', 'fp8xfp8': 'fp8', 'bf16xbf16': 'bf16', 'fp4xfp4': 'nvfp4'}
+_KIND_RECIPE = {'fp8xfp4': 'fp8xfp4', 'fp8xfp8': 'fp8xfp4', 'bf16xbf16': 'bf16xbf16', 'fp4xfp4': 'fp4xfp4'}
+_warned_no_kernel = set()
+
+
+def _activations(buffer: SymmBuffer, t: int) -> torch.Tensor:
+    """The exact values of the first ``t`` tokens of an upstream-kind buffer, float32 ``[t, H]``
+    (E4M3 x 2^k, BF16 and E2M1 x UE4M3 are all exact in float32)."""
+    from ..utils.quant import e2m1_to_float, unpack_e2m1
+    x = buffer.x[:t]
+    if buffer.mma_type == 'bf16xbf16':
+        return x.float()
+    if buffer.mma_type == 'fp4xfp4':
+        sf = buffer.x_sf[:t].contiguous().view(torch.uint8).view(torch.float8_e4m3fn).float()
+        return e2m1_to_float(unpack_e2m1(x)) * sf.repeat_interleave(16, dim=1)
+    return x.float() * unpack_ue8m0_from_int(buffer.x_sf[:t]).repeat_interleave(32, dim=1)
+
+
+def _check_shared(buffer: SymmBuffer, shared_l1, shared_l2, fmts) -> None:
+    if (shared_l1 is None) != (shared_l2 is None):
+        raise ValueError('shared_l1_weights: shared L1 and L2 weights must be provided together')
+    want = buffer.num_shared_experts
+    if shared_l1 is None:
+        if want:
+            raise ValueError(f'shared_l1_weights: the buffer was made for {want} shared expert(s); pass '
+                             f'shared_l1_weights and shared_l2_weights')
+        return
+    h, i = buffer.hidden, buffer.intermediate_hidden
+    s_i = getattr(shared_l2, 'k', None)
+    if not isinstance(s_i, int) or s_i % i or s_i // i != want:
+        raise ValueError(f'shared_l2_weights: intermediate {s_i} is not num_shared_experts ({want}) x '
+                         f'intermediate_hidden ({i}) of the buffer')
+    _check_weights('shared_l1_weights', shared_l1, fmts, 2 * s_i, h, 1, 2)
+    _check_weights('shared_l2_weights', shared_l2, fmts, h, s_i, 1, 1)
+
+
+def _check_vector(name: str, v, shape, device) -> None:
+    if v is not None:
+        check_tensor(name, v, dtype=torch.float32, shape=shape, device=device)
+
+
+def _upstream_backend(backend: str, buffer: SymmBuffer, entry: str) -> str:
+    chosen = select_backend(backend, buffer.device)
+    if chosen == 'reference':
+        return chosen
+    if backend == 'auto':  # no GPU kernel of these numerics yet: the reference runs them on the device
+        if (entry, chosen) not in _warned_no_kernel:
+            _warned_no_kernel.add((entry, chosen))
+            warnings.warn(f"backend='auto': {entry} has no {chosen} kernel yet; running the reference backend "
+                          f"(float64 PyTorch on {buffer.device})")
+        return 'reference'
+    raise NotImplementedError(f"backend={backend!r}: {entry} (mma_type={buffer.mma_type!r}) has no {chosen} "
+                              f"kernel in this build; use backend='reference' or 'auto'")
+
+
+def _upstream_call(entry: str, y, l1, l2, buffer, shared_l1, shared_l2, stats, activation, activation_clamp,
+                   fast_math, backend, mma_types, shared_fmts, *, x_bf16=None, l1_alphas=None, l2_alphas=None,
+                   a2_scales=None, routed_scaling_factor: float = 1.0):
+    names = ('l1_weights', 'l2_weights', 'sym_buffer')
+    _check_buffer(buffer, 'sym_buffer', mma_types, entry)
+    if activation != buffer.activation:
+        raise ValueError(f'activation: {activation!r} does not match the buffer\'s {buffer.activation!r}')
+    fmt = _KIND_FORMAT[buffer.mma_type]
+    t = _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fmt, names=names,
+                  mma_types=mma_types, entry=entry)
+    _check_shared(buffer, shared_l1, shared_l2, shared_fmts)
+    e_l = buffer.num_experts_per_rank
+    _check_vector('l1_alphas', l1_alphas, (e_l, 2), buffer.device)
+    _check_vector('l2_alphas', l2_alphas, (e_l,), buffer.device)
+    _check_vector('a2_scales', a2_scales, (e_l,), buffer.device)
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)) or \
+            not math.isfinite(routed_scaling_factor):
+        raise ValueError(f'routed_scaling_factor: expected a finite number, got {routed_scaling_factor!r}')
+    if x_bf16 is not None:
+        check_tensor('x_bf16', x_bf16, dtype=torch.bfloat16, ndim=2, device=buffer.device)
+        if x_bf16.shape[0] < t or x_bf16.shape[1] != buffer.hidden:
+            raise ValueError(f'x_bf16: expected [>= {t}, {buffer.hidden}] (the output tokens, the buffer\'s hidden), '
+                             f'got {tuple(x_bf16.shape)}')
+    if not _capturing(buffer.device) and not buffer.emulated:
+        _check_values(buffer, 0, 'sym_buffer', [('l1_alphas', l1_alphas), ('l2_alphas', l2_alphas),
+                                                ('a2_scales', a2_scales)])
+    buffer.check_comm(synchronize=False)
+    _upstream_backend(backend, buffer, entry)
+    if buffer.num_ranks > 1 and buffer.group is None:
+        raise ValueError(f'sym_buffer: an emulated {buffer.num_ranks}-rank group has no process group; '
+                         f'the reference backend needs one')
+    from ..reference_recipes import reference_recipe_moe
+    xv = _activations(buffer, t)
+    shared = {}
+    if shared_l1 is not None:
+        shared = dict(shared_w1=shared_l1.dequantize([0])[0].to(buffer.device),
+                      shared_w2=shared_l2.dequantize([0])[0].to(buffer.device),
+                      x_shared=x_bf16[:t].float() if x_bf16 is not None else xv)
+    out = reference_recipe_moe(_KIND_RECIPE[buffer.mma_type], xv, buffer.topk_idx[:t], buffer.topk_weights[:t],
+                               _LazyDequant(l1), _LazyDequant(l2), buffer.group, num_experts=buffer.num_experts,
+                               l1_alphas=l1_alphas, l2_alphas=l2_alphas, a2_scales=a2_scales,
+                               routed_scaling_factor=float(routed_scaling_factor),
+                               activation_clamp=activation_clamp, cumulative_local_expert_recv_stats=stats, **shared)
+    y.copy_(out)
+    return y
+
+
+def _check_recipe(recipe, want) -> None:
+    if not isinstance(recipe, (tuple, list)) or tuple(recipe) != want:
+        raise ValueError(f'recipe: only {want} is supported, got {recipe!r}')
+
+
 def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBuffer,
+                     shared_l1_weights=None, shared_l2_weights=None,
                      cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
                      recipe: Tuple[int, int, int] = (1, 1, 32), activation: str = 'swiglu',
                      activation_clamp: Optional[float] = None, fast_math: bool = True,
+                     situ_beta: Optional[float] = None, situ_linear_beta: Optional[float] = None, *,
                      backend: str = 'auto') -> torch.Tensor:
-    """Upstream's FP8 x MXFP4 Mega MoE (weights from ``transform_weights_for_mega_moe``).
+    """Upstream's FP8 x MXFP4 (``mma_type='fp8xfp4'``) or FP8 x FP8 (``'fp8xfp8'``) Mega MoE layer.
 
-    Only ``recipe=(1, 1, 32)`` (per-token activations, per-32 scales) and ``activation='swiglu'``
-    are supported.  Otherwise identical to :func:`fp8_nvfp4_mega_moe` (alpha is 1 for MXFP4).
+    Upstream's signature and numerics (``docs/design.md``, "Upstream entry points"): tokens
+    ``sym_buffer.x`` FP8 with packed UE8M0 ``sym_buffer.x_sf`` (one power of two per 32 channels);
+    weights from :func:`~deep_gemm.transform_weights_for_mega_moe`; gate and up rounded to BF16, the
+    routing weight applied before L2, the L2 input re-quantized to FP8 E4M3 with one power-of-two
+    scale per 32 channels; optional shared experts (``shared_l1_weights`` / ``shared_l2_weights``,
+    FP8 or BF16) added last in the combine.  ``recipe`` must be ``(1, 1, 32)``, ``activation``
+    ``'swiglu'`` (``situ_*`` must stay None).  ``backend`` (ours, keyword-only): these numerics run on
+    the reference backend for now (``'auto'`` uses it, with a warning, on a GPU).
+
+    Raises ValueError for a buffer of another ``mma_type`` (and every bad argument, naming it),
+    TypeError for wrong types, MegaMoETimeoutError after a timed-out wait, NotImplementedError for a
+    GPU backend asked for by name.  Returns ``y``.
     """
-    if not isinstance(recipe, (tuple, list)) or tuple(recipe) != (1, 1, 32):
-        raise ValueError(f'recipe: only (1, 1, 32) is supported, got {recipe!r}')
-    if activation != 'swiglu':
-        raise ValueError(f"activation: only 'swiglu' is supported, got {activation!r}")
-    t = _validate(y, l1_weights, l2_weights, sym_buffer, cumulative_local_expert_recv_stats, activation_clamp,
-                  fast_math, backend, 'mxfp4', names=('l1_weights', 'l2_weights', 'sym_buffer'))
-    return _run(y, l1_weights, l2_weights, sym_buffer, cumulative_local_expert_recv_stats, activation_clamp,
-                fast_math, backend, t)
+    _check_buffer(sym_buffer, 'sym_buffer', ('fp8xfp4', 'fp8xfp8'), 'fp8_fp4_mega_moe')
+    _check_recipe(recipe, (1, 1, 32))
+    if situ_beta is not None or situ_linear_beta is not None:
+        raise ValueError("situ_beta: the 'situ' activation is not supported (activation='swiglu' only)")
+    return _upstream_call('fp8_fp4_mega_moe', y, l1_weights, l2_weights, sym_buffer, shared_l1_weights,
+                          shared_l2_weights, cumulative_local_expert_recv_stats, activation, activation_clamp,
+                          fast_math, backend, ('fp8xfp4', 'fp8xfp8'), ('fp8', 'bf16'))
+
+
+def bf16_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBuffer,
+                  shared_l1_weights=None, shared_l2_weights=None,
+                  cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                  activation: str = 'swiglu', activation_clamp: Optional[float] = None, fast_math: bool = True, *,
+                  backend: str = 'auto') -> torch.Tensor:
+    """Upstream's BF16 Mega MoE layer (``mma_type='bf16xbf16'``): BF16 tokens ``sym_buffer.x``, BF16
+    weights from :func:`~deep_gemm.transform_weights_for_mega_moe`; gate and up rounded to BF16,
+    ``h = bf16(silu(gate) * up * routing weight)``, ``o = bf16(h @ W2^T)``, optional BF16 shared experts
+    added last.  Same errors and ``backend`` as :func:`fp8_fp4_mega_moe`.  Returns ``y``."""
+    return _upstream_call('bf16_mega_moe', y, l1_weights, l2_weights, sym_buffer, shared_l1_weights,
+                          shared_l2_weights, cumulative_local_expert_recv_stats, activation, activation_clamp,
+                          fast_math, backend, ('bf16xbf16',), ('bf16',))
+
+
+def fp4_fp4_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBuffer,
+                     shared_l1_weights=None, shared_l2_weights=None, x_bf16: Optional[torch.Tensor] = None,
+                     cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                     recipe: Tuple[int, int, int] = (1, 1, 16), activation: str = 'swiglu',
+                     activation_clamp: Optional[float] = None, fast_math: bool = True,
+                     l1_alphas: Optional[torch.Tensor] = None, l2_alphas: Optional[torch.Tensor] = None,
+                     a2_scales: Optional[torch.Tensor] = None, routed_scaling_factor: float = 1.0, *,
+                     backend: str = 'auto') -> torch.Tensor:
+    """Upstream's NVFP4 x NVFP4 (W4A4) Mega MoE layer (``mma_type='fp4xfp4'``).
+
+    Tokens ``sym_buffer.x`` packed E2M1 with ``sym_buffer.x_sf`` UE4M3 per 16 (no global scale: fold
+    the input scale into ``l1_alphas``); weights from :func:`~deep_gemm.transform_weights_for_mega_moe`
+    (upstream's (int8, int32 packed UE4M3) tuples).  ``l1_alphas`` float32 ``[E_l, 2]`` (gate, up),
+    ``l2_alphas`` and ``a2_scales`` float32 ``[E_l]`` (None = 1), all finite and positive.  Numerics
+    (``docs/design.md``): ``gate, up = bf16(acc * alpha)``, the unweighted SwiGLU output quantized to
+    NVFP4 with ``a2`` as its global scale, ``p = bf16(acc2 * l2_alpha * a2)``, the routing weight
+    after L2 (``bf16(p * w)``), ``routed_scaling_factor`` after the routed sum, then the BF16 shared
+    experts (on ``x_bf16``, required with them) added.  ``recipe`` must be ``(1, 1, 16)``.  Same errors
+    and ``backend`` as :func:`fp8_fp4_mega_moe`.  Returns ``y``.
+    """
+    if not isinstance(sym_buffer, SymmBuffer) or sym_buffer.mma_type != 'fp4xfp4':
+        got = sym_buffer.mma_type if isinstance(sym_buffer, SymmBuffer) else type(sym_buffer).__name__
+        raise ValueError(f'sym_buffer: NVFP4 MegaMoE requires an fp4xfp4 symmetric buffer, got {got!r}')
+    _check_recipe(recipe, (1, 1, 16))
+    if (shared_l1_weights is None) != (x_bf16 is None):
+        raise ValueError('x_bf16: shared L1 weights, shared L2 weights, and x_bf16 must be provided together')
+    return _upstream_call('fp4_fp4_mega_moe', y, l1_weights, l2_weights, sym_buffer, shared_l1_weights,
+                          shared_l2_weights, cumulative_local_expert_recv_stats, activation, activation_clamp,
+                          fast_math, backend, ('fp4xfp4',), ('bf16',), x_bf16=x_bf16, l1_alphas=l1_alphas,
+                          l2_alphas=l2_alphas, a2_scales=a2_scales, routed_scaling_factor=routed_scaling_factor)

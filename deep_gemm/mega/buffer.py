@@ -64,6 +64,7 @@ import ctypes
 import math
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -74,7 +75,8 @@ from ..utils.validation import check_multiple, check_positive_int
 
 __all__ = ['SymmBuffer', 'get_symm_buffer_for_mega_moe', 'get_symm_buffer_size_for_mega_moe',
            'get_symm_buffer_layout', 'default_num_max_tokens_per_wave', 'Region', 'ALIGNMENT',
-           'DEFAULT_MAX_RECV_ROWS', 'MegaMoETimeoutError']
+           'DEFAULT_MAX_RECV_ROWS', 'MegaMoETimeoutError', 'MMA_TYPES', 'UPSTREAM_MMA_TYPES',
+           'get_block_m_for_mega_moe']
 
 ALIGNMENT = 128
 X_SF_GRAN = 32
@@ -87,6 +89,17 @@ DEFAULT_TIMEOUT_S = 300.0   # generous: a peer's first call may include its JIT 
 DEFAULT_MAX_RECV_ROWS = 65536
 _PHASE_NAMES = ('dispatch (inputs ready)', 'combine (expert outputs ready)')
 PHASE_INTERNAL = 2      # a wait between the CTAs of one rank's fused kernel
+
+
+#: ``mma_type`` of a buffer -> (activation format of ``x``, weight format) of the entry point that takes it.
+#: Upstream DeepGEMM's four kinds, and ours: ``'fp8xnvfp4'`` for :func:`fp8_nvfp4_mega_moe` with float32
+#: per-32 activation scales (any value, not only powers of two).
+MMA_TYPES = ('fp8xfp4', 'fp8xfp8', 'bf16xbf16', 'fp4xfp4', 'fp8xnvfp4')
+UPSTREAM_MMA_TYPES = ('fp8xfp4', 'fp8xfp8', 'bf16xbf16', 'fp4xfp4')
+#: Receive rows of the upstream kinds are a multiple of this: the LCM of upstream's candidate token
+#: blocks (8, 16, 32, 64, 96, 128, 192, 240), so ``l1_acts.shape[0] % get_block_m_for_mega_moe(...) == 0``
+#: holds as upstream's callers assume.
+UPSTREAM_ROW_ALIGN = 1920
 
 
 class MegaMoETimeoutError(RuntimeError):
@@ -111,13 +124,23 @@ def _align(v: int, a: int = ALIGNMENT) -> int:
     return (v + a - 1) // a * a
 
 
-def _check_args(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden):
+def _check_args(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden,
+                mma_type='fp8xfp4', num_shared_experts=0):
+    if mma_type not in MMA_TYPES:
+        raise ValueError(f'mma_type: expected one of {MMA_TYPES}, got {mma_type!r}')
     check_positive_int('num_ranks', num_ranks)
     check_positive_int('num_experts', num_experts)
     check_positive_int('num_max_tokens_per_rank', num_max_tokens_per_rank)
     check_positive_int('num_topk', num_topk)
-    check_multiple('hidden', hidden, 128)
-    check_multiple('intermediate_hidden', intermediate_hidden, 128)
+    check_positive_int('num_shared_experts', num_shared_experts, allow_zero=True)
+    align = 512 if mma_type == 'fp4xfp4' else 128   # upstream: NVFP4 activations come in blocks of 512
+    check_multiple('hidden', hidden, align)
+    check_multiple('intermediate_hidden', intermediate_hidden, align)
+    if num_shared_experts and mma_type == 'fp8xnvfp4':
+        raise ValueError("num_shared_experts: shared experts are an upstream entry points' feature; "
+                         "mma_type='fp8xnvfp4' (fp8_nvfp4_mega_moe) takes none")
+    if num_topk + (1 if num_shared_experts else 0) > 32:
+        raise ValueError(f'num_topk: {num_topk} routed slots (+1 for the shared experts) exceed 32')
     if num_experts % num_ranks:
         raise ValueError(f'num_experts: {num_experts} must be a multiple of the number of ranks ({num_ranks})')
     if num_topk > num_experts:
@@ -147,20 +170,38 @@ def _tokens_per_wave(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, 
     return num_max_tokens_per_wave
 
 
+def _token_specs(mma_type: str, t: int, h: int, num_shared_experts: int):
+    """The caller's token regions of each kind (upstream's dtypes and shapes), plus ``x_sf``, the kernels'
+    float32 per-32 scales, which the FP8 kinds' packed UE8M0 words are unpacked into before a GPU call."""
+    if mma_type == 'fp8xnvfp4':
+        return [('x', torch.float8_e4m3fn, (t, h)), ('x_sf', torch.float32, (t, h // X_SF_GRAN))]
+    if mma_type in ('fp8xfp4', 'fp8xfp8'):
+        specs = [('x', torch.float8_e4m3fn, (t, h)), ('x_sf_ue8m0', torch.int32, (t, h // 128)),
+                 ('x_sf', torch.float32, (t, h // X_SF_GRAN))]
+        if num_shared_experts:  # upstream's MN-major shared-expert scales, stored [H/128, rows]
+            specs.append(('shared_l1_acts_sf', torch.int32, (h // 128, -(-t // 8) * 128)))
+        return specs
+    if mma_type == 'bf16xbf16':
+        return [('x', torch.bfloat16, (t, h))]
+    return [('x', torch.uint8, (t, h // 2)), ('x_sf_e4m3', torch.int32, (t, h // 64))]   # fp4xfp4
+
+
 def get_symm_buffer_layout(num_ranks: int, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
                            hidden: int, intermediate_hidden: int, *,
-                           num_max_tokens_per_wave: Optional[int] = None) -> 'OrderedDict[str, Region]':
+                           num_max_tokens_per_wave: Optional[int] = None, mma_type: str = 'fp8xfp4',
+                           num_shared_experts: int = 0) -> 'OrderedDict[str, Region]':
     """Offset, dtype and shape of every region (see the module docstring).  Token regions are sized
     by ``num_max_tokens_per_rank``, the receive rows by ``num_max_tokens_per_wave`` (default:
-    :func:`default_num_max_tokens_per_wave`)."""
-    _check_args(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden)
+    :func:`default_num_max_tokens_per_wave`); ``mma_type`` sets the token regions' formats."""
+    _check_args(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, mma_type,
+                num_shared_experts)
     w = _tokens_per_wave(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, num_max_tokens_per_wave)
     t, k, h, i = num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden
     e_l = num_experts // num_ranks
     r = num_ranks * w * min(k, e_l)
-    specs = [
-        ('x', torch.float8_e4m3fn, (t, h)),
-        ('x_sf', torch.float32, (t, h // X_SF_GRAN)),
+    if mma_type in UPSTREAM_MMA_TYPES:
+        r = -(-r // UPSTREAM_ROW_ALIGN) * UPSTREAM_ROW_ALIGN
+    specs = _token_specs(mma_type, t, h, num_shared_experts) + [
         ('topk_idx', torch.int64, (t, k)),
         ('topk_weights', torch.float32, (t, k)),
         ('l1_x', torch.bfloat16, (r, h)),
@@ -186,11 +227,13 @@ def get_symm_buffer_layout(num_ranks: int, num_experts: int, num_max_tokens_per_
 
 def get_symm_buffer_size_for_mega_moe(num_ranks: int, num_experts: int, num_max_tokens_per_rank: int,
                                       num_topk: int, hidden: int, intermediate_hidden: int, *,
-                                      num_max_tokens_per_wave: Optional[int] = None) -> int:
+                                      num_max_tokens_per_wave: Optional[int] = None, mma_type: str = 'fp8xfp4',
+                                      num_shared_experts: int = 0) -> int:
     """Bytes of the symmetric buffer per rank: the sum of the regions of
     :func:`get_symm_buffer_layout`, each rounded up to 128 bytes."""
     return _end(get_symm_buffer_layout(num_ranks, num_experts, num_max_tokens_per_rank, num_topk, hidden,
-                                       intermediate_hidden, num_max_tokens_per_wave=num_max_tokens_per_wave))
+                                       intermediate_hidden, num_max_tokens_per_wave=num_max_tokens_per_wave,
+                                       mma_type=mma_type, num_shared_experts=num_shared_experts))
 
 
 def _end(layout: 'OrderedDict[str, Region]') -> int:
@@ -199,11 +242,52 @@ def _end(layout: 'OrderedDict[str, Region]') -> int:
 
 
 class SymmBuffer:
-    """Per-rank Mega MoE buffer.  Write this rank's tokens into ``x[:T]``, ``x_sf[:T]``,
-    ``topk_idx[:T]``, ``topk_weights[:T]`` before calling the layer."""
+    """Per-rank Mega MoE buffer (from :func:`get_symm_buffer_for_mega_moe`).
+
+    Before each layer call, write this rank's ``T`` tokens into the input views (``M`` =
+    ``num_max_tokens_per_rank``, ``H`` = ``hidden``); their formats follow ``mma_type`` (upstream's):
+
+    ===============  ===========================  ===============================================
+    ``mma_type``     ``x``                        ``x_sf``
+    ===============  ===========================  ===============================================
+    ``'fp8xfp4'``,   float8_e4m3fn ``[M, H]``     int32 ``[M, H / 128]``: four UE8M0 exponents per
+    ``'fp8xfp8'``                                 word, one per 32 channels, byte j = group 4p + j
+                                                  (``per_token_cast_to_fp8(x, use_ue8m0=True,
+                                                  gran_k=32, use_packed_ue8m0=True)``)
+    ``'bf16xbf16'``  bfloat16 ``[M, H]``          None
+    ``'fp4xfp4'``    uint8 ``[M, H / 2]`` (E2M1,  int32 ``[M, H / 64]``: four UE4M3 scales per word,
+                     low nibble = even channel)   one per 16 channels (``per_token_cast_to_nvfp4``)
+    ``'fp8xnvfp4'``  float8_e4m3fn ``[M, H]``     float32 ``[M, H / 32]``: any scale per 32 channels
+    (ours)                                        (``per_token_cast_to_fp8(x, False, gran_k=32)``)
+    ===============  ===========================  ===============================================
+
+    * ``topk_idx``: int64 ``[M, num_topk]``, global expert ids, -1 = masked (the buffer starts with
+      every slot masked);
+    * ``topk_weights``: float32 ``[M, num_topk]``.
+
+    Upstream's other views exist for its callers: ``shared_l1_acts`` (= ``x``), ``shared_l1_acts_sf``
+    (FP8 kinds with shared experts: int32 ``[ceil(M / 8) * 128, H / 128]``, MN-major; our kernels
+    read the shared experts' scales from ``x_sf``, so what a caller copies there is not used),
+    ``l1_acts`` / ``l2_acts`` (the kernels' BF16 receive rows) and None for the rest.
+
+    Attributes: ``rank``, ``num_ranks``, ``group``, ``device``, ``mma_type``, ``activation``,
+    ``num_experts``, ``num_experts_per_rank``, ``num_max_tokens_per_rank``,
+    ``num_max_tokens_per_wave``, ``num_topk``, ``num_shared_experts``, ``hidden``,
+    ``intermediate_hidden``, ``timeout_s``, ``num_bytes``, ``buffer`` (the raw bytes), ``layout``
+    (every region's offset, dtype and shape: :func:`get_symm_buffer_layout`).  :meth:`destroy`
+    releases the memory.
+
+    Errors: :meth:`check_comm` raises :class:`MegaMoETimeoutError` once a cross-rank wait on this
+    buffer timed out (the layer raises it on the next call); the layer raises ``ValueError`` for a
+    call whose arguments do not fit this buffer (another ``mma_type``, too many tokens, ...).
+    """
+
+    _VIEW_NAMES = ('x', 'x_sf', 'topk_idx', 'topk_weights', 'shared_l1_acts', 'shared_l1_acts_sf', 'shared_l2_acts',
+                   'shared_l2_acts_sf', 'l1_acts', 'l1_acts_sf', 'l2_acts', 'l2_acts_sf')
 
     def __init__(self, group, num_experts: int, num_max_tokens_per_rank: int, num_topk: int, hidden: int,
-                 intermediate_hidden: int, device=None, timeout_s: Optional[float] = None, *,
+                 intermediate_hidden: int, num_shared_experts: int = 0, mma_type: str = 'fp8xfp4',
+                 activation: str = 'swiglu', *, device=None, timeout_s: Optional[float] = None,
                  num_max_tokens_per_wave: Optional[int] = None, _emulated=None):
         import torch.distributed as dist
         if _emulated is not None:
@@ -217,19 +301,28 @@ class SymmBuffer:
         if group is not None and self.num_ranks > 1 and _emulated is None:
             _check_same_on_every_rank(group, num_experts=num_experts, num_max_tokens_per_rank=num_max_tokens_per_rank,
                                       num_topk=num_topk, hidden=hidden, intermediate_hidden=intermediate_hidden,
-                                      num_max_tokens_per_wave=num_max_tokens_per_wave)
+                                      num_max_tokens_per_wave=num_max_tokens_per_wave,
+                                      num_shared_experts=num_shared_experts,
+                                      mma_type=MMA_TYPES.index(mma_type) if mma_type in MMA_TYPES else None)
+        if activation != 'swiglu':
+            raise ValueError(f"activation: only 'swiglu' is supported, got {activation!r}")
         self.layout = get_symm_buffer_layout(self.num_ranks, num_experts, num_max_tokens_per_rank, num_topk,
                                              hidden, intermediate_hidden,
-                                             num_max_tokens_per_wave=num_max_tokens_per_wave)
+                                             num_max_tokens_per_wave=num_max_tokens_per_wave, mma_type=mma_type,
+                                             num_shared_experts=num_shared_experts)
         self.num_bytes = _end(self.layout)
         # after the layout, which checks the arguments the default depends on
         self.num_max_tokens_per_wave = _tokens_per_wave(self.num_ranks, num_experts, num_max_tokens_per_rank,
                                                         num_topk, num_max_tokens_per_wave)
+        self.mma_type = mma_type
+        self.activation = activation
+        self.num_shared_experts = num_shared_experts
         self.num_experts = num_experts
         self.num_experts_per_rank = num_experts // self.num_ranks
         self.num_max_tokens_per_rank = num_max_tokens_per_rank
         self.num_topk = num_topk
         self.hidden = hidden
+        self.x_sf_gran_k = {'fp8xnvfp4': 32, 'fp8xfp4': 32, 'fp8xfp8': 32, 'fp4xfp4': 16}.get(mma_type)
         self.intermediate_hidden = intermediate_hidden
         self.timeout_s = _check_timeout(timeout_s)
         if device is None:
@@ -248,17 +341,46 @@ class SymmBuffer:
             ptrs = [self.raw.data_ptr()] if self.num_ranks == 1 else None
         self.peer_bases = None if ptrs is None else self._bases_tensor(ptrs)
         self.views: Dict[str, torch.Tensor] = {name: self._view(self.raw, reg) for name, reg in self.layout.items()}
-        self.x = self.views['x']
-        self.x_sf = self.views['x_sf']
-        self.topk_idx = self.views['topk_idx']
-        self.topk_weights = self.views['topk_weights']
+        self._set_public_views()
         self.topk_idx.fill_(-1)
         self._error = _HostErrorRecord(device) if device.type == 'cuda' else None
+
+    def _set_public_views(self) -> None:
+        v = self.views
+        self.x = v['x']
+        self.x_sf = v.get({'fp8xfp4': 'x_sf_ue8m0', 'fp8xfp8': 'x_sf_ue8m0', 'fp4xfp4': 'x_sf_e4m3'}.get(
+            self.mma_type, 'x_sf'))
+        self.topk_idx = v['topk_idx']
+        self.topk_weights = v['topk_weights']
+        self.shared_l1_acts = self.x if self.num_shared_experts and self.mma_type != 'fp4xfp4' else None
+        sf = v.get('shared_l1_acts_sf')
+        self.shared_l1_acts_sf = None if sf is None else sf.t()     # [rows, H/128], strides (1, rows)
+        self.shared_l2_acts = self.shared_l2_acts_sf = None
+        self.l1_acts, self.l2_acts = v['l1_x'], v['l2_x']
+        self.l1_acts_sf = self.l2_acts_sf = None
+
+    @property
+    def buffer(self) -> Optional[torch.Tensor]:
+        """The raw bytes of this rank's buffer (upstream's name)."""
+        return self.raw
+
+    @property
+    def destroyed(self) -> bool:
+        return self.raw is None
+
+    def destroy(self) -> None:
+        """Release this rank's memory (upstream's call at the end of a run); the buffer is unusable after."""
+        self.handle = self.raw = self.group = None
+        self.views = {}
+        self.peer_bases = None
+        for name in self._VIEW_NAMES:
+            setattr(self, name, None)
 
     @classmethod
     def emulated_group(cls, num_ranks: int, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
                        hidden: int, intermediate_hidden: int, device=None, timeout_s: Optional[float] = None, *,
-                       num_max_tokens_per_wave: Optional[int] = None) -> List['SymmBuffer']:
+                       num_max_tokens_per_wave: Optional[int] = None, mma_type: str = 'fp8xfp4',
+                       num_shared_experts: int = 0) -> List['SymmBuffer']:
         """The buffers of ``num_ranks`` ranks emulated on one device, each rank's kernels reading and
         signalling the others' buffers through plain device pointers (what NVLink peer mappings are on
         several GPUs).  Run each rank's call on its own CUDA stream, all launched before any is
@@ -270,8 +392,9 @@ class SymmBuffer:
         (``deep_gemm.mega.sm90.block_t_for``): one-CTA-per-SM and two-CTA-per-SM grids side by side may
         not fit, and the first rank then times out at barrier 0.  For tests on one GPU."""
         check_positive_int('num_ranks', num_ranks)
-        bufs = [cls(None, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, device,
-                    timeout_s, num_max_tokens_per_wave=num_max_tokens_per_wave, _emulated=(r, num_ranks))
+        bufs = [cls(None, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden,
+                    num_shared_experts, mma_type, device=device, timeout_s=timeout_s,
+                    num_max_tokens_per_wave=num_max_tokens_per_wave, _emulated=(r, num_ranks))
                 for r in range(num_ranks)]
         ptrs = [b.raw.data_ptr() for b in bufs]
         for b in bufs:
@@ -376,7 +499,9 @@ class SymmBuffer:
             raise MegaMoETimeoutError(msg)
 
     def __repr__(self) -> str:
-        return (f'SymmBuffer(rank={self.rank}/{self.num_ranks}, experts={self.num_experts}, '
+        if self.destroyed:
+            return f'SymmBuffer(destroyed, mma_type={self.mma_type!r})'
+        return (f'SymmBuffer(rank={self.rank}/{self.num_ranks}, mma_type={self.mma_type!r}, experts={self.num_experts}, '
                 f'max_tokens={self.num_max_tokens_per_rank}, tokens_per_wave={self.num_max_tokens_per_wave}, '
                 f'topk={self.num_topk}, hidden={self.hidden}, '
                 f'intermediate={self.intermediate_hidden}, bytes={self.num_bytes}, device={self.device})')
@@ -460,17 +585,55 @@ class _HostErrorRecord:
 
 
 def get_symm_buffer_for_mega_moe(group, num_experts: int, num_max_tokens_per_rank: int, num_topk: int,
-                                 hidden: int, intermediate_hidden: int, device=None,
-                                 timeout_s: Optional[float] = None, *,
+                                 hidden: int, intermediate_hidden: int, num_shared_experts: int = 0,
+                                 use_fp8_dispatch: Optional[bool] = None, mma_type: str = 'fp8xfp4',
+                                 activation: str = 'swiglu', *, device=None, timeout_s: Optional[float] = None,
                                  num_max_tokens_per_wave: Optional[int] = None) -> SymmBuffer:
     """Allocate the Mega MoE buffer for ``group`` (``None`` = one process); collective over ``group``.
 
-    ``hidden`` and ``intermediate_hidden`` must be multiples of 128, ``num_experts`` a multiple of the
-    group size; ``device`` defaults to the current CUDA device, else CPU.  ``timeout_s`` bounds every
-    cross-rank wait of the layer (default ``$DG_MEGA_MOE_TIMEOUT_S`` or 300 s).
-    ``num_max_tokens_per_wave`` (at most ``num_max_tokens_per_rank``; default: see the module
-    docstring) bounds the receive rows: a call runs as waves of at most that many tokens per rank.
-    Every rank of ``group`` must pass the same value.
+    Upstream DeepGEMM's signature.  ``mma_type`` picks the entry point and the token views' formats
+    (see :class:`SymmBuffer`): ``'fp8xfp4'`` / ``'fp8xfp8'`` for ``fp8_fp4_mega_moe`` (and
+    ``fp8_nvfp4_mega_moe``), ``'bf16xbf16'`` for ``bf16_mega_moe``, ``'fp4xfp4'`` for
+    ``fp4_fp4_mega_moe``, ``'fp8xnvfp4'`` for ``fp8_nvfp4_mega_moe`` with float32 activation scales.
+    ``num_shared_experts`` (upstream recipes) adds the shared experts every token visits.
+    ``use_fp8_dispatch`` is upstream's deprecated spelling of the activation format: when given it must
+    agree with ``mma_type``.  ``activation``: ``'swiglu'``.
+
+    ``hidden`` and ``intermediate_hidden`` must be multiples of 128 (512 for ``'fp4xfp4'``),
+    ``num_experts`` a multiple of the group size; every rank must pass the same sizes (checked: every
+    rank raises the same ``ValueError`` otherwise).  Ours, keyword-only: ``device`` (default: the
+    current CUDA device, else CPU); ``timeout_s`` bounds every cross-rank wait of the layer (default
+    ``$DG_MEGA_MOE_TIMEOUT_S`` or 300 s); ``num_max_tokens_per_wave`` (at most
+    ``num_max_tokens_per_rank``; default: see the module docstring) bounds the receive rows: a call
+    runs as waves of at most that many tokens per rank.
     """
-    return SymmBuffer(group, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden, device,
-                      timeout_s, num_max_tokens_per_wave=num_max_tokens_per_wave)
+    if use_fp8_dispatch is not None:
+        warnings.warn('`use_fp8_dispatch` will be deprecated in the future, please use `mma_type`',
+                      DeprecationWarning, stacklevel=2)
+        if bool(use_fp8_dispatch) != (str(mma_type).split('x')[0] == 'fp8'):
+            raise ValueError(f'use_fp8_dispatch: {use_fp8_dispatch} contradicts mma_type={mma_type!r}')
+    return SymmBuffer(group, num_experts, num_max_tokens_per_rank, num_topk, hidden, intermediate_hidden,
+                      num_shared_experts, mma_type, activation, device=device, timeout_s=timeout_s,
+                      num_max_tokens_per_wave=num_max_tokens_per_wave)
+
+
+def get_block_m_for_mega_moe(num_ranks: int, num_experts: int, num_max_tokens_per_rank: int, num_tokens: int,
+                             num_topk: int, mma_type: str = 'fp8xfp4') -> int:
+    """Upstream's token-block heuristic (its callers lay out the shared experts' scales by it, and check
+    their receive rows against it).  Our kernels pick their own token tiles (``sm90.block_t_for``); the
+    receive rows of an upstream-kind buffer are a multiple of every value this returns."""
+    if mma_type not in MMA_TYPES:
+        raise ValueError(f'mma_type: expected one of {MMA_TYPES}, got {mma_type!r}')
+    check_positive_int('num_ranks', num_ranks)
+    check_positive_int('num_experts', num_experts)
+    check_positive_int('num_tokens', num_tokens, allow_zero=True)
+    check_positive_int('num_topk', num_topk)
+    e = num_tokens * num_ranks * num_topk / num_experts       # expected rows per expert
+    c = e + math.sqrt(e)
+    block_m = 16 if e <= 10 else 32
+    if e > 24:
+        nb = math.ceil(c / 240)
+        if nb == 1 and c > 192 and num_experts // num_ranks < 14:
+            nb = 2
+        block_m = next((b for b in (64, 128, 192, 240) if nb * b >= c), 240)
+    return block_m

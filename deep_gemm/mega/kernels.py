@@ -65,7 +65,7 @@ def _kernel(spec, buffer, **params):
 
 
 def _gran(buffer) -> int:
-    return buffer.hidden // buffer.x_sf.shape[1]
+    return buffer.hidden // buffer.region('x_sf').shape[1]
 
 
 def prepare(buffer) -> None:

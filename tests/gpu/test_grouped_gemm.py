@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 
 from deep_gemm.gemm import (m_grouped_fp8_nvfp4_gemm_nt_contiguous, m_grouped_fp8_nvfp4_gemm_nt_masked)  # noqa: E402
 from deep_gemm.utils import relative_error  # noqa: E402
-from deep_gemm.mega.weights import (transform_mxfp4_weights_for_grouped_gemm,  # noqa: E402
+from deep_gemm.weights import (transform_mxfp4_weights_for_grouped_gemm,  # noqa: E402
                                     transform_nvfp4_weights_for_grouped_gemm, transform_nvfp4_weights_for_mega_moe)
 
 TOL = 5e-3

@@ -57,7 +57,7 @@ class Group:
         e_l = p.experts // self.world
         self.bufs = SymmBuffer.emulated_group(self.world, p.experts, max_tokens or max(max(counts), 1), p.topk,
                                               p.hidden, p.inter, device=dev, timeout_s=timeout_s,
-                                              num_max_tokens_per_wave=tokens_per_wave)
+                                              num_max_tokens_per_wave=tokens_per_wave, mma_type='fp8xnvfp4')
         self.l1, self.l2 = [], []
         for r in range(self.world):
             es = slice(r * e_l, (r + 1) * e_l)
@@ -137,8 +137,8 @@ def test_mxfp4_two_ranks(make_problem):
     from deep_gemm.utils import cast_to_mxfp4
     p = make_problem(seed=5, t=23, hidden=256, inter=128, experts=8, topk=4, use_ue8m0=True)
     counts = [15, 8]
-    bufs = SymmBuffer.emulated_group(2, p.experts, 16, p.topk, p.hidden, p.inter, device='cuda', timeout_s=30.0)
-    ref_bufs = [deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, 32, p.topk, p.hidden, p.inter)]
+    bufs = SymmBuffer.emulated_group(2, p.experts, 16, p.topk, p.hidden, p.inter, device='cuda', timeout_s=30.0, mma_type='fp8xnvfp4')
+    ref_bufs = [deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, 32, p.topk, p.hidden, p.inter, mma_type='fp8xnvfp4')]
     w1 = deep_gemm.dequant_nvfp4(p.l1['weight'], p.l1['weight_scale'])
     w2 = deep_gemm.dequant_nvfp4(p.l2['weight'], p.l2['weight_scale'])
     (q1, s1), (q2, s2) = cast_to_mxfp4(w1), cast_to_mxfp4(w2)
@@ -312,7 +312,7 @@ def test_small_token_tiles(make_problem, monkeypatch, block_t):
     counts = [29, 40]
     p = make_problem(seed=300 + block_t, t=sum(counts), hidden=512, inter=256, experts=8, topk=4, use_ue8m0=True,
                      mask_frac=0.1)
-    assert sm90.block_t_for(SymmBuffer.emulated_group(2, 8, 40, 4, 512, 256, device='cpu')[0], 40) == block_t
+    assert sm90.block_t_for(SymmBuffer.emulated_group(2, 8, 40, 4, 512, 256, device='cpu', mma_type='fp8xnvfp4')[0], 40) == block_t
     g = Group(p, counts)
     ys, _ = g.run()
     y_ref, _ = reference(p)
@@ -334,7 +334,7 @@ def test_waves_one_rank_skip_trailing(make_problem, monkeypatch):
     l1, l2 = deep_gemm.transform_nvfp4_weights_for_mega_moe({k: v.to(dev) for k, v in p.l1.items()},
                                                            {k: v.to(dev) for k, v in p.l2.items()})
     waved, unwaved = [deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, 96, p.topk, p.hidden, p.inter,
-                                                             device=dev, num_max_tokens_per_wave=w)
+                                                             device=dev, num_max_tokens_per_wave=w, mma_type='fp8xnvfp4')
                       for w in (32, None)]
     for b in (waved, unwaved):
         for name in ('x', 'x_sf', 'topk_idx', 'topk_weights'):

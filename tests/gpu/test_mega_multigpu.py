@@ -38,7 +38,7 @@ def _worker(rank, world, port, data_path, out_dir, mode):
         l1, l2 = deep_gemm.transform_nvfp4_weights_for_mega_moe({k: v[es].cuda() for k, v in d['l1'].items()},
                                                                 {k: v[es].cuda() for k, v in d['l2'].items()})
         buf = deep_gemm.get_symm_buffer_for_mega_moe(dist.group.WORLD, d['experts'], max(counts) + 2, d['topk'],
-                                                     d['hidden'], d['inter'], timeout_s=d['timeout'])
+                                                     d['hidden'], d['inter'], timeout_s=d['timeout'], mma_type='fp8xnvfp4')
         for name in ('x', 'x_sf', 'topk_idx', 'topk_weights'):
             getattr(buf, name)[:t].copy_(d[name][lo:lo + t])
         res = {}

@@ -29,7 +29,7 @@ def setup(p, num_max_tokens=None, fmt='nvfp4'):
         (q1, s1), (q2, s2) = cast_to_mxfp4(w1), cast_to_mxfp4(w2)
         l1, l2 = deep_gemm.transform_weights_for_mega_moe((q1.to(dev), s1.to(dev)), (q2.to(dev), s2.to(dev)))
     buf = deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, num_max_tokens or p.t, p.topk, p.hidden, p.inter,
-                                                 device=dev)
+                                                 device=dev, mma_type='fp8xnvfp4')
     t = p.t
     buf.x[:t].copy_(p.x)
     buf.x_sf[:t].copy_(p.x_sf)

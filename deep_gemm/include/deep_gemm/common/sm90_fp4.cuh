@@ -17,7 +17,7 @@
 // 5 LOP3 + 4 shifts instead of 8 LOP3 + 7 shifts; no layout gets one shift + one mask for all
 // four registers (searched exhaustively, also with funnel shifts across up to 4 words).  The
 // shifts are written so that ptxas can put them on the FMA pipe (IMAD.SHL, IMAD.WIDE for the
-// rotate), next to the LOP3s on the ALU pipe.  deep_gemm/mega/weights.py holds the same map
+// rotate), next to the LOP3s on the ALU pipe.  deep_gemm/weights.py holds the same map
 // (_WORD_BIT_CELL) and tests/test_fp4_bits.py emulates these exact operations.
 #include <cstdint>
 #include <cuda_bf16.h>

@@ -52,6 +52,7 @@ BLOCK_K = 128
 CODE_BYTES = BLOCK_N * BLOCK_K // 2
 SCALE_BYTES = {'nvfp4': BLOCK_N * BLOCK_K // 16, 'mxfp4': BLOCK_N * BLOCK_K // 32}
 SCALE_GRAN = {'nvfp4': 16, 'mxfp4': 32}
+DENSE_FORMATS = ('fp8', 'bf16')
 
 _E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float32)
@@ -140,10 +141,15 @@ def _l1_kernel_row_order(n: int) -> torch.Tensor:
 
 @dataclass
 class ExpertWeights:
-    """One MoE projection (L1 = gate+up or L2 = down) for the local experts, in kernel layout."""
-    fmt: str                 # 'nvfp4' or 'mxfp4'
+    """One MoE projection (L1 = gate+up or L2 = down) for the local experts, in kernel layout.
+
+    ``fmt`` 'nvfp4' / 'mxfp4': the Hopper layout of the module docstring.  'fp8' (E4M3 with UE8M0 per
+    32, upstream's ``fp8xfp8``) and 'bf16' (``bf16_mega_moe``, shared experts) keep the weights as given:
+    ``codes`` float8_e4m3fn / bfloat16 ``[E, N, K]`` in the original row order, ``scales`` the UE8M0
+    bytes ``[E, N, K / 32]`` (empty for bf16); no Hopper kernel reads them yet."""
+    fmt: str                 # 'nvfp4', 'mxfp4', 'fp8' or 'bf16'
     kind: str                # 'l1' or 'l2'
-    codes: torch.Tensor      # uint8 [E, N / 128, K / 128, 8192]
+    codes: torch.Tensor      # uint8 [E, N / 128, K / 128, 8192] (fp4 formats)
     scales: torch.Tensor     # uint8 [E, N / 128, K / 128, 1024 (nvfp4) | 512 (mxfp4)]
     alpha: torch.Tensor      # float32 [E, 2] (l1: gate, up) or [E, 1] (l2)
     num_experts: int
@@ -174,7 +180,8 @@ class ExpertWeights:
 
     def row_order(self) -> torch.Tensor:
         """Original row index of each kernel row."""
-        return _l1_kernel_row_order(self.n) if self.kind == 'l1' else torch.arange(self.n)
+        dense = self.fmt in DENSE_FORMATS
+        return _l1_kernel_row_order(self.n) if self.kind == 'l1' and not dense else torch.arange(self.n)
 
     def dequantize(self, experts: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Block-dequantized weights WITHOUT the global scale, float32 ``[E, N, K]``, original row order.
@@ -187,6 +194,11 @@ class ExpertWeights:
 
     def _dequantize_one(self, e: int) -> torch.Tensor:
         n, k, fmt = self.n, self.k, self.fmt
+        if fmt == 'bf16':
+            return self.codes[e].float().cpu()
+        if fmt == 'fp8':
+            sf = torch.exp2(self.scales[e].float() - 127.0).repeat_interleave(32, dim=-1)
+            return (self.codes[e].float() * sf).cpu()
         tn, tk = n // BLOCK_N, k // BLOCK_K
         chunk = _permute_word_bits(self.codes[e].cpu().reshape(tn * tk, CODE_BYTES), _CODE_WORD_PERM, inverse=True)
         nib = torch.stack([chunk & 0xF, chunk >> 4], dim=-1).reshape(tn * tk, -1).long()
@@ -352,9 +364,101 @@ def transform_nvfp4_weights_for_mega_moe(l1, l2) -> Tuple[ExpertWeights, ExpertW
     return _transform_pair(l1, l2, ('l1', 'l2'), 'nvfp4')
 
 
-def transform_weights_for_mega_moe(l1_weights, l2_weights) -> Tuple[ExpertWeights, ExpertWeights]:
-    """Upstream's name for MXFP4 weights: each argument is ``(weight uint8 [E, N, K/2], scale uint8 UE8M0 [E, N, K/32])``."""
-    return _transform_pair(l1_weights, l2_weights, ('l1_weights', 'l2_weights'), 'mxfp4')
+def _upstream_form(obj, what: str):
+    """Upstream DeepGEMM's weight arguments -> ``(fmt, obj, two_d)`` with ``obj`` in the form ``_parse``
+    takes (fp4 formats) or the dense tensors.  Upstream passes, per projection ``[E, N, K]`` (or 2-D
+    ``[N, K]`` for shared experts):
+
+    * ``(int8 [E, N, K/2], int32 [E, N, K/128])``: MXFP4, four UE8M0 bytes per word (any strides:
+      upstream's MN-major scales are read by value);
+    * ``(int8 [E, N, K/2], int32 [E, N, K/64])``: NVFP4, four UE4M3 bytes per word, no global scale
+      (upstream passes it as ``l1_alphas`` / ``l2_alphas`` to the call);
+    * ``(float8_e4m3fn [E, N, K], int32 [E, N, K/128])``: FP8 weights with UE8M0 per 32;
+    * ``bfloat16 [E, N, K]``: BF16 weights;
+    * ours: ``(uint8 [E, N, K/2], uint8 [E, N, K/32])`` MXFP4, or a ModelOpt dict (NVFP4).
+    """
+    if isinstance(obj, Mapping):
+        return 'nvfp4', obj, False
+    if isinstance(obj, torch.Tensor):
+        _check(obj.dtype == torch.bfloat16, TypeError,
+               f'{what}: a single tensor must be BF16 weights, got {obj.dtype} (FP4/FP8 weights come as (weight, scale))')
+        _check(obj.dim() in (2, 3), ValueError, f'{what}: expected [E, N, K] or [N, K], got shape {tuple(obj.shape)}')
+        two_d = obj.dim() == 2
+        return 'bf16', (obj[None] if two_d else obj, None), two_d
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        raise TypeError(f'{what}: expected (weight, scale), a BF16 tensor or a ModelOpt dict, got {type(obj).__name__}')
+    w, sf = obj
+    for name, t in (('weight', w), ('scale', sf)):
+        _check(isinstance(t, torch.Tensor), TypeError, f'{what}: {name} must be a tensor, got {type(t).__name__}')
+    _check(w.dim() in (2, 3) and sf.dim() == w.dim(), ValueError,
+           f'{what}: expected weight [E, N, *] and scale [E, N, *] (or 2-D), got {tuple(w.shape)} and {tuple(sf.shape)}')
+    two_d = w.dim() == 2
+    if two_d:
+        w, sf = w[None], sf[None]
+    if w.dtype == torch.uint8 and sf.dtype == torch.uint8:
+        return 'mxfp4', (w, sf), two_d
+    _check(sf.dtype == torch.int32, TypeError,
+           f'{what}: scale must be int32 (four packed scale bytes per word, upstream) or uint8 UE8M0, got {sf.dtype}')
+    sb = sf.contiguous().view(torch.uint8)          # byte j of word p = scale group 4p + j
+    if w.dtype == torch.float8_e4m3fn:
+        k = w.shape[-1]
+        _check(sb.shape[-1] * 32 == k, ValueError,
+               f'{what}: FP8 weights with K = {k} need [.., K/128] = {k // 128} scale words, got {sf.shape[-1]}')
+        return 'fp8', (w, sb), two_d
+    _check(w.dtype in (torch.int8, torch.uint8), TypeError,
+           f'{what}: weight must be packed E2M1 (int8/uint8), float8_e4m3fn or bfloat16, got {w.dtype}')
+    k = 2 * w.shape[-1]
+    wb = w.view(torch.uint8)
+    if sb.shape[-1] * 32 == k:
+        return 'mxfp4', (wb, sb), two_d
+    if sb.shape[-1] * 16 == k:
+        ones = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
+        return 'nvfp4', {'weight': wb, 'weight_scale': sb.view(torch.float8_e4m3fn), 'weight_scale_2': ones}, two_d
+    raise ValueError(f'{what}: {sf.shape[-1]} scale words per row fit neither MXFP4 (K/128 = {k // 128}) nor '
+                     f'NVFP4 (K/64 = {k // 64}) for K = {k}')
+
+
+def _dense(fmt: str, obj, what: str, kind: str) -> _Parsed:
+    w, sb = obj
+    _check(w.dim() == 3, ValueError, f'{what}: expected [E, N, K], got shape {tuple(w.shape)}')
+    e, n, k = w.shape
+    if fmt == 'fp8':
+        _check(tuple(sb.shape) == (e, n, k // 32), ValueError,
+               f'{what}: scale: expected [E, N, K/128] words for weight {tuple(w.shape)}, got {tuple(sb.shape)} bytes')
+    else:
+        sb = torch.empty(e, n, 0, dtype=torch.uint8, device=w.device)
+    _check(n % 16 == 0 and k % 128 == 0, ValueError, f'{what}: N = {n} must be a multiple of 16 and K = {k} of 128')
+    alpha = torch.ones(e, 2 if kind == 'l1' else 1, dtype=torch.float32, device=w.device)
+    return _Parsed(what, kind, fmt, w.contiguous(), sb.contiguous(), alpha, e, n, k)
+
+
+def _parse_any(obj, what: str, kind: str) -> Tuple[_Parsed, bool]:
+    fmt, form, two_d = _upstream_form(obj, what)
+    return (_dense(fmt, form, what, kind) if fmt in DENSE_FORMATS else _parse(form, what, kind, fmt)), two_d
+
+
+def transform_weights_for_mega_moe(l1_weights, l2_weights, activation: str = 'swiglu'
+                                   ) -> Tuple[ExpertWeights, ExpertWeights]:
+    """Upstream DeepGEMM's weight transform: routed experts (``[E, N, K]``) or shared experts (2-D
+    ``[N, K]``, returned with one expert) in any of upstream's forms (see ``_upstream_form``: MXFP4 or
+    NVFP4 as (int8 codes, int32 packed scales, any strides), FP8 + UE8M0, BF16) or ours (MXFP4 with
+    uint8 UE8M0 scales, ModelOpt NVFP4 dicts).  L1 rows are ``[gate rows | up rows]``.
+
+    Returns :class:`ExpertWeights` (bytes permuted for the kernels, never re-quantized): pass them to
+    the entry point of the same format (``fp8_fp4_mega_moe``, ``fp4_fp4_mega_moe``, ``bf16_mega_moe``,
+    ``fp8_nvfp4_mega_moe``).  Upstream's NVFP4 tuples carry no global scale: ``alpha`` is 1 and the
+    call's ``l1_alphas`` / ``l2_alphas`` apply.
+    """
+    if activation != 'swiglu':
+        raise ValueError(f"activation: only 'swiglu' is supported, got {activation!r}")
+    (p1, d1), (p2, d2) = _parse_any(l1_weights, 'l1_weights', 'l1'), _parse_any(l2_weights, 'l2_weights', 'l2')
+    if (p1.fmt, d1) != (p2.fmt, d2):
+        raise ValueError(f'l2_weights: {p2.fmt}{" 2-D" if d2 else ""} weights, l1_weights are '
+                         f'{p1.fmt}{" 2-D" if d1 else ""}: both projections must have one format')
+    _check_pair(p1, p2)
+    return tuple(_permute(p) if p.fmt not in DENSE_FORMATS else
+                 ExpertWeights(fmt=p.fmt, kind=p.kind, codes=p.weight, scales=p.scale_bytes, alpha=p.alpha,
+                               num_experts=p.e, n=p.n, k=p.k) for p in (p1, p2))
 
 
 def transform_nvfp4_weights_for_grouped_gemm(weight, weight_scale, weight_scale_2) -> ExpertWeights:
