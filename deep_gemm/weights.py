@@ -399,7 +399,9 @@ def _upstream_form(obj, what: str):
         return 'mxfp4', (w, sf), two_d
     _check(sf.dtype == torch.int32, TypeError,
            f'{what}: scale must be int32 (four packed scale bytes per word, upstream) or uint8 UE8M0, got {sf.dtype}')
-    sb = sf.contiguous().view(torch.uint8)          # byte j of word p = scale group 4p + j
+    # byte j of word p = scale group 4p + j; a fresh row-major copy (a size-1 last dimension can keep
+    # an MN-major stride through .contiguous(), and a byte view needs stride 1)
+    sb = sf.new_empty(sf.shape).copy_(sf).view(torch.uint8)
     if w.dtype == torch.float8_e4m3fn:
         k = w.shape[-1]
         _check(sb.shape[-1] * 32 == k, ValueError,

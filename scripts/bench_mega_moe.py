@@ -30,7 +30,14 @@ overhead of 4 waves.
 ``nvidia-smi`` samples every rank's SM clock and board power: a kernel at the power limit runs at a
 reduced clock, and only less energy per weight or per FLOP makes it faster (docs/perf-notes.md, v7).
 
+``--peers`` (default on where its wheels are; one rank): SGLang's DeepGEMM fork, SM90 FP8 Mega MoE
+(``sgl-deep-gemm`` 0.1.5.post1's ``fp8_mega_moe``, FP8 weights with FP32 per 128 x 128 blocks; wheels
+in ``.whl/sgl/``), in a worker process of its own (its package is also ``deep_gemm``) on the same
+routing as ours (scripts/peers/sgl_mega_moe.py); a table after ours gives both formats' weight bytes
+(experts that received tokens), graph and eager us and ours / sgl.
+
     python scripts/bench_mega_moe.py [--experts-per-rank 8] [--tokens 128,4096] [--tokens-per-wave 1024] [--clocks]
+        [--no-peers] [--peer-timeout 420]
     torchrun --nproc-per-node 4 scripts/bench_mega_moe.py --tokens 128,4096
 """
 import argparse
@@ -47,6 +54,7 @@ from deep_gemm.mega import sm90  # noqa: E402
 from deep_gemm.utils import per_token_cast_to_fp8, relative_error  # noqa: E402
 from scripts.bench_grouped_gemm import ceilings, make_weights  # noqa: E402
 from scripts.profile_decode import sustained  # noqa: E402
+from scripts.peers import unavailable, ratio  # noqa: E402
 
 WARMUP, ITERS = 5, 30
 
@@ -182,13 +190,46 @@ def sustained_in_step(fn, us_per_call, group, seconds=3.0):
     return [p.tolist() for p in parts]
 
 
+def sgl_peer_table(routes, ours, e_l, hidden, inter, k, copy_gbs, timeout_s, say=print):
+    """SGLang's SM90 FP8 Mega MoE (scripts/peers/sgl_mega_moe.py) on each token count's routing, one rank,
+    beside ours: graph and eager us, the weight bytes of the experts that received tokens, ours / sgl."""
+    from scripts.peers import sgl_mega_moe as sp
+    say(f'peer sgl: {sp.NAME}, same routing, own activations and weights (randn * 0.05, FP8 per 128 x 128), '
+        f'worker process (first calls JIT-compile, up to {timeout_s:.0f} s)')
+    rows, why = sp.run_peer(routes, e_l, hidden, inter, k, timeout_s=timeout_s, say=say)
+    if why and not rows:
+        say(unavailable('sgl', why))
+        return
+    fmt = '{:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}'
+    say(fmt.format('tokens', 'ours us', 'sgl us', 'ours eag', 'sgl eag', 'ours MB', 'sgl MB', 'ours/sgl', 'sgl GB/s',
+                   'sgl err', 'JIT s'))
+    for t in sorted(ours):
+        t_ours, t_eager, _touched, wbytes = ours[t]
+        r = rows.get(t)
+        if r is None or 'error' in r:
+            say(f'{t:>7} {t_ours:>9.1f} sgl: {r.get("error") if r else "no result"}')
+            continue
+        g = r.get('graph_us', float('nan'))
+        say(fmt.format(t, f'{t_ours:.1f}', f'{g:.1f}', f'{t_eager:.1f}', f'{r["eager_us"]:.1f}', f'{wbytes / 1e6:.0f}',
+                       f'{r["weight_bytes"] / 1e6:.0f}', f'{ratio(t_ours, g):.2f}',
+                       f'{r["weight_bytes"] / g / 1e3:.0f}', f'{r.get("rel_err", float("nan")):.1e}',
+                       f'{r.get("first_call_s", float("nan")):.0f}')
+            + ('' if r.get('idempotent', True) else '  (inputs re-staged per call)')
+            + (f'  (graph: {r["graph_error"]})' if 'graph_error' in r else ''))
+    if why:
+        say(unavailable('sgl', why) + ' for the missing rows')
+    say(f'(sgl: FP8 E4M3 weights with FP32 per 128 x 128 block, {sp.fp8_weight_bytes(1, hidden, inter) / 1e6:.1f} MB '
+        f'per expert vs ours NVFP4; MB = experts that received tokens; ours/sgl < 1 = ours faster; sgl err vs a float '
+        f'reference of its own FP8 operands; copy ceiling {copy_gbs:.0f} GB/s)')
+
+
 def fill_inputs(buf, t: int, seed: int, routing: str = 'skewed') -> None:
     """The first ``t`` tokens of ``buf``: per-token log-normal magnitudes, FP8 with UE8M0 per-32
     scales, top-k routing skewed towards the higher expert ids (``routing='uniform'``: every expert
     equally likely), softmax routing weights."""
     xg = torch.Generator().manual_seed(seed)
     x = torch.randn(t, buf.hidden, generator=xg) * torch.exp(0.5 * torch.randn(t, 1, generator=xg))
-    q, sf = per_token_cast_to_fp8(x, 32, use_ue8m0=True)
+    q, sf = per_token_cast_to_fp8(x, True, 32)
     scores = torch.rand(t, buf.num_experts, generator=xg)
     if routing == 'skewed':
         scores += torch.linspace(0, 0.5, buf.num_experts)
@@ -223,6 +264,11 @@ def main():
     ap.add_argument('--clocks', action='store_true',
                     help='also run the fused graph and the compute-only and comm-only sequences for ~3 s each while '
                          'nvidia-smi samples every rank\'s SM clock and board power')
+    ap.add_argument('--peers', action=argparse.BooleanOptionalAction, default=True,
+                    help='SGLang\'s SM90 FP8 Mega MoE (sgl-deep-gemm, wheels in .whl/sgl/) on the same routing, in a '
+                         'worker process, one rank (default: on where its wheels are; a one-line note otherwise)')
+    ap.add_argument('--peer-timeout', type=float, default=420.0,
+                    help='seconds for the SGLang worker (it JIT-compiles its kernels on the first call)')
     args = ap.parse_args()
     group, rank, world = torchrun_group()
     say = print if rank == 0 else (lambda *a, **kw: None)
@@ -235,7 +281,7 @@ def main():
     token_counts = [int(v) for v in args.tokens.split(',')]
     max_t = max(token_counts)
     buf = deep_gemm.get_symm_buffer_for_mega_moe(group, num_experts, max_t, k, hidden, inter,
-                                                 num_max_tokens_per_wave=args.tokens_per_wave)
+                                                 num_max_tokens_per_wave=args.tokens_per_wave, mma_type='fp8xnvfp4')
     nvl_gbs = nvlink_ceiling(buf, group) if group is not None else float('nan')
     say(f'device: {torch.cuda.get_device_name()} x {world}; rank 0: device copy {copy_gbs:.0f} GB/s (read+write), '
         f'bf16 8192^3 matmul {bf16_tflops:.0f} TFLOPS' + (f', NVLink write to the next rank {nvl_gbs:.0f} GB/s'
@@ -247,8 +293,11 @@ def main():
         f'{"NVL GB/s":>9} {"%NVL":>5} {"baseline us":>12} {"x graph":>8} {"x eager":>8} {"rel err":>8} '
         f'{"seq us":>8} {"x seq":>6} {"compute":>8} {"comm":>7} {"/max":>5} {"seq err":>8} {"bitwise":>7} '
         f'{"rows/exp":>9} {"BLOCK_T":>7}')
+    peer_routes, peer_ours = {}, {}
     for t in token_counts:
         fill_inputs(buf, t, 1000 * t + rank, args.routing)
+        if args.peers and group is None:
+            peer_routes[t] = (buf.topk_idx[:t].cpu(), buf.topk_weights[:t].cpu())
         y = torch.empty(t, hidden, dtype=torch.bfloat16, device='cuda')
         run = lambda: deep_gemm.fp8_nvfp4_mega_moe(y, l1, l2, buf, backend='sm90')  # noqa: E731
         base = (lambda: baseline_nccl(buf, l1, l2, t, k, e_l, group)) if group is not None else \
@@ -313,6 +362,7 @@ def main():
             f'{t_base / t_ours:>8.2f} {t_base / t_eager:>8.2f} {err:>8.1e} {t_seq:>8.1f} {t_seq / t_ours:>6.2f} '
             f'{t_compute:>8.1f} {t_comm:>7.1f} {t_ours / max(t_compute, t_comm):>5.2f} {seq_err:>8.1e} {str(bitwise):>7} '
             f'{f"{int(rows.min())}-{int(rows.max())}":>9} {sm90.block_t_for(buf, t):>7}')
+        peer_ours[t] = (t_ours, t_eager, touched, touched * per_expert_bytes)
         for name, per_rank in clocks:
             say(f'{"":>7} sustained {name}: ' + ', '.join(
                 f'rank {r} {us:.1f} us, SM {mhz:.0f} MHz, {w:.0f} of {lim:.0f} W' for r, (us, mhz, w, lim) in
@@ -324,6 +374,11 @@ def main():
         'seq err, bitwise: ours vs seq; rows/exp: fewest-most rows of this rank\'s experts; BLOCK_T: the token tile)')
     say(f'ceilings: copy {copy_gbs:.0f} GB/s, bf16 {bf16_tflops:.0f} TFLOPS; weight floor '
         f'{e_l * per_expert_bytes / copy_gbs / 1e3:.0f} us for all {e_l} local experts')
+    if args.peers:
+        if group is not None:
+            say(unavailable('sgl', 'one rank only: the SGLang worker runs EP 1 in a process of its own'))
+        else:
+            sgl_peer_table(peer_routes, peer_ours, e_l, hidden, inter, k, copy_gbs, args.peer_timeout, say)
     if group is not None:
         dist.destroy_process_group()
 

@@ -265,6 +265,9 @@ class SymmBuffer:
       every slot masked);
     * ``topk_weights``: float32 ``[M, num_topk]``.
 
+    :meth:`copy_inputs` writes all four after checking them against this format (the obvious way;
+    it also takes the float32 scales a cast returns unpacked, and per-128 scales for ``'fp8xnvfp4'``).
+
     Upstream's other views exist for its callers: ``shared_l1_acts`` (= ``x``), ``shared_l1_acts_sf``
     (FP8 kinds with shared experts: int32 ``[ceil(M / 8) * 128, H / 128]``, MN-major; our kernels
     read the shared experts' scales from ``x_sf``, so what a caller copies there is not used),
@@ -358,6 +361,57 @@ class SymmBuffer:
         self.shared_l2_acts = self.shared_l2_acts_sf = None
         self.l1_acts, self.l2_acts = v['l1_x'], v['l2_x']
         self.l1_acts_sf = self.l2_acts_sf = None
+
+    def copy_inputs(self, x: torch.Tensor, x_sf: Optional[torch.Tensor], topk_idx: torch.Tensor,
+                    topk_weights: torch.Tensor) -> int:
+        """Write ``T`` tokens into ``x[:T]``, ``x_sf[:T]``, ``topk_idx[:T]``, ``topk_weights[:T]`` after
+        checking each against this buffer's format (a ``TypeError`` / ``ValueError`` naming it, instead
+        of a bare broadcast error or a silent cast).  Returns ``T``.
+
+        ``x_sf`` may come in this buffer's own format (see the class docstring) or as the float32 scales
+        a cast returns without packing: ``'fp8xnvfp4'`` per 32 or per 128 channels (repeated to per 32:
+        exact), ``'fp8xfp4'`` / ``'fp8xfp8'`` powers of two per 32 (packed), ``'fp4xfp4'`` UE4M3 values
+        per 16 (packed).  ``None`` for ``'bf16xbf16'``.
+        """
+        from ..utils.validation import check_tensor
+        if self.destroyed:
+            raise ValueError('buffer: destroyed')
+        check_tensor('x', x, dtype=self.x.dtype, ndim=2, shape=(None, self.x.shape[1]), device=self.device)
+        t = x.shape[0]
+        if t > self.num_max_tokens_per_rank:
+            raise ValueError(f'x: {t} tokens > num_max_tokens_per_rank = {self.num_max_tokens_per_rank}')
+        k = self.num_topk
+        check_tensor('topk_idx', topk_idx, dtype=torch.int64, shape=(t, k), device=self.device)
+        check_tensor('topk_weights', topk_weights, dtype=torch.float32, shape=(t, k), device=self.device)
+        if self.x_sf is None:
+            if x_sf is not None:
+                raise ValueError(f'x_sf: a {self.mma_type!r} buffer takes no activation scales')
+        else:
+            self.x_sf[:t].copy_(self._scales_as_view(x_sf, t))
+        self.x[:t].copy_(x)
+        self.topk_idx[:t].copy_(topk_idx)
+        self.topk_weights[:t].copy_(topk_weights)
+        return t
+
+    def _scales_as_view(self, sf, t: int) -> torch.Tensor:
+        from ..utils.math import pack_ue8m0_to_int
+        from ..utils.validation import check_tensor
+        view = self.x_sf
+        check_tensor('x_sf', sf, dtype=(view.dtype, torch.float32), ndim=2, device=self.device, contiguous=False)
+        if sf.shape[0] != t:
+            raise ValueError(f'x_sf: {sf.shape[0]} rows for {t} tokens')
+        if sf.dtype == view.dtype and sf.shape[1] == view.shape[1]:
+            return sf
+        groups = self.hidden // self.x_sf_gran_k
+        if self.mma_type == 'fp8xnvfp4' and sf.shape[1] * 4 == groups:
+            return sf.repeat_interleave(4, dim=1)      # per-128 scales are per-32 scales, repeated
+        if sf.dtype == torch.float32 and sf.shape[1] == groups and view.dtype == torch.int32:
+            if self.mma_type == 'fp4xfp4':
+                return sf.to(torch.float8_e4m3fn).view(torch.uint8).view(torch.int32)
+            return pack_ue8m0_to_int(sf.contiguous())
+        raise ValueError(f'x_sf: {sf.dtype} {tuple(sf.shape)} fits neither this {self.mma_type!r} buffer\'s '
+                         f'{view.dtype} {tuple(view.shape[1:])} per token nor float32 scales per '
+                         f'{self.x_sf_gran_k} channels')
 
     @property
     def buffer(self) -> Optional[torch.Tensor]:

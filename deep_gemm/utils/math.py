@@ -63,7 +63,7 @@ def unpack_ue8m0_from_int(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_ue8m0_to_int`: int32 ``[..., W]`` -> float32 ``[..., 4 W]``."""
     if packed.dtype != torch.int32:
         raise TypeError(f'packed: expected int32, got {packed.dtype}')
-    return (packed.contiguous().view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
+    return (packed.new_empty(packed.shape).copy_(packed).view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
 
 
 def _check_x(x) -> None:

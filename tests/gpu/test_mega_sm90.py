@@ -13,21 +13,15 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get
               pytest.mark.usefixtures('mega_path')]   # fused kernel and kernel sequence (gpu/conftest.py)
 
 import deep_gemm  # noqa: E402
-from deep_gemm.utils import relative_error, cast_to_mxfp4  # noqa: E402
+from deep_gemm.utils import relative_error  # noqa: E402
 
 TOL = 1e-2
 
 
-def setup(p, num_max_tokens=None, fmt='nvfp4'):
+def setup(p, num_max_tokens=None):
     dev = torch.device('cuda')
-    if fmt == 'nvfp4':
-        l1, l2 = deep_gemm.transform_nvfp4_weights_for_mega_moe({k: v.to(dev) for k, v in p.l1.items()},
-                                                               {k: v.to(dev) for k, v in p.l2.items()})
-    else:
-        w1 = deep_gemm.dequant_nvfp4(p.l1['weight'], p.l1['weight_scale'])
-        w2 = deep_gemm.dequant_nvfp4(p.l2['weight'], p.l2['weight_scale'])
-        (q1, s1), (q2, s2) = cast_to_mxfp4(w1), cast_to_mxfp4(w2)
-        l1, l2 = deep_gemm.transform_weights_for_mega_moe((q1.to(dev), s1.to(dev)), (q2.to(dev), s2.to(dev)))
+    l1, l2 = deep_gemm.transform_nvfp4_weights_for_mega_moe({k: v.to(dev) for k, v in p.l1.items()},
+                                                           {k: v.to(dev) for k, v in p.l2.items()})
     buf = deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, num_max_tokens or p.t, p.topk, p.hidden, p.inter,
                                                  device=dev, mma_type='fp8xnvfp4')
     t = p.t
@@ -63,12 +57,39 @@ def test_matches_reference(make_problem, shape, clamp):
     assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), 'not bitwise stable run to run'
 
 
-def test_mxfp4(make_problem):
+def test_upstream_fp8_buffer(make_problem):
+    """fp8_nvfp4_mega_moe on upstream's default buffer kind ('fp8xfp4': packed UE8M0 x_sf, unpacked into the
+    kernels' float32 region before the launch) gives the same bits as on our 'fp8xnvfp4' buffer."""
     p = make_problem(seed=3, t=29, hidden=256, inter=128, experts=8, topk=4, use_ue8m0=True)
-    l1, l2, buf = setup(p, fmt='mxfp4')
-    y, stats = run(deep_gemm.fp8_fp4_mega_moe, l1, l2, buf, p.t, 'sm90')
-    y_ref, stats_ref = run(deep_gemm.fp8_fp4_mega_moe, l1, l2, buf, p.t, 'reference')
-    assert relative_error(y, y_ref) < TOL and torch.equal(stats, stats_ref)
+    l1, l2, ours = setup(p)
+    up = deep_gemm.get_symm_buffer_for_mega_moe(None, p.experts, p.t, p.topk, p.hidden, p.inter, device='cuda')
+    assert up.mma_type == 'fp8xfp4' and up.x_sf.dtype == torch.int32
+    up.copy_inputs(p.x.cuda(), p.x_sf.cuda(), p.topk_idx.cuda(), p.topk_weights.cuda())
+    fn = deep_gemm.fp8_nvfp4_mega_moe
+    y, stats = run(fn, l1, l2, up, p.t, 'sm90')
+    y_ours, stats_ours = run(fn, l1, l2, ours, p.t, 'sm90')
+    y_ref, _ = run(fn, l1, l2, up, p.t, 'reference')
+    assert torch.equal(y.view(torch.int16), y_ours.view(torch.int16)) and torch.equal(stats, stats_ours)
+    assert relative_error(y, y_ref) < TOL
+
+
+def test_upstream_entry_points_run_on_the_device(make_problem):
+    """fp8_fp4 / bf16 / fp4_fp4_mega_moe have no sm90 kernel yet: 'auto' runs their reference on the GPU
+    (with a warning), 'sm90' by name says so; the device result equals the CPU one."""
+    import sys
+    import os
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+    from test_upstream_api import _problem, _run_layer
+    for mt in ('fp8xfp4', 'bf16xbf16', 'fp4xfp4'):
+        d = _problem(mt, [9])
+        y_cpu, recv_cpu = _run_layer(d, None, 0, 1)
+        dev = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+        with pytest.warns(UserWarning, match='no sm90 kernel yet'):
+            y_gpu, recv_gpu = _run_layer(dev, None, 0, 1)
+        with pytest.raises(NotImplementedError, match='no sm90 kernel'):
+            _run_layer(dev, None, 0, 1, backend='sm90')
+        assert torch.equal(recv_gpu.cpu(), recv_cpu)
+        assert relative_error(y_gpu.cpu(), y_cpu) < 1e-5, mt
 
 
 def test_fewer_tokens_than_buffer_and_zero_tokens(make_problem):
