@@ -164,7 +164,9 @@ def main():
     check = not args.no_check and not (on_reference and args.full)
     if not check and not args.no_check:
         log('the reference backend is the reference: no comparison at this size (run without --full, or on a GPU)')
-    progress = functools.partial(tqdm, disable=rank != 0, dynamic_ncols=True, leave=True)
+    # a terminal gets a live bar; a log (CI, a device call) one line every 10 s
+    progress = functools.partial(tqdm, disable=rank != 0, dynamic_ncols=True, leave=True,
+                                 mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
     def estimate(first_s, L1, L2):
         """After the first expert: the whole run's duration, said before the rest of the work."""

@@ -225,8 +225,10 @@ def fp8_nvfp4_mega_moe(y: torch.Tensor, l1, l2, buffer: SymmBuffer,
     Inputs, written by the caller into the buffer's views before the call (``T = y.shape[0]``):
 
     * ``buffer.x[:T]``: float8_e4m3fn ``[T, hidden]``, this rank's tokens;
-    * ``buffer.x_sf[:T]``: float32 ``[T, hidden / 32]``, one scale per 32 channels
-      (``deep_gemm.utils.per_token_cast_to_fp8(x, use_ue8m0=False, gran_k=32)`` makes both);
+    * ``buffer.x_sf[:T]``: on an ``mma_type='fp8xnvfp4'`` buffer float32 ``[T, hidden / 32]``, one
+      scale per 32 channels (``deep_gemm.utils.per_token_cast_to_fp8(x, False, 32)`` makes both); on
+      upstream's ``'fp8xfp4'`` buffer int32 ``[T, hidden / 128]``, packed power-of-two scales
+      (``per_token_cast_to_fp8(x, True, 32, True)``); ``buffer.copy_inputs`` takes either;
     * ``buffer.topk_idx[:T]``: int64 ``[T, num_topk]``, global expert ids, -1 = masked slot;
     * ``buffer.topk_weights[:T]``: float32 ``[T, num_topk]``, routing weights.
 
@@ -234,7 +236,8 @@ def fp8_nvfp4_mega_moe(y: torch.Tensor, l1, l2, buffer: SymmBuffer,
         y: bfloat16 ``[T, hidden]`` on the buffer's device, ``T <= buffer.num_max_tokens_per_rank``
             (``T`` may differ per rank, 0 included); overwritten with the layer's output.
         l1, l2: from :func:`~deep_gemm.transform_nvfp4_weights_for_mega_moe`, this rank's
-            ``num_experts / num_ranks`` experts (L1 = gate+up ``[E_l, 2 I, hidden]``, L2 = down).
+            ``num_experts / num_ranks`` experts (L1 = gate+up ``[E_l, 2 I, hidden]``, L2 = down);
+            MXFP4 weights (``transform_weights_for_mega_moe``) run the same exact path, with alpha 1.
         buffer: a :class:`SymmBuffer` from :func:`get_symm_buffer_for_mega_moe`.
         cumulative_local_expert_recv_stats: None or int32 ``[E_l]``, incremented by the (token, slot)
             pairs each local expert received from all ranks.
@@ -261,7 +264,7 @@ def fp8_nvfp4_mega_moe(y: torch.Tensor, l1, l2, buffer: SymmBuffer,
     Returns ``y``.
     """
     t = _validate(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math, backend,
-                  'nvfp4', mma_types=('fp8xnvfp4', 'fp8xfp4'))
+                  ('nvfp4', 'mxfp4'), mma_types=('fp8xnvfp4', 'fp8xfp4'))
     return _run(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math, backend, t)
 
 

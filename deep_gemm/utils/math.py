@@ -129,11 +129,11 @@ def per_token_cast_to_fp4(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, u
     m, n = x.shape
     if n % 2:
         raise ValueError(f'x: n = {n} must be even (two codes per byte)')
-    blocks = _pad(x, gran_k).view(m, -1, gran_k)
+    blocks = _pad(x, gran_k).view(m, -(-n // gran_k), gran_k)
     sf = blocks.abs().float().amax(dim=-1).clamp(min=1e-4) / 6.0
     if use_ue8m0:
         sf = ceil_to_ue8m0(sf)
-    code = _e2m1_codes(blocks * (1.0 / sf).unsqueeze(-1), ties_to_even=False).view(m, -1)
+    code = _e2m1_codes(blocks * (1.0 / sf).unsqueeze(-1), ties_to_even=False).view(m, blocks.shape[1] * gran_k)
     packed = _pack_nibbles(code)[:, :n // 2].contiguous()
     return packed, (pack_ue8m0_to_int(sf) if use_packed_ue8m0 else sf)
 
@@ -164,7 +164,7 @@ def per_token_cast_to_nvfp4(x: torch.Tensor, global_scale: Optional[Union[float,
     t = (blocks.abs().amax(dim=-1) / 6.0 * inv_g).clamp(min=2.0 ** -9)
     sf = round_to_e4m3(t).to(torch.float32)          # one RNE rounding of the float32 value, saturating
     elem = sf if global_scale is None else sf * torch.tensor(g, dtype=torch.float32)
-    code = _e2m1_codes(blocks / elem.unsqueeze(-1), ties_to_even=True).view(m, n)
+    code = _e2m1_codes(blocks / elem.unsqueeze(-1), ties_to_even=True).reshape(m, n)
     packed = _pack_nibbles(code).contiguous()
     if use_packed_sf:
         return packed, sf.to(torch.float8_e4m3fn).view(torch.uint8).view(torch.int32)

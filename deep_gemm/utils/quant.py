@@ -370,13 +370,14 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, u
         raise ValueError(f'x: expected [m, n], got shape {tuple(x.shape)}')
     _check_flags(use_ue8m0, gran_k, use_packed_ue8m0)
     m, n = x.shape
-    blocks = _pad(x, gran_k).view(m, -1, gran_k)
+    blocks = _pad(x, gran_k).view(m, -(-n // gran_k), gran_k)
     amax = blocks.abs().float().amax(dim=-1)
     _check_finite(amax, 'x')
     sf = amax.clamp(min=1e-4) / E4M3_MAX
     if use_ue8m0:
         sf = ceil_to_ue8m0(sf)
-    q = (blocks * (1.0 / sf).unsqueeze(-1)).to(torch.float8_e4m3fn).view(m, -1)[:, :n].contiguous()
+    q = (blocks * (1.0 / sf).unsqueeze(-1)).to(torch.float8_e4m3fn).view(m, blocks.shape[1] * gran_k)[:, :n]
+    q = q.contiguous()
     return q, (pack_ue8m0_to_int(sf) if use_packed_ue8m0 else sf)
 
 

@@ -161,9 +161,9 @@ def test_mxfp4_two_ranks(make_problem):
     with launch_window():
         for r in range(2):
             with torch.cuda.stream(streams[r]):
-                deep_gemm.fp8_fp4_mega_moe(ys[r], per_rank[r][0], per_rank[r][1], bufs[r], backend='sm90')
+                deep_gemm.fp8_nvfp4_mega_moe(ys[r], per_rank[r][0], per_rank[r][1], bufs[r], backend='sm90')
     y_ref = torch.empty(p.t, p.hidden, dtype=torch.bfloat16, device='cuda')
-    deep_gemm.fp8_fp4_mega_moe(y_ref, full[0], full[1], rb, backend='reference')
+    deep_gemm.fp8_nvfp4_mega_moe(y_ref, full[0], full[1], rb, backend='reference')
     for b in bufs:
         b.check_comm()
     assert relative_error(torch.cat(ys), y_ref) < TOL
