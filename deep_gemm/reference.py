@@ -38,7 +38,7 @@ from .utils.quant import round_to_bf16
 from .utils.validation import (check_activation_clamp, check_expert_ids, check_finite, check_scales,
                                check_tensor)
 
-__all__ = ['reference_moe_forward', 'reference_mega_moe', 'combine_slots']
+__all__ = ['reference_moe_forward', 'reference_mega_moe', 'combine_slots', 'gather_tokens', 'return_rows']
 
 _SUB_BLOCK = 16
 _L2_BAND = 8
@@ -195,6 +195,48 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
+def gather_tokens(group, tensors):
+    """Every rank's tokens, concatenated in rank order (``T`` may differ per rank, 0 included): returns
+    ``(counts, gathered)`` for the list ``tensors`` of this rank's ``[T, ...]`` tensors.  Tensors move
+    as bytes where their dtype is float8 (every backend moves uint8)."""
+    import torch.distributed as dist
+    world = dist.get_world_size(group)
+    dev = tensors[0].device
+    t = tensors[0].shape[0]
+    counts_t = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(counts_t, torch.tensor([t], dtype=torch.int64, device=dev), group=group)
+    counts = [int(c.item()) for c in counts_t]
+    t_max = max(counts)
+
+    def gather(v: torch.Tensor) -> torch.Tensor:
+        as_bytes = v.dtype == torch.float8_e4m3fn
+        v = v.contiguous().view(torch.uint8) if as_bytes else v.contiguous()
+        pad = torch.zeros(t_max, *v.shape[1:], dtype=v.dtype, device=dev)
+        pad[:v.shape[0]] = v
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad, group=group)
+        out = torch.cat([p[:c] for p, c in zip(parts, counts)])
+        return out.view(torch.float8_e4m3fn) if as_bytes else out
+
+    return counts, [gather(v) for v in tensors]
+
+
+def return_rows(group, out: torch.Tensor, counts, topk_idx: torch.Tensor, e_local: int) -> torch.Tensor:
+    """Send each gathered token's slot rows ``out`` bf16 ``[sum(counts), k, H]`` back to its source rank
+    (``all_to_all_single`` of bytes) and pick, for each of this rank's ``(token, slot)``, the row from
+    the rank that owns its expert: bf16 ``[T, k, H]``."""
+    import torch.distributed as dist
+    world = dist.get_world_size(group)
+    t, k = topk_idx.shape
+    hidden, dev = out.shape[2], out.device
+    send = out.view(torch.uint8).reshape(sum(counts), k * hidden * 2).contiguous()
+    recv = torch.empty(world * t, k * hidden * 2, dtype=torch.uint8, device=dev)
+    dist.all_to_all_single(recv, send, output_split_sizes=[t] * world, input_split_sizes=counts, group=group)
+    recv = recv.view(torch.bfloat16).reshape(world, t, k, hidden)
+    owner = torch.div(topk_idx.to(torch.int64).clamp(min=0), e_local, rounding_mode='floor')
+    return recv[owner, torch.arange(t, device=dev).unsqueeze(1), torch.arange(k, device=dev).unsqueeze(0)]
+
+
 def reference_mega_moe(x: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                        w1, w1_alpha: torch.Tensor, w2, w2_alpha: torch.Tensor, group=None,
                        activation_clamp: Optional[float] = None, num_experts: Optional[int] = None,
@@ -230,34 +272,11 @@ def reference_mega_moe(x: torch.Tensor, x_sf: torch.Tensor, topk_idx: torch.Tens
         o = out
     else:
         import torch.distributed as dist
-        rank = dist.get_rank(group)
-        dev = x.device
-        counts_t = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-        dist.all_gather(counts_t, torch.tensor([t], dtype=torch.int64, device=dev), group=group)
-        counts = [int(c.item()) for c in counts_t]
-        t_max = max(counts)
-
-        def gather(v: torch.Tensor) -> torch.Tensor:
-            pad = torch.zeros(t_max, *v.shape[1:], dtype=v.dtype, device=dev)
-            pad[:v.shape[0]] = v
-            parts = [torch.empty_like(pad) for _ in range(world)]
-            dist.all_gather(parts, pad, group=group)
-            return torch.cat([p[:c] for p, c in zip(parts, counts)])
-
-        gx = gather(x.contiguous().view(torch.uint8)).view(torch.float8_e4m3fn)
-        gsf = gather(x_sf.contiguous())
-        gidx = gather(topk_idx.to(torch.int64).contiguous())
-        gw = gather(topk_weights.contiguous())
+        counts, (gx, gsf, gidx, gw) = gather_tokens(group, [x, x_sf, topk_idx.to(torch.int64), topk_weights])
         out, stats = reference_moe_forward(gx, gsf, gidx, gw, w1, w1_alpha, w2, w2_alpha,
                                            activation_clamp=activation_clamp, num_experts=num_experts,
-                                           expert_offset=rank * e_local)
-        # send rows back to their source ranks (as bytes: every backend moves uint8)
-        send = out.view(torch.uint8).reshape(sum(counts), k * hidden * 2).contiguous()
-        recv = torch.empty(world * t, k * hidden * 2, dtype=torch.uint8, device=dev)
-        dist.all_to_all_single(recv, send, output_split_sizes=[t] * world, input_split_sizes=counts, group=group)
-        recv = recv.view(torch.bfloat16).reshape(world, t, k, hidden)
-        owner = torch.div(topk_idx.to(torch.int64).clamp(min=0), e_local, rounding_mode='floor')
-        o = recv[owner, torch.arange(t, device=dev).unsqueeze(1), torch.arange(k, device=dev).unsqueeze(0)]
+                                           expert_offset=dist.get_rank(group) * e_local)
+        o = return_rows(group, out, counts, topk_idx, e_local)
     y = combine_slots(o, topk_idx)
     if cumulative_local_expert_recv_stats is not None:
         cumulative_local_expert_recv_stats += stats['recv_count'].to(cumulative_local_expert_recv_stats.dtype)

@@ -77,9 +77,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .reference import _group_size, combine_slots
+from .reference import _group_size, combine_slots, gather_tokens, return_rows
 from .utils.quant import e2m1_to_float, float_to_e2m1, round_to_bf16, round_to_e4m3
-from .utils.validation import check_expert_ids, check_finite, check_scales, check_tensor
+from .utils.validation import check_activation_clamp, check_expert_ids, check_finite, check_scales, check_tensor
 
 __all__ = ['RECIPES', 'reference_recipe_moe', 'recipe_expert_forward', 'combine_recipe',
            'quantize_nvfp4_rows', 'dequantize_nvfp4_rows', 'quantize_fp8_pow2_rows',
@@ -407,15 +407,6 @@ def _check_alphas(name: str, t, shape):
     return t
 
 
-def _check_clamp(c) -> None:
-    if c is None:
-        return
-    if isinstance(c, bool) or not isinstance(c, (int, float)):
-        raise TypeError(f'activation_clamp: expected a float or None, got {type(c).__name__}')
-    if math.isnan(c) or c < 0 or c == -math.inf:
-        raise ValueError(f'activation_clamp: expected a value >= 0 (or None / inf: no clamp), got {c}')
-
-
 def _validate(recipe, x, topk_idx, topk_weights, w1, w2, world, num_experts, l1_alphas, l2_alphas,
               a2_scales, routed_scaling_factor, shared_w1, shared_w2, x_shared, activation_clamp, stats):
     if not isinstance(recipe, str):
@@ -497,7 +488,7 @@ def _validate(recipe, x, topk_idx, topk_weights, w1, w2, world, num_experts, l1_
         if not isinstance(shared_w2, torch.Tensor):
             raise TypeError(f'shared_w2: expected a tensor, got {type(shared_w2).__name__}')
         _check_weight('shared_w2', shared_w2, (hidden, s_inter))
-    _check_clamp(activation_clamp)
+    check_activation_clamp(activation_clamp)
     if stats is not None:
         check_tensor('cumulative_local_expert_recv_stats', stats, dtype=torch.int32, shape=(e_local,),
                      device=x.device)
@@ -576,30 +567,9 @@ def reference_recipe_moe(recipe: str, x: torch.Tensor, topk_idx: torch.Tensor, t
         routed, recv = _local_rows(cfg, x, topk_idx, topk_weights, w1, w2, 0, *extra)
     else:
         import torch.distributed as dist
-        rank = dist.get_rank(group)
-        dev = x.device
-        counts_t = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-        dist.all_gather(counts_t, torch.tensor([t], dtype=torch.int64, device=dev), group=group)
-        counts = [int(c.item()) for c in counts_t]
-        t_max = max(counts)
-
-        def gather(v: torch.Tensor) -> torch.Tensor:
-            pad = torch.zeros(t_max, *v.shape[1:], dtype=v.dtype, device=dev)
-            pad[:v.shape[0]] = v
-            parts = [torch.empty_like(pad) for _ in range(world)]
-            dist.all_gather(parts, pad, group=group)
-            return torch.cat([p[:c] for p, c in zip(parts, counts)])
-
-        gx = gather(x.contiguous())
-        gidx = gather(topk_idx.contiguous())
-        gw = gather(topk_weights.contiguous())
-        out, recv = _local_rows(cfg, gx, gidx, gw, w1, w2, rank * cfg.e_local, *extra)
-        send = out.view(torch.uint8).reshape(sum(counts), k * hidden * 2).contiguous()
-        back = torch.empty(world * t, k * hidden * 2, dtype=torch.uint8, device=dev)
-        dist.all_to_all_single(back, send, output_split_sizes=[t] * world, input_split_sizes=counts, group=group)
-        back = back.view(torch.bfloat16).reshape(world, t, k, hidden)
-        owner = torch.div(topk_idx.clamp(min=0), cfg.e_local, rounding_mode='floor')
-        routed = back[owner, torch.arange(t, device=dev).unsqueeze(1), torch.arange(k, device=dev).unsqueeze(0)]
+        counts, (gx, gidx, gw) = gather_tokens(group, [x, topk_idx, topk_weights])
+        out, recv = _local_rows(cfg, gx, gidx, gw, w1, w2, dist.get_rank(group) * cfg.e_local, *extra)
+        routed = return_rows(group, out, counts, topk_idx, cfg.e_local)
     shared = None
     if cfg.shared:
         shared = recipe_expert_forward(_SHARED_PATH[cfg.path], x_shared, shared_w1, shared_w2, None,

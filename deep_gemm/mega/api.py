@@ -161,6 +161,8 @@ def _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fm
         raise ValueError(f'backend: expected one of {BACKENDS}, got {backend!r}')
     _check_weights(l1_name, l1, fmt, 2 * buffer.intermediate_hidden, buffer.hidden, e_l, 2)
     _check_weights(l2_name, l2, fmt, buffer.hidden, buffer.intermediate_hidden, e_l, 1)
+    if l1.fmt != l2.fmt:
+        raise ValueError(f'{l1_name}: {l1.fmt} weights, {l2_name} are {l2.fmt}: both projections must have one format')
     # Value checks read the device (a host sync), which a CUDA graph capture forbids: while capturing
     # they are skipped, and the kernels ignore ids outside [0, num_experts) (treated as masked).
     # Ranks emulated on one GPU skip them too: a host sync (or an allocation) while another rank's

@@ -107,10 +107,10 @@ def check_scales(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def check_activation_clamp(value) -> None:
-    """``activation_clamp``: None or a finite positive number."""
+    """``activation_clamp``: None or ``c >= 0`` (upstream's rule; ``inf`` means no clamp)."""
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f'activation_clamp: expected a float or None, got {type(value).__name__}')
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f'activation_clamp: expected a finite positive value, got {value}')
+    if math.isnan(value) or value < 0:
+        raise ValueError(f'activation_clamp: expected a value >= 0 (or None / inf: no clamp), got {value}')
