@@ -179,3 +179,45 @@ def test_docstrings_list_views_arguments_and_errors(obj, words):
     doc = obj.__doc__ or ''
     missing = [w for w in words if w not in doc]
     assert not missing, f'{obj.__name__}.__doc__ lacks {missing}'
+
+
+# ------------------------------------------------------------------- one obvious way to fill x_sf
+def test_copy_inputs_takes_the_casts_outputs_and_names_bad_ones():
+    from deep_gemm.utils import per_token_cast_to_fp8, per_token_cast_to_nvfp4, unpack_ue8m0
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 512, generator=g)
+    idx = torch.randint(0, 8, (6, 2), generator=g)
+    w = torch.rand(6, 2, generator=g)
+    ours = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, 8, 2, 512, 512, mma_type='fp8xnvfp4', device='cpu')
+    q, sf128 = per_token_cast_to_fp8(x, False)              # upstream's default gran_k = 128
+    assert ours.copy_inputs(q, sf128, idx, w) == 6
+    assert torch.equal(ours.x_sf[:6], sf128.repeat_interleave(4, 1))   # per-128 scales are per-32 scales
+    q, sf32 = per_token_cast_to_fp8(x, False, 32)
+    ours.copy_inputs(q, sf32, idx, w)
+    assert torch.equal(ours.x_sf[:6], sf32) and torch.equal(ours.topk_idx[:6], idx)
+    up = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, 8, 2, 512, 512, device='cpu')      # 'fp8xfp4'
+    q, sf = per_token_cast_to_fp8(x, True, 32)
+    up.copy_inputs(q, sf, idx, w)                            # unpacked powers of two: packed on the way in
+    assert torch.equal(unpack_ue8m0(up.x_sf[:6], 16), sf)
+    q, packed = per_token_cast_to_fp8(x, True, 32, True)
+    up.copy_inputs(q, packed, idx, w)
+    assert torch.equal(up.x_sf[:6], packed)
+    with pytest.raises(ValueError, match=r"^x_sf: torch.float32 \(6, 4\) fits neither"):
+        up.copy_inputs(q, per_token_cast_to_fp8(x, True)[1], idx, w)   # per-128 scales cannot be per-32 words
+    with pytest.raises(TypeError, match='^x: expected dtype torch.float8_e4m3fn'):
+        up.copy_inputs(x, packed, idx, w)
+    with pytest.raises(TypeError, match='^topk_idx: expected dtype torch.int64'):
+        up.copy_inputs(q, packed, idx.int(), w)
+    with pytest.raises(ValueError, match='^x: 9 tokens > num_max_tokens_per_rank = 8'):
+        up.copy_inputs(torch.cat([q, q[:3]]), packed, idx, w)
+    nv = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, 8, 2, 512, 512, mma_type='fp4xfp4', device='cpu')
+    codes, sfw = per_token_cast_to_nvfp4(x)
+    nv.copy_inputs(codes.view(torch.uint8), sfw, idx, w)
+    assert torch.equal(nv.x_sf[:6], sfw)
+    bf = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, 8, 2, 512, 512, mma_type='bf16xbf16', device='cpu')
+    with pytest.raises(ValueError, match="^x_sf: a 'bf16xbf16' buffer takes no activation scales"):
+        bf.copy_inputs(x.bfloat16(), sf, idx, w)
+    bf.copy_inputs(x.bfloat16(), None, idx, w)
+    bf.destroy()
+    with pytest.raises(ValueError, match='destroyed'):
+        bf.copy_inputs(x.bfloat16(), None, idx, w)
