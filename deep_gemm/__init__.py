@@ -30,3 +30,10 @@ __all__ = [
     'transform_nvfp4_weights_for_mega_moe', 'transform_weights_for_mega_moe', 'ExpertWeights',
     'jit', 'gemm', *gemm.__all__,
 ]
+
+# From a ModelOpt NVFP4 checkpoint on disk to the layer (safetensors is imported when a checkpoint is read)
+from . import checkpoint  # noqa: E402
+from .checkpoint import CheckpointError, ExpertNaming, NVFP4MoELayer, load_nvfp4_moe_layer  # noqa: E402
+from .module import MegaMoE  # noqa: E402
+
+__all__ += ['checkpoint', 'CheckpointError', 'ExpertNaming', 'NVFP4MoELayer', 'load_nvfp4_moe_layer', 'MegaMoE']

@@ -15,7 +15,11 @@ e.g. ``per_token_cast_to_fp8(..., use_ue8m0=True)``; otherwise rounded once to B
 an :class:`~deep_gemm.weights.ExpertWeights` (``transform_nvfp4_weights_for_grouped_gemm``
 or the Mega MoE transforms).  ``epilogue='swiglu'`` is the L1 epilogue: ``b`` must be an L1
 (gate/up interleaved) weight, ``d`` is ``[rows, N / 2]`` and receives
-``silu(clamp(gate)) * clamp(up) * route_weights[row]`` in BF16.
+``silu(clamp(gate)) * clamp(up) * route_weights[row]`` in BF16.  ``epilogue='swiglu_fp8'`` is the L1
+epilogue of upstream's ``fp8_fp4_mega_moe`` (docs/design.md, fp8xfp4): gate and up rounded to BF16
+(``bf16(acc * alpha)``; alpha = 1 for MXFP4), clamped in BF16, ``a = f32(f32(silu(g) * u) * w)``, then
+requantized to FP8 E4M3 with one power-of-two scale per 32 channels of a row
+(``epilogue/moe_l2_input.cuh``); ``d`` receives ``q * scale`` in BF16 (exact).
 """
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ __all__ = ['set_pdl', 'get_pdl', 'use_deterministic_algorithms',
            'set_num_sms', 'get_num_sms']
 
 _FMT = {'nvfp4': 'deep_gemm::sm90::WeightFormat::NVFP4', 'mxfp4': 'deep_gemm::sm90::WeightFormat::MXFP4'}
-_EPI = {'plain': 'deep_gemm::Epilogue::Plain', 'swiglu': 'deep_gemm::Epilogue::SwiGLU'}
+_EPI = {'plain': 'deep_gemm::Epilogue::Plain', 'swiglu': 'deep_gemm::Epilogue::SwiGLU',
+        'swiglu_fp8': 'deep_gemm::Epilogue::SwiGLUFP8'}
+_L1_EPILOGUES = ('swiglu', 'swiglu_fp8')
 _MODE = {'contiguous': 'deep_gemm::GroupMode::Contiguous', 'masked': 'deep_gemm::GroupMode::Masked'}
 _SMEM_CAPACITY = 232448  # sm_90 max dynamic shared memory per block
 _SMEM_PER_SM = 233472    # sm_90 shared memory per SM (1 KB of it reserved per CTA)
@@ -55,6 +61,11 @@ GROUPED_GEMM = registry.register_kernel(registry.KernelSpec(
         {'fmt': _FMT['nvfp4'], 'block_t': 64, 'stages': 4, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True, 'ctas_per_sm': 2},
         {'fmt': _FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
         {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 4, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
+        # fp8_fp4_mega_moe's L1 (deep_gemm.mega.sm90.run_upstream_fp8): the tiles a Mega MoE call picks
+        # (32 rows at decode, 128 / 256 at prefill), stages as _stages gives them for 8 local experts
+        {'fmt': _FMT['mxfp4'], 'block_t': 32, 'stages': 6, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
+        {'fmt': _FMT['mxfp4'], 'block_t': 128, 'stages': 5, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
+        {'fmt': _FMT['mxfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
     ),
 ))
 
@@ -200,12 +211,18 @@ def _fit_stages(fmt: str, block_t: int, ctas_per_sm: int, other_bytes: int) -> i
     return max(2, min(_MAX_STAGES, (capacity - other_bytes - fixed) // (_stage_bytes(fmt, block_t) + 16)))
 
 
-def _stages(fmt: str, block_t: int, num_experts: int, ctas_per_sm: int = 1) -> int:
-    return _fit_stages(fmt, block_t, ctas_per_sm, 1024 + 4 * (num_experts + 1) + 64)
+def _epilogue_bytes(epilogue: str, block_t: int) -> int:
+    """Shared memory of the epilogue between the pipeline and the tile prefix: the SwiGLUFP8 amax
+    scratch (sm90::kSwiGLUFP8ScratchBytes: 4 warps x BLOCK_T floats per consumer warpgroup, 2 of them)."""
+    return 2 * 4 * block_t * 4 if epilogue == 'swiglu_fp8' else 0
 
 
-def _smem_bytes(fmt: str, block_t: int, stages: int, num_experts: int) -> int:
-    return 1024 + _pipe_bytes(fmt, block_t, stages) + 4 * (num_experts + 1) + 64
+def _stages(fmt: str, block_t: int, num_experts: int, ctas_per_sm: int = 1, epilogue: str = 'plain') -> int:
+    return _fit_stages(fmt, block_t, ctas_per_sm, 1024 + _epilogue_bytes(epilogue, block_t) + 4 * (num_experts + 1) + 64)
+
+
+def _smem_bytes(fmt: str, block_t: int, stages: int, num_experts: int, epilogue: str = 'plain') -> int:
+    return 1024 + _pipe_bytes(fmt, block_t, stages) + _epilogue_bytes(epilogue, block_t) + 4 * (num_experts + 1) + 64
 
 
 def _grouped_config(b: ExpertWeights, tokens_per_expert: int, epilogue: str, fast_math: bool, mode: str,
@@ -213,7 +230,7 @@ def _grouped_config(b: ExpertWeights, tokens_per_expert: int, epilogue: str, fas
     """(kernel, BLOCK_T, CTAs per SM, stages) for one launch; compiles and loads the kernel if needed."""
     block_t = _block_t(tokens_per_expert, block_t)
     ctas = _ctas_per_sm(block_t)
-    stages = _stages(b.fmt, block_t, b.num_experts, ctas)
+    stages = _stages(b.fmt, block_t, b.num_experts, ctas, epilogue)
     params = {'fmt': _FMT[b.fmt], 'block_t': block_t, 'stages': stages, 'epilogue': _EPI[epilogue],
               'mode': _MODE[mode], 'fast_math': bool(fast_math), 'ctas_per_sm': ctas}
     return registry.get_kernel(GROUPED_GEMM.name, params, device=device), block_t, ctas, stages
@@ -223,7 +240,7 @@ def prepare_grouped_contiguous(b: ExpertWeights, expected_m: int, epilogue: str 
     """Compile and load the kernel that ``m_grouped_fp8_nvfp4_gemm_nt_contiguous`` with these arguments
     will launch (so that a later launch does no JIT or driver set-up work, e.g. while peers wait at a barrier)."""
     kernel, block_t, _, stages = _grouped_config(b, expected_m, epilogue, fast_math, 'contiguous', b.codes.device.index)
-    kernel.ensure_dynamic_smem(_smem_bytes(b.fmt, block_t, stages, b.num_experts))
+    kernel.ensure_dynamic_smem(_smem_bytes(b.fmt, block_t, stages, b.num_experts, epilogue))
 
 
 def _launch_grouped(tokens: torch.Tensor, b: ExpertWeights, d: torch.Tensor, layout: torch.Tensor, mode: str,
@@ -233,7 +250,7 @@ def _launch_grouped(tokens: torch.Tensor, b: ExpertWeights, d: torch.Tensor, lay
     kernel, block_t, ctas, stages = _grouped_config(b, tokens_per_expert, epilogue, fast_math, mode,
                                                     tokens.device.index, block_t)
     tmap = make_tma_2d(tokens, block_t, 64, 128)
-    smem = _smem_bytes(b.fmt, block_t, stages, b.num_experts)
+    smem = _smem_bytes(b.fmt, block_t, stages, b.num_experts, epilogue)
     clamp_v = math.inf if clamp is None else float(clamp)
     runtime.launch(kernel, get_num_sms() * ctas, 384, smem,
                    [tmap, b.codes, b.scales, b.alpha, layout, d, route_weights, runtime.f32(clamp_v),
@@ -259,11 +276,11 @@ def _check_weights(b, name='b'):
 
 
 def _check_epilogue(epilogue, b, route_weights, rows, device):
-    _check(epilogue in _EPI, ValueError, f"epilogue: expected 'plain' or 'swiglu', got {epilogue!r}")
-    if epilogue == 'swiglu':
-        _check(b.kind == 'l1', ValueError, "b: the 'swiglu' epilogue needs L1 (gate/up interleaved) weights")
+    _check(epilogue in _EPI, ValueError, f"epilogue: expected 'plain', 'swiglu' or 'swiglu_fp8', got {epilogue!r}")
+    if epilogue in _L1_EPILOGUES:
+        _check(b.kind == 'l1', ValueError, f"b: the {epilogue!r} epilogue needs L1 (gate/up interleaved) weights")
     if route_weights is not None:
-        _check(epilogue == 'swiglu', ValueError, "route_weights: only used by the 'swiglu' epilogue")
+        _check(epilogue in _L1_EPILOGUES, ValueError, "route_weights: only used by the 'swiglu' / 'swiglu_fp8' epilogues")
         _check_cuda_tensor('route_weights', route_weights, torch.float32, 1, device)
         _check(route_weights.shape[0] == rows, ValueError,
                f'route_weights: expected [{rows}], got {tuple(route_weights.shape)}')
@@ -284,7 +301,7 @@ def m_grouped_fp8_nvfp4_gemm_nt_contiguous(a: Tuple[torch.Tensor, torch.Tensor],
     _check(expert_offsets.shape[0] == b.num_experts + 1, ValueError,
            f'expert_offsets: expected [{b.num_experts + 1}], got {tuple(expert_offsets.shape)}')
     _check_epilogue(epilogue, b, route_weights, rows, b.device)
-    n_out = b.n // 2 if epilogue == 'swiglu' else b.n
+    n_out = b.n // 2 if epilogue in _L1_EPILOGUES else b.n
     _check_cuda_tensor('d', d, torch.bfloat16, 2, b.device)
     _check(tuple(d.shape) == (rows, n_out), ValueError, f'd: expected shape {(rows, n_out)}, got {tuple(d.shape)}')
     tokens = x if sf is None else fp8_to_bf16_tokens(x, sf)
@@ -313,7 +330,7 @@ def m_grouped_fp8_nvfp4_gemm_nt_masked(a: Tuple[torch.Tensor, torch.Tensor], b: 
     _check(masked_m.shape[0] == e, ValueError, f'masked_m: expected [{e}], got {tuple(masked_m.shape)}')
     _check(isinstance(expected_m, int) and expected_m > 0, ValueError, f'expected_m: expected a positive int, got {expected_m!r}')
     _check_epilogue(epilogue, b, None if route_weights is None else route_weights.reshape(-1), e * max_m, b.device)
-    n_out = b.n // 2 if epilogue == 'swiglu' else b.n
+    n_out = b.n // 2 if epilogue in _L1_EPILOGUES else b.n
     _check_cuda_tensor('d', d, torch.bfloat16, 3, b.device)
     _check(tuple(d.shape) == (e, max_m, n_out), ValueError, f'd: expected shape {(e, max_m, n_out)}, got {tuple(d.shape)}')
     tokens = x.reshape(e * max_m, k) if sf is None else fp8_to_bf16_tokens(x.reshape(e * max_m, k), sf.reshape(e * max_m, -1))

@@ -243,7 +243,7 @@ def fp8_nvfp4_mega_moe(y: torch.Tensor, l1, l2, buffer: SymmBuffer,
         buffer: a :class:`SymmBuffer` from :func:`get_symm_buffer_for_mega_moe`.
         cumulative_local_expert_recv_stats: None or int32 ``[E_l]``, incremented by the (token, slot)
             pairs each local expert received from all ranks.
-        activation_clamp: None or ``c > 0``: ``up = clamp(up, -c, c)``, ``gate = min(gate, c)``.
+        activation_clamp: None or ``c >= 0`` (inf: none): ``up = clamp(up, -c, c)``, ``gate = min(gate, c)``.
         fast_math: accepted for upstream compatibility; every backend computes the same result.
         backend: ``'auto'`` (sm90 on Hopper, sm100 on Blackwell when built, else reference),
             ``'reference'`` (float64 PyTorch, any device, any ``torch.distributed`` group),
@@ -268,8 +268,6 @@ def fp8_nvfp4_mega_moe(y: torch.Tensor, l1, l2, buffer: SymmBuffer,
     t = _validate(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math, backend,
                   ('nvfp4', 'mxfp4'), mma_types=('fp8xnvfp4', 'fp8xfp4'))
     return _run(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math, backend, t)
-
-
 
 
 # ------------------------------------------------------------------------ upstream's entry points
@@ -332,13 +330,11 @@ def _upstream_backend(backend: str, buffer: SymmBuffer, entry: str) -> str:
 def _upstream_call(entry: str, y, l1, l2, buffer, shared_l1, shared_l2, stats, activation, activation_clamp,
                    fast_math, backend, mma_types, shared_fmts, *, x_bf16=None, l1_alphas=None, l2_alphas=None,
                    a2_scales=None, routed_scaling_factor: float = 1.0):
-    names = ('l1_weights', 'l2_weights', 'sym_buffer')
     _check_buffer(buffer, 'sym_buffer', mma_types, entry)
     if activation != buffer.activation:
         raise ValueError(f'activation: {activation!r} does not match the buffer\'s {buffer.activation!r}')
-    fmt = _KIND_FORMAT[buffer.mma_type]
-    t = _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, fmt, names=names,
-                  mma_types=mma_types, entry=entry)
+    t = _validate(y, l1, l2, buffer, stats, activation_clamp, fast_math, backend, _KIND_FORMAT[buffer.mma_type],
+                  names=('l1_weights', 'l2_weights', 'sym_buffer'), mma_types=mma_types, entry=entry)
     _check_shared(buffer, shared_l1, shared_l2, shared_fmts)
     e_l = buffer.num_experts_per_rank
     _check_vector('l1_alphas', l1_alphas, (e_l, 2), buffer.device)

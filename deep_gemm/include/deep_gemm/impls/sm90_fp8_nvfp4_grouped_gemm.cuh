@@ -11,9 +11,16 @@
 // Warp roles: warpgroup 0 = producer (one thread issues bulk copies and TMA), warpgroups 1..2 =
 // consumers, each owning 64 of the tile's 128 weight rows and sharing the token tile
 // (common/sm90_fp4_pipeline.cuh, shared with the fused Mega MoE kernel).  Persistent grid over
-// GroupedTiles.  Epilogues (epilogue/sm90_moe_epilogue.cuh): plain (alpha -> BF16), and L1 SwiGLU
+// GroupedTiles.  Epilogues (epilogue/sm90_moe_epilogue.cuh): plain (alpha -> BF16), L1 SwiGLU
 // (gate/up rows interleaved by the transform so one thread holds both; routing weight applied;
-// the L2 input is written in BF16).
+// the L2 input is written in BF16), and L1 SwiGLUFP8, upstream's fp8xfp4 numerics (gate/up rounded
+// to BF16, the weighted SwiGLU output requantized to FP8 E4M3 with a power-of-two scale per 32
+// channels, written as the BF16 value q x scale).
+//
+// Shared memory (from the 1 KB-aligned base): the pipeline (FP4Pipeline::kBytes), then for SwiGLUFP8
+// only the epilogue's amax scratch (kSwiGLUFP8ScratchBytes per consumer warpgroup), then the tile
+// prefix (int [E + 1]); gemm.py's _smem_bytes / _stages count the same.  Named barriers: 0 is
+// __syncthreads; SwiGLUFP8 uses 1 + cw (the consumer warpgroup's 128 threads), nothing else here does.
 #include <cstdint>
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -25,7 +32,10 @@
 
 namespace deep_gemm {
 
-enum class Epilogue : int { Plain = 0, SwiGLU = 1 };
+enum class Epilogue : int { Plain = 0, SwiGLU = 1, SwiGLUFP8 = 2 };
+
+// Named barrier of consumer warpgroup cw in the SwiGLUFP8 epilogue: kBarSwiGLUFP8 + cw.
+constexpr int kBarSwiGLUFP8 = 1;
 
 // kCTAsPerSM = 2 (small token tiles): two CTAs share an SM so that four consumer warpgroups hide
 // the latency of the dequant chains; each gets half the shared memory; consumers run at 96 registers.
@@ -44,7 +54,10 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = Pipe::align(smem_raw);
     const Pipe pipe(smem);
-    int* smem_prefix = reinterpret_cast<int*>(smem + Pipe::kBytes);
+    constexpr int kEpiScratchBytes =
+        kEpilogue == Epilogue::SwiGLUFP8 ? sm90::kNumConsumerWarpgroups * sm90::kSwiGLUFP8ScratchBytes<kBlockT> : 0;
+    [[maybe_unused]] float* epi_scratch = reinterpret_cast<float*>(smem + Pipe::kBytes);
+    int* smem_prefix = reinterpret_cast<int*>(smem + Pipe::kBytes + kEpiScratchBytes);
 
     // The role and the tile count are warp-uniform, but ptxas cannot prove it for threadIdx or a
     // shared-memory load; through a shuffle it can, and then the consumer k loop (stage, phase,
@@ -90,10 +103,16 @@ sm90_fp8_nvfp4_grouped_gemm(const __grid_constant__ CUtensorMap tokens_map,
             if constexpr (kEpilogue == Epilogue::Plain) {
                 sm90::epilogue_plain<kBlockT>(acc, __ldg(a) * kComp, out, n, tile.row_start, tile.num_tokens,
                                               tile.row_tile * sm90::kTileRows + cw * 64 + wg_warp * 16 + g, q);
-            } else {
+            } else if constexpr (kEpilogue == Epilogue::SwiGLU) {
                 sm90::epilogue_swiglu<kBlockT, kFastMath>(acc, __ldg(a) * kComp, __ldg(a + 1) * kComp, route_weights,
                                                           clamp, out, n / 2, tile.row_start, tile.num_tokens,
                                                           tile.row_tile * (sm90::kTileRows / 2) + cw * 32 + wg_warp * 8 + g, q);
+            } else {
+                static_assert(kEpilogue == Epilogue::SwiGLUFP8, "unknown epilogue");
+                sm90::epilogue_swiglu_fp8<kBlockT, kFastMath>(
+                    acc, __ldg(a) * kComp, __ldg(a + 1) * kComp, route_weights, clamp, out, n / 2, tile.row_start,
+                    tile.num_tokens, tile.row_tile * (sm90::kTileRows / 2) + cw * 32 + wg_warp * 8 + g, q, wg_warp, lane,
+                    epi_scratch + cw * (sm90::kSwiGLUFP8ScratchBytes<kBlockT> / int(sizeof(float))), kBarSwiGLUFP8 + cw);
             }
         }
     }
