@@ -62,8 +62,9 @@ GROUPED_GEMM = registry.register_kernel(registry.KernelSpec(
         {'fmt': _FMT['nvfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
         {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 4, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
         # fp8_fp4_mega_moe's L1 (deep_gemm.mega.sm90.run_upstream_fp8): the tiles a Mega MoE call picks
-        # (32 rows at decode, 128 / 256 at prefill), stages as _stages gives them for 8 local experts
+        # (32 / 64 rows at decode, 128 / 256 at prefill), stages as _stages gives them for 8 local experts
         {'fmt': _FMT['mxfp4'], 'block_t': 32, 'stages': 6, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
+        {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 4, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
         {'fmt': _FMT['mxfp4'], 'block_t': 128, 'stages': 5, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
         {'fmt': _FMT['mxfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
     ),

@@ -10,6 +10,14 @@ estimate after the first expert, and skips the comparison (there the layer is th
 
     python scripts/run_moe_layer.py                     # one process, best backend present
     torchrun --nproc-per-node 2 scripts/run_moe_layer.py # experts split over the ranks
+    python scripts/run_moe_layer.py --checkpoint DIR --layer N [--recipe fp4xfp4]
+
+``--checkpoint DIR --layer N`` runs one real layer from disk instead: a ModelOpt NVFP4 checkpoint
+(``model.safetensors.index.json`` and shards), each rank reading only its experts of layer ``N``
+(``deep_gemm.MegaMoE.from_checkpoint``), on random BF16 tokens scaled to the layer's calibrated input
+range, with random routing (top-k from config.json unless ``--topk``); ``--recipe`` picks
+``fp8_nvfp4_mega_moe`` (``fp8xnvfp4``, default) or ``fp4_fp4_mega_moe`` (``fp4xfp4``).  The check
+compares with the float64 reference fed with the checkpoint's tensors as read.
 
 Random non-uniform weights are quantized per expert with ``cast_to_nvfp4`` (gate and up with their own
 global scales), transformed with ``transform_nvfp4_weights_for_mega_moe`` and run through
@@ -50,7 +58,16 @@ def parse_args():
     ap.add_argument('--iters', type=int, default=None, help='timed iterations (default 1 on reference, 10 else)')
     ap.add_argument('--no-check', action='store_true', help='skip the comparison with reference_mega_moe')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--checkpoint', metavar='DIR', help='run layer --layer of this ModelOpt NVFP4 checkpoint')
+    ap.add_argument('--layer', type=int, help='with --checkpoint: the MoE layer to run')
+    ap.add_argument('--recipe', default='fp8xnvfp4', choices=['fp8xnvfp4', 'fp4xfp4'],
+                    help='with --checkpoint: fp8_nvfp4_mega_moe (fp8xnvfp4) or fp4_fp4_mega_moe (fp4xfp4)')
     args = ap.parse_args()
+    if (args.checkpoint is None) != (args.layer is None):
+        ap.error('--checkpoint and --layer go together')
+    if args.checkpoint is not None:
+        args.tokens = args.tokens or SMALL['tokens']     # the shape comes from the checkpoint
+        return args
     base = FULL if args.full else SMALL
     for key in base:
         if getattr(args, key) is None:
@@ -144,9 +161,80 @@ class _Lazy:
         return dequant_nvfp4(self.w['weight'][e], self.w['weight_scale'][e])
 
 
+def run_checkpoint(args, group, rank, world, device, log):
+    """One real layer from disk: ``MegaMoE`` on this rank's experts of ``--layer``."""
+    from deep_gemm.reference_recipes import reference_recipe_moe
+    t0 = time.perf_counter()
+    layer = deep_gemm.load_nvfp4_moe_layer(args.checkpoint, args.layer, group=group)
+    moe = deep_gemm.MegaMoE.from_loaded(layer, group, args.recipe, num_topk=args.topk, device=device,
+                                        num_max_tokens_per_rank=args.max_tokens or args.tokens,
+                                        backend=args.backend, **({} if args.activation_clamp is None else
+                                                                 dict(activation_clamp=args.activation_clamp)))
+    log(f'checkpoint {args.checkpoint}: layer {args.layer} of {layer.num_experts} experts '
+        f'({layer.num_local_experts}/rank, {len(layer.files)} shard(s) read on rank 0), hidden={layer.hidden} '
+        f'intermediate={layer.intermediate} top-{moe.num_topk}, recipe={args.recipe}, L1 input scale '
+        f'{layer.l1_input_scale:.4g}; loaded + transformed in {time.perf_counter() - t0:.2f} s')
+    log(f'module: {moe}')
+    gen = torch.Generator(device='cpu').manual_seed(args.seed * 7919 + 1 + rank)
+    t, e = args.tokens, layer.num_experts
+    x = torch.randn(t, layer.hidden, generator=gen)
+    x = (x * (0.9 * layer.l1_input_scale * 2688.0 / x.abs().max().clamp(min=1e-30))).bfloat16()  # calibrated range
+    topk_idx = torch.rand(t, e, generator=gen).topk(moe.num_topk, dim=1).indices.to(torch.int64)
+    topk_idx[torch.rand(t, moe.num_topk, generator=gen) < args.mask_frac] = -1
+    topk_weights = torch.softmax(torch.randn(t, moe.num_topk, generator=gen), dim=1)
+    x, topk_idx, topk_weights = x.to(device), topk_idx.to(device), topk_weights.to(device)
+    iters = args.iters if args.iters is not None else (1 if moe.backend == 'reference' or device.type != 'cuda' else 10)
+    y = moe(x, topk_idx, topk_weights)      # warm-up (JIT compilation on a GPU)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        y = moe(x, topk_idx, topk_weights)
+    sync()
+    log(f'MegaMoE ({args.recipe}): y {tuple(y.shape)} bf16, {(time.perf_counter() - t0) / iters * 1e3:.3f} ms/iter '
+        f'over {iters} iter(s)')
+    if args.no_check:
+        return
+    t0 = time.perf_counter()
+    l1, l2 = layer.l1, layer.l2
+    if args.recipe == 'fp8xnvfp4':
+        xq, xsf = per_token_cast_to_fp8(x, False, 32)
+        y_ref = deep_gemm.reference_mega_moe(xq, xsf, topk_idx, topk_weights, _Lazy(l1), l1['weight_scale_2'],
+                                             _Lazy(l2), l2['weight_scale_2'].reshape(-1, 1), group=group,
+                                             activation_clamp=moe.activation_clamp, num_experts=e)
+    else:
+        from deep_gemm.utils import e2m1_to_float, per_token_cast_to_nvfp4, unpack_e2m1
+        c, s = per_token_cast_to_nvfp4(x, global_scale=layer.l1_input_scale, use_packed_sf=False)
+        xv = e2m1_to_float(unpack_e2m1(c.view(torch.uint8))) * s.repeat_interleave(16, 1)
+        fp4 = layer.fp4_fp4_weights()
+        y_ref = reference_recipe_moe('fp4xfp4', xv, topk_idx, topk_weights, _Lazy(l1), _Lazy(l2), group,
+                                     num_experts=e, l1_alphas=fp4['l1_alphas'], l2_alphas=fp4['l2_alphas'],
+                                     a2_scales=fp4['a2_scales'], activation_clamp=moe.activation_clamp)
+    num = (y.double() - y_ref.double()).norm() ** 2
+    den = y_ref.double().norm() ** 2
+    if group is not None:
+        import torch.distributed as dist
+        v = torch.stack([num, den]).to(device)
+        dist.all_reduce(v, group=group)
+        num, den = v[0], v[1]
+    rel = (num.sqrt() / den.sqrt().clamp(min=1e-300)).item()
+    log(f'rel. error vs reference from the checkpoint\'s tensors: {rel:.3e} (reference took '
+        f'{time.perf_counter() - t0:.2f} s)')
+    moe.destroy()
+
+
 def main():
     args = parse_args()
     group, rank, world, device = init_distributed()
+    if args.checkpoint is not None:
+        log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
+        log(f'deep_gemm {deep_gemm.__version__}: backend={select_backend(args.backend, device)} device={device} '
+            f'ranks={world}')
+        run_checkpoint(args, group, rank, world, device, log)
+        if group is not None:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+        return
     log = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     if args.experts % world:
         raise SystemExit(f'--experts {args.experts} must be a multiple of the world size {world}')

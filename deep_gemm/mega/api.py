@@ -313,9 +313,9 @@ def _check_vector(name: str, v, shape, device) -> None:
         check_tensor(name, v, dtype=torch.float32, shape=shape, device=device)
 
 
-def _upstream_backend(backend: str, buffer: SymmBuffer, entry: str) -> str:
+def _upstream_backend(backend: str, buffer: SymmBuffer, entry: str, sm90_kernel: bool = False) -> str:
     chosen = select_backend(backend, buffer.device)
-    if chosen == 'reference':
+    if chosen == 'reference' or (chosen == 'sm90' and sm90_kernel):
         return chosen
     if backend == 'auto':  # no GPU kernel of these numerics yet: the reference runs them on the device
         if (entry, chosen) not in _warned_no_kernel:
@@ -352,7 +352,15 @@ def _upstream_call(entry: str, y, l1, l2, buffer, shared_l1, shared_l2, stats, a
         _check_values(buffer, 0, 'sym_buffer', [('l1_alphas', l1_alphas), ('l2_alphas', l2_alphas),
                                                 ('a2_scales', a2_scales)])
     buffer.check_comm(synchronize=False)
-    _upstream_backend(backend, buffer, entry)
+    # fp8_fp4_mega_moe on MXFP4 weights without shared experts: sm90's kernel sequence (run_upstream_fp8)
+    if _upstream_backend(backend, buffer, entry, buffer.mma_type == 'fp8xfp4' and l1.fmt == 'mxfp4' and
+                         shared_l1 is None) == 'sm90':
+        if buffer.device.type != 'cuda':
+            raise ValueError(f"sym_buffer: backend 'sm90' needs a CUDA buffer, got one on {buffer.device}")
+        _stage_packed_scales(buffer, t)
+        importlib.import_module('deep_gemm.mega.sm90').run_upstream_fp8(y, l1, l2, buffer, stats, activation_clamp,
+                                                                       fast_math)
+        return y
     if buffer.num_ranks > 1 and buffer.group is None:
         raise ValueError(f'sym_buffer: an emulated {buffer.num_ranks}-rank group has no process group; '
                          f'the reference backend needs one')

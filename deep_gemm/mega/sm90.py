@@ -14,6 +14,11 @@ kernels on its own buffer, without the barriers.  No host
 synchronisation: every shape is fixed by the buffer, counts stay on the device, so a call can be
 captured in a CUDA graph (the barriers count calls on the device).
 
+Upstream's ``fp8_fp4_mega_moe`` (``mma_type='fp8xfp4'``, MXFP4 weights, no shared experts) runs the
+same sequence with upstream's numerics (``run_upstream_fp8``): the L1 epilogue rounds gate and up to
+BF16 and requantizes the weighted SwiGLU output to FP8 E4M3 with a power-of-two scale per 32 channels
+(``epilogue='swiglu_fp8'``); the fused kernel keeps our exact BF16 intermediate and is not used there.
+
 Prefill waves: a call runs as ``buffer.waves(num_tokens)``, slices of at most
 ``buffer.num_max_tokens_per_wave`` tokens, one after the other on the stream, each exactly the
 layer on that slice of every rank's tokens (per-token region offsets shifted by the wave's first
@@ -31,7 +36,7 @@ from .. import gemm
 from ..jit import registry, runtime
 from . import kernels
 
-__all__ = ['run', 'prepare', 'MULTI_RANK', 'FUSED', 'fused_enabled', 'push_enabled']
+__all__ = ['run', 'run_upstream_fp8', 'prepare', 'MULTI_RANK', 'FUSED', 'fused_enabled', 'push_enabled']
 
 MULTI_RANK = True
 
@@ -143,16 +148,18 @@ def block_t_for(buffer, num_tokens: int) -> int:
     return gemm._block_t(_expected_m(buffer, num_tokens))
 
 
-def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Optional[bool] = None) -> None:
+def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Optional[bool] = None,
+            l1_epilogue: str = 'swiglu') -> None:
     """Compile and load every kernel a call with ``num_tokens`` tokens launches.  ``run`` does this
     itself before its first barrier; ranks emulated on one GPU must do it for every rank before the
-    first rank launches (a module load while a barrier kernel runs may wait for that kernel)."""
+    first rank launches (a module load while a barrier kernel runs may wait for that kernel).
+    ``l1_epilogue='swiglu_fp8'``: the kernels of ``run_upstream_fp8`` (always the sequence)."""
     expected_m = _expected_m(buffer, num_tokens)
-    if fused_enabled(fused):
+    if l1_epilogue == 'swiglu' and fused_enabled(fused):
         _fused_config(buffer, l1, expected_m, fast_math)
         return
     kernels.prepare(buffer)
-    gemm.prepare_grouped_contiguous(l1, expected_m, 'swiglu', fast_math)
+    gemm.prepare_grouped_contiguous(l1, expected_m, l1_epilogue, fast_math)
     gemm.prepare_grouped_contiguous(l2, expected_m)
 
 
@@ -228,12 +235,32 @@ def run(y: torch.Tensor, l1, l2, buffer, cumulative_local_expert_recv_stats: Opt
     return run_sequence(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math)
 
 
+def run_upstream_fp8(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
+                     activation_clamp: Optional[float] = None, fast_math: bool = True) -> torch.Tensor:
+    """Upstream's ``fp8_fp4_mega_moe`` numerics (docs/design.md, "Upstream's entry points", fp8xfp4) as
+    the kernel sequence: dispatch (FP8 x power-of-two scale -> BF16, exact), L1 grouped GEMM with the
+    ``'swiglu_fp8'`` epilogue (``g = bf16(acc_gate)``, ``u = bf16(acc_up)``, clamp in BF16,
+    ``a = f32(f32(silu(g) * u) * w)``, the L2 input ``q * scale``: FP8 E4M3 with one power-of-two scale
+    per 32 channels, in BF16), L2 grouped GEMM with the plain epilogue (alpha 1: ``o = bf16(acc2)``),
+    combine (slots in order in float32, then BF16).  The accumulators are the tensor cores' FP32 sums
+    (the reference's are exact), and ``fast_math`` picks ``__expf`` over ``expf``.
+
+    ``buffer``: an ``'fp8xfp4'`` buffer whose float32 ``x_sf`` region holds the tokens' scales
+    (``api._stage_packed_scales`` unpacks the caller's packed UE8M0 words there); ``l1`` / ``l2``:
+    MXFP4 :class:`~deep_gemm.weights.ExpertWeights` (alpha 1), no shared experts.  Prefill waves and
+    several ranks work as in ``run_sequence``; the fused kernel is not used."""
+    if l1.fmt != 'mxfp4' or l2.fmt != 'mxfp4':
+        raise ValueError(f'l1 / l2: run_upstream_fp8 takes MXFP4 weights (alpha 1), got {l1.fmt} / {l2.fmt}')
+    return run_sequence(y, l1, l2, buffer, stats, activation_clamp, fast_math, l1_epilogue='swiglu_fp8')
+
+
 def run_sequence(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
                  activation_clamp: Optional[float] = None, fast_math: bool = True, compute: bool = True,
-                 comm: bool = True) -> torch.Tensor:
+                 comm: bool = True, l1_epilogue: str = 'swiglu') -> torch.Tensor:
     """The layer as a kernel sequence.  ``compute=False`` / ``comm=False`` leave out the expert GEMMs
     / the dispatch, barriers and combine (benchmarks: the compute-only and communication-only times
-    of the fused kernel's target; the result is then not the layer's)."""
+    of the fused kernel's target; the result is then not the layer's).  ``l1_epilogue``: ``'swiglu'``
+    (our exact BF16 intermediate) or ``'swiglu_fp8'`` (upstream's FP8 L2 input, ``run_upstream_fp8``)."""
     if buffer.num_topk > kernels.MAX_TOPK:
         raise ValueError(f'buffer: num_topk = {buffer.num_topk} > {kernels.MAX_TOPK}, the most the combine kernel takes')
     if buffer.peer_bases is None:
@@ -248,7 +275,7 @@ def run_sequence(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] 
     if multi:
         # JIT work (a cold compile takes tens of seconds) happens before this rank signals, never
         # while it holds peers at a barrier.
-        prepare(buffer, l1, l2, t, fast_math, fused=False)
+        prepare(buffer, l1, l2, t, fast_math, fused=False, l1_epilogue=l1_epilogue)
     # Waves: one pass of the protocol per wave, every rank running the same waves in the same order
     # (buffer.waves; with peers ceil(T / W) of them, also those without tokens of this rank, which
     # still serve its experts).  Token indices are relative to the offsets and tensors a wave passes,
@@ -268,7 +295,7 @@ def run_sequence(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] 
             kernels.dispatch_layout(buffer, n, row_src, row_weight, stats, t0)
             kernels.dispatch_gather(buffer, row_src, tokens, t0)
         if compute:
-            gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(tokens, l1, h, offsets, epilogue='swiglu',
+            gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(tokens, l1, h, offsets, epilogue=l1_epilogue,
                                                         route_weights=row_weight, activation_clamp=activation_clamp,
                                                         fast_math=fast_math, expected_m=expected_m)
             gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, l2, o, offsets, expected_m=expected_m)
