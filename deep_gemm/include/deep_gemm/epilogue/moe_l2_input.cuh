@@ -17,13 +17,13 @@
 // That is deep_gemm.reference_recipes.fp8_pow2_scale: ceil_pow2(f32(max(amax, f32(1e-4)) / 448)) for
 // every finite amax >= 0 (448 = 1.75 x 2^8: amax / 448 has amax's mantissa over 1.75's, so it is a
 // power of two exactly when the mantissa is 1.75's, and above the next lower one whenever the mantissa
-// exceeds it; f32(1e-4) = 1.6384 x 2^-14 has E = 113 and a mantissa below 1.75's, so every amax below
+// exceeds it; f32(1e-4) = 1.6384 x 2^-14 has E = 113 and a mantissa below 1.75's, so every amax up to
 // 1.75 x 2^-14 gets 2^(113 - 135) = 2^-22, an all-zero block included).
 // Exactness: the product a x 2^(127 - sf_biased) is exact (2^(127 - sf_biased) is a normal float32 in
 // [2^-120, 2^22], and |a x 2^k| <= 448 so it neither overflows nor, where it matters, underflows: a
 // float32 product below 2^-126 rounds to a signed zero in E4M3 either way); q x scale (4 significant
-// bits) is exact in float32 and in BF16 as long as it lies below 2^128: |q x scale| >= 2^-9 x 2^-22 =
-// 2^-31 (normal in both formats).  The one extreme: amax >= 1.75 x 2^127 (E' = 255, scale 2^120) lets q
+// bits) is exact in float32 and in BF16 as long as it lies below 2^128: a nonzero |q x scale| is at least
+// 2^-9 x 2^-22 = 2^-31 (normal in both formats).  The one extreme: amax >= 1.75 x 2^127 (E' = 255, scale 2^120) lets q
 // round up to 256 when |a| x 2^-120 >= 248, and q x scale = 2^128 is +-inf in float32 and BF16 (the
 // reference, in float64, keeps 2^128).  amax = +inf or NaN is not a block of finite values: the scale
 // is then 2^120 / 2^121 and the elements saturate (inf -> +-448 x 2^120) or stay NaN (NaN -> 0x7F).
