@@ -41,9 +41,6 @@ the caller's.  Inference only: ``forward`` runs under ``torch.no_grad()``.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import math
 import os
 from typing import Optional, Union
@@ -53,8 +50,7 @@ import torch
 from .checkpoint import ExpertNaming, NVFP4MoELayer, load_nvfp4_moe_layer
 from .mega.api import fp4_fp4_mega_moe, fp8_nvfp4_mega_moe
 from .mega.buffer import get_symm_buffer_for_mega_moe
-from .utils import math as _umath
-from .utils import quant as _uquant
+from .utils import per_token_cast_to_fp8, per_token_cast_to_nvfp4
 from .utils.validation import check_activation_clamp, check_tensor
 from .weights import ExpertWeights, transform_nvfp4_weights_for_mega_moe, transform_weights_for_mega_moe
 
@@ -66,46 +62,6 @@ RECIPES = ('fp8xnvfp4', 'fp4xfp4')
 
 def _capturing(device: torch.device) -> bool:
     return device.type == 'cuda' and torch.cuda.is_current_stream_capturing()
-
-
-@functools.lru_cache(maxsize=None)
-def _has_flag(fn, flag: str) -> bool:
-    try:
-        return flag in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _x_metadata_only(x) -> None:
-    """``utils.math._check_x`` without its finiteness check (a host sync)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f'x: expected a floating-point tensor, got {getattr(x, "dtype", type(x))}')
-    if x.dim() != 2:
-        raise ValueError(f'x: expected [m, n], got shape {tuple(x.shape)}')
-
-
-@contextlib.contextmanager
-def _casts_without_value_checks():
-    """While a CUDA graph is captured: the casts of ``deep_gemm.utils`` check their input for NaN / Inf
-    with a host sync, which a capture forbids.  Interim, until the casts take a ``check_finite=False``
-    flag (used instead as soon as they do): the two check helpers are swapped for metadata-only ones
-    for the duration of the cast."""
-    saved = _uquant._check_finite, _umath._check_x
-    _uquant._check_finite = lambda amax, name: None
-    _umath._check_x = _x_metadata_only
-    try:
-        yield
-    finally:
-        _uquant._check_finite, _umath._check_x = saved
-
-
-def _cast(fn, capturing: bool, *args, **kwargs):
-    if not capturing:
-        return fn(*args, **kwargs)
-    if _has_flag(fn, 'check_finite'):
-        return fn(*args, check_finite=False, **kwargs)
-    with _casts_without_value_checks():
-        return fn(*args, **kwargs)
 
 
 def _positive_float(name: str, v) -> float:
@@ -263,10 +219,10 @@ class MegaMoE(torch.nn.Module):
     def _quantize_tokens(self, x: torch.Tensor, t: int) -> None:
         buf, capturing = self.buffer, _capturing(self.buffer.device)
         if self.recipe == 'fp8xnvfp4':
-            q, sf = _cast(_uquant.per_token_cast_to_fp8, capturing, x, False, 32)
+            q, sf = per_token_cast_to_fp8(x, False, 32, check_finite=not capturing)
             buf.x[:t].copy_(q)
         else:
-            q, sf = _cast(_umath.per_token_cast_to_nvfp4, capturing, x, global_scale=self.input_scale)
+            q, sf = per_token_cast_to_nvfp4(x, global_scale=self.input_scale, check_finite=not capturing)
             buf.x[:t].copy_(q.view(torch.uint8))
         buf.x_sf[:t].copy_(sf)
 

@@ -636,18 +636,17 @@ def test_module_arguments(tmp_path):
         _moe(tmp_path, 3, recipe='fp4xfp4')
 
 
-def test_capture_path_casts_without_host_sync():
-    """While a CUDA graph is captured the casts run without their value checks (no host sync); the
-    module's helper restores the checks afterwards."""
-    from deep_gemm import module
+def test_casts_without_value_checks_for_capture():
+    """``check_finite=False`` (what the module passes while a CUDA graph is captured: no host sync)
+    skips the NaN / Inf check; the default keeps it."""
     x = torch.full((2, 64), float('nan'))
-    q, sf = module._cast(deep_gemm.utils.per_token_cast_to_fp8, True, x, False, 32)
+    q, sf = deep_gemm.utils.per_token_cast_to_fp8(x, False, 32, check_finite=False)
     assert bool(torch.isnan(sf).all())
-    c, s = module._cast(deep_gemm.utils.per_token_cast_to_nvfp4, True, x, global_scale=1.0)
+    c, s = deep_gemm.utils.per_token_cast_to_nvfp4(x, global_scale=1.0, check_finite=False)
     assert c.shape == (2, 32)
-    with pytest.raises(ValueError):
-        module._cast(deep_gemm.utils.per_token_cast_to_fp8, False, x, False, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match='^x: '):
+        deep_gemm.utils.per_token_cast_to_fp8(x, False, 32)
+    with pytest.raises(ValueError, match='^x: '):
         deep_gemm.utils.per_token_cast_to_nvfp4(x)
 
 

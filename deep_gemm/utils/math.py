@@ -66,12 +66,12 @@ def unpack_ue8m0_from_int(packed: torch.Tensor) -> torch.Tensor:
     return (packed.new_empty(packed.shape).copy_(packed).view(torch.uint8).to(torch.int32) << 23).view(torch.float32)
 
 
-def _check_x(x) -> None:
+def _check_x(x, check_finite: bool = True) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f'x: expected a floating-point tensor, got {getattr(x, "dtype", type(x))}')
     if x.dim() != 2:
         raise ValueError(f'x: expected [m, n], got shape {tuple(x.shape)}')
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError('x: must be finite (NaN or Inf found)')
 
 
@@ -139,7 +139,8 @@ def per_token_cast_to_fp4(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, u
 
 
 def per_token_cast_to_nvfp4(x: torch.Tensor, global_scale: Optional[Union[float, torch.Tensor]] = None,
-                            use_packed_sf: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                            use_packed_sf: bool = True, *, check_finite: bool = True
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 cast of ``x [m, n]`` (``n % 64 == 0``), the activation format of ``fp4_fp4_mega_moe``.
 
     Per 16 channels: ``sf = UE4M3_RNE(max(amax / 6 * (1 / global_scale), 2^-9))`` (float32 steps; 2^-9 is
@@ -149,10 +150,11 @@ def per_token_cast_to_nvfp4(x: torch.Tensor, global_scale: Optional[Union[float,
 
     Returns ``(int8 [m, n / 2]``, low nibble = even element``, scales)``: with ``use_packed_sf`` int32
     ``[m, n / 64]`` (four UE4M3 bytes per word, byte ``j`` = group ``4 p + j``: ``sym_buffer.x_sf``'s
-    format), else float32 ``[m, n / 16]``.
+    format), else float32 ``[m, n / 16]``.  ``check_finite=False`` (ours) skips the NaN / Inf check of
+    ``x`` and its host sync, e.g. inside a CUDA graph capture.
     """
     from .quant import round_to_e4m3
-    _check_x(x)
+    _check_x(x, check_finite)
     m, n = x.shape
     if n % 64:
         raise ValueError(f'x: n = {n} must be a multiple of 64 (four UE4M3 scales per int32 word)')

@@ -348,8 +348,8 @@ def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 # ------------------------------------------------------------------------------ FP8 activations
 @torch.no_grad()
 @torch.no_grad()
-def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, use_packed_ue8m0: bool = False
-                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, use_packed_ue8m0: bool = False,
+                          *, check_finite: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Upstream DeepGEMM's activation cast, same signature and outputs: ``x [m, n]`` -> FP8 E4M3 with
     one scale per token per ``gran_k`` channels (``n`` is zero-padded to a multiple of ``gran_k``).
 
@@ -362,7 +362,8 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, u
     ``use_packed_ue8m0`` (needs ``use_ue8m0``) int32 ``[m, ceil(n / gran_k) / 4]``, four UE8M0 bytes
     per word, byte ``j`` = group ``4 p + j`` (the ``x_sf`` of an ``'fp8xfp4'`` buffer:
     ``per_token_cast_to_fp8(x, True, 32, True)``; an ``'fp8xnvfp4'`` buffer takes
-    ``per_token_cast_to_fp8(x, False, 32)``).  Raises ``ValueError`` for NaN or Inf in ``x``.
+    ``per_token_cast_to_fp8(x, False, 32)``).  Raises ``ValueError`` for NaN or Inf in ``x`` (a host
+    sync; ``check_finite=False``, ours, skips it: device work only, e.g. inside a CUDA graph capture).
     """
     from .math import _check_flags, _pad, ceil_to_ue8m0, pack_ue8m0_to_int
     _check_float(x, 'x')
@@ -372,7 +373,8 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool, gran_k: int = 128, u
     m, n = x.shape
     blocks = _pad(x, gran_k).view(m, -(-n // gran_k), gran_k)
     amax = blocks.abs().float().amax(dim=-1)
-    _check_finite(amax, 'x')
+    if check_finite:
+        _check_finite(amax, 'x')
     sf = amax.clamp(min=1e-4) / E4M3_MAX
     if use_ue8m0:
         sf = ceil_to_ue8m0(sf)
