@@ -210,6 +210,14 @@ def run_checkpoint(args, group, rank, world, device, log):
         y_ref = reference_recipe_moe('fp4xfp4', xv, topk_idx, topk_weights, _Lazy(l1), _Lazy(l2), group,
                                      num_experts=e, l1_alphas=fp4['l1_alphas'], l2_alphas=fp4['l2_alphas'],
                                      a2_scales=fp4['a2_scales'], activation_clamp=moe.activation_clamp)
+    rel = rel_error_over_ranks(y, y_ref, group, device)
+    log(f'rel. error vs reference from the checkpoint\'s tensors: {rel:.3e} (reference took '
+        f'{time.perf_counter() - t0:.2f} s)')
+    moe.destroy()
+
+
+def rel_error_over_ranks(y, y_ref, group, device) -> float:
+    """||y - y_ref|| / ||y_ref|| over every rank's tokens (this rank's rows summed with the others')."""
     num = (y.double() - y_ref.double()).norm() ** 2
     den = y_ref.double().norm() ** 2
     if group is not None:
@@ -217,10 +225,7 @@ def run_checkpoint(args, group, rank, world, device, log):
         v = torch.stack([num, den]).to(device)
         dist.all_reduce(v, group=group)
         num, den = v[0], v[1]
-    rel = (num.sqrt() / den.sqrt().clamp(min=1e-300)).item()
-    log(f'rel. error vs reference from the checkpoint\'s tensors: {rel:.3e} (reference took '
-        f'{time.perf_counter() - t0:.2f} s)')
-    moe.destroy()
+    return (num.sqrt() / den.sqrt().clamp(min=1e-300)).item()
 
 
 def main():
@@ -305,14 +310,7 @@ def main():
         y_ref = deep_gemm.reference_mega_moe(x, x_sf, topk_idx, topk_weights, _Lazy(l1), L1.alpha, _Lazy(l2),
                                              L2.alpha, group=group, activation_clamp=args.activation_clamp,
                                              num_experts=args.experts)
-        num = (y.double() - y_ref.double()).norm() ** 2
-        den = y_ref.double().norm() ** 2
-        if group is not None:
-            import torch.distributed as dist
-            v = torch.stack([num, den]).to(device)
-            dist.all_reduce(v, group=group)
-            num, den = v[0], v[1]
-        rel = (num.sqrt() / den.sqrt().clamp(min=1e-300)).item()
+        rel = rel_error_over_ranks(y, y_ref, group, device)
         log(f'rel. error vs reference_mega_moe: {rel:.3e} (reference took {time.perf_counter() - t0:.2f} s)')
     if group is not None:
         import torch.distributed as dist

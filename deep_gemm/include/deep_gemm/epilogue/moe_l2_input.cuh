@@ -37,13 +37,7 @@
 #include <cstring>
 #endif
 
-#ifndef DG_HOST_DEVICE
-#if defined(__CUDACC__)
-#define DG_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define DG_HOST_DEVICE inline
-#endif
-#endif
+#include <deep_gemm/common/host_device.cuh>
 
 namespace deep_gemm::l2_input {
 

@@ -7,13 +7,7 @@
 // (sized by the host to stay in L2) come from HBM once for all row tiles.  Without groups, a
 // prefill expert's tokens (59 MB at 4096 x 7168 BF16) would stream from HBM once per ~8 row tiles
 // in flight.  With every token tile in one group (decode) this is row tile outer, token tile inner.
-#ifndef DG_HOST_DEVICE
-#if defined(__CUDACC__)
-#define DG_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define DG_HOST_DEVICE inline
-#endif
-#endif
+#include <deep_gemm/common/host_device.cuh>
 
 namespace deep_gemm {
 
