@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import warnings
 from typing import Optional, Tuple
 
@@ -353,11 +352,9 @@ def _upstream_call(entry: str, y, l1, l2, buffer, shared_l1, shared_l2, stats, a
         _check_values(buffer, 0, 'sym_buffer', [('l1_alphas', l1_alphas), ('l2_alphas', l2_alphas),
                                                 ('a2_scales', a2_scales)])
     buffer.check_comm(synchronize=False)
-    # fp8_fp4_mega_moe on MXFP4 weights without shared experts: sm90's kernel sequence (run_upstream_fp8),
-    # only where DG_SM90_UPSTREAM_FP8=1: on an H200 (ninth session) its L2 input had some tiny lanes
-    # quantized with half their block's scale (docs/perf-notes.md), so it is not the default yet.
+    # fp8_fp4_mega_moe on MXFP4 weights without shared experts: sm90's kernel sequence (run_upstream_fp8)
     if _upstream_backend(backend, buffer, entry, buffer.mma_type == 'fp8xfp4' and l1.fmt == 'mxfp4' and
-                         shared_l1 is None and os.environ.get('DG_SM90_UPSTREAM_FP8', '0') == '1') == 'sm90':
+                         shared_l1 is None) == 'sm90':
         if buffer.device.type != 'cuda':
             raise ValueError(f"sym_buffer: backend 'sm90' needs a CUDA buffer, got one on {buffer.device}")
         _stage_packed_scales(buffer, t)
@@ -403,8 +400,9 @@ def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBu
     routing weight applied before L2, the L2 input re-quantized to FP8 E4M3 with one power-of-two
     scale per 32 channels; optional shared experts (``shared_l1_weights`` / ``shared_l2_weights``,
     FP8 or BF16) added last in the combine.  ``recipe`` must be ``(1, 1, 32)``, ``activation``
-    ``'swiglu'`` (``situ_*`` must stay None).  ``backend`` (ours, keyword-only): these numerics run on
-    the reference backend for now (``'auto'`` uses it, with a warning, on a GPU).
+    ``'swiglu'`` (``situ_*`` must stay None).  ``backend`` (ours, keyword-only): on Hopper, MXFP4 weights
+    without shared experts run the sm90 kernel sequence (``sm90.run_upstream_fp8``); FP8 weights and
+    shared experts run the reference backend for now (``'auto'`` uses it, with a warning, on a GPU).
 
     Raises ValueError for a buffer of another ``mma_type`` (and every bad argument, naming it),
     TypeError for wrong types, MegaMoETimeoutError after a timed-out wait, NotImplementedError for a

@@ -190,9 +190,11 @@ def _check_l2_input_is_fp8_pow2(buf):
     assert h.shape[0] > 0 and torch.isfinite(h).all()
     blocks = h.reshape(h.shape[0], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    # the kernel's scale never goes below 2^-22 (upstream's amax floor of 1e-4): a block of tiny values
-    # sits on that grid, not on the finer one its own amax would give
-    s = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax, min=2.0 ** -40) / 448))).clamp(min=2.0 ** -22)
+    # ceil_pow2(amax / 448) by frexp, exactly (CUDA's float64 log2 of an exact power of two can land just
+    # above it and ceil then doubles the scale: amax = 1.75 x 2^k, i.e. amax / 448 a power of two, did);
+    # never below 2^-22 (upstream's amax floor of 1e-4): a block of tiny values sits on that grid
+    mant, ex = torch.frexp(torch.clamp(amax, min=2.0 ** -40) / 448)       # = mant x 2^ex, mant in [0.5, 1)
+    s = torch.ldexp(torch.ones_like(mant), torch.where(mant == 0.5, ex - 1, ex)).clamp(min=2.0 ** -22)
     v = blocks / s
     bad = (round_to_e4m3(v) != v).any(-1)
     assert not bool(bad.any()), (f'{int(bad.sum())} of {bad.numel()} 32-channel blocks of the L1 output are not '
@@ -204,15 +206,10 @@ def _check_l2_input_is_fp8_pow2(buf):
                                    dict(counts=[16], hidden=7168, inter=2048, experts=8, topk=8)],   # DeepSeek V3
                          ids=['small', 'mid', 'deepseek'])
 @pytest.mark.parametrize('clamp', [None, 10.0])
-def test_upstream_fp8_fp4_matches_reference(shape, clamp, mega_path, monkeypatch):
+def test_upstream_fp8_fp4_matches_reference(shape, clamp, mega_path):
     """fp8_fp4_mega_moe (mma_type 'fp8xfp4', MXFP4, no shared experts) on sm90 runs run_upstream_fp8 (the
     kernel sequence with the FP8 L2 input) and matches the reference of upstream's numerics; 'auto' picks
-    it without a warning; it is measurably closer to upstream's numerics than to our BF16 intermediate.
-
-    Known to fail (H200, ninth session): 'small' without clamp passes; the other cases find 1-24 blocks of
-    the L2 input in which a tiny lane was quantized with half its block's scale (y still equal to the
-    reference's bits). Until it passes, the API routes here only with DG_SM90_UPSTREAM_FP8=1."""
-    monkeypatch.setenv('DG_SM90_UPSTREAM_FP8', '1')
+    it without a warning; it is measurably closer to upstream's numerics than to our BF16 intermediate."""
     import warnings
     if shape['hidden'] == 7168 and (clamp is None or mega_path == 'fused'):
         pytest.skip('one DeepSeek-shape case (clamp 10; DG_MEGA_MOE_FUSED does not apply here) is enough')
@@ -241,10 +238,9 @@ def test_upstream_fp8_fp4_matches_reference(shape, clamp, mega_path, monkeypatch
     assert err < 0.3 * relative_error(y, y_bf16), (err, relative_error(y, y_bf16))
 
 
-def test_upstream_fp8_fp4_two_ranks_emulated(monkeypatch):
+def test_upstream_fp8_fp4_two_ranks_emulated():
     """Two ranks emulated on one GPU (tests/gpu/test_mega_ep.py's set-up): run_upstream_fp8 per rank on its
     own stream, against the one-process reference on the concatenated tokens (equal to the 2-rank one)."""
-    monkeypatch.setenv('DG_SM90_UPSTREAM_FP8', '1')
     import os
     import sys
     sys.path.insert(0, os.path.dirname(__file__))
