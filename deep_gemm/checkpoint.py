@@ -58,6 +58,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from .utils.validation import bad_ue4m3_bytes
+
 __all__ = ['CheckpointError', 'ExpertNaming', 'EXPERT_NAMINGS', 'NVFP4MoELayer', 'load_nvfp4_moe_layer',
            'read_checkpoint_config']
 
@@ -254,11 +256,6 @@ def _resolve_naming(expert_pattern, ckpt: _Checkpoint, layer: int) -> ExpertNami
                      f'{{layer}}, {{expert}} and {{proj}}, or an ExpertNaming; got {expert_pattern!r}')
 
 
-def _ue4m3_ok(t: torch.Tensor) -> bool:
-    b = t.contiguous().view(torch.uint8)
-    return not bool((((b & 0x80) != 0) | ((b & 0x7F) == 0x7F)).any())
-
-
 @dataclass
 class NVFP4MoELayer:
     """This rank's routed experts of one layer, as read from the checkpoint (ModelOpt's tensors, stacked).
@@ -412,7 +409,7 @@ class _LayerReader:
         if tuple(t.shape) != want_shape:
             raise CheckpointError(f'{name} in {f}: shape {tuple(t.shape)}, expected {list(want_shape)} '
                                   f'(hidden {self.hidden}, intermediate {self.intermediate})')
-        if tensor == 'weight_scale' and not _ue4m3_ok(t):
+        if tensor == 'weight_scale' and bool(bad_ue4m3_bytes(t.contiguous().view(torch.uint8)).any()):
             raise CheckpointError(f'{name} in {f}: UE4M3 block scales must be non-negative and finite '
                                   f'(found a sign bit or NaN)')
         return t

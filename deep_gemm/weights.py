@@ -47,6 +47,8 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .utils.validation import bad_ue4m3_bytes
+
 BLOCK_N = 128
 BLOCK_K = 128
 CODE_BYTES = BLOCK_N * BLOCK_K // 2
@@ -282,9 +284,7 @@ def _parse(obj, what: str, kind: str, fmt: str) -> _Parsed:
         _check(n % 16 == 0, ValueError, f'{what}.weight: 2 * intermediate = {n} must be a multiple of 16')
     sbytes = s.contiguous().view(torch.uint8)
     if fmt == 'nvfp4':
-        bad = (sbytes & 0x80) != 0
-        bad |= (sbytes & 0x7F) == 0x7F
-        _check(not bool(bad.any()), ValueError,
+        _check(not bool(bad_ue4m3_bytes(sbytes).any()), ValueError,
                f'{what}.weight_scale: UE4M3 scales must be non-negative and finite (found sign bit or NaN)')
 
     # global scales -> alpha

@@ -21,7 +21,7 @@ import torch
 
 from ..reference import reference_mega_moe
 from ..utils.math import unpack_ue8m0_from_int
-from ..utils.validation import check_activation_clamp, check_tensor
+from ..utils.validation import bad_ue4m3_bytes, check_activation_clamp, check_tensor
 from .buffer import SymmBuffer
 
 __all__ = ['fp8_nvfp4_mega_moe', 'fp8_fp4_mega_moe', 'bf16_mega_moe', 'fp4_fp4_mega_moe', 'BACKENDS', 'select_backend']
@@ -101,7 +101,7 @@ def _bad_scale_values(buffer: SymmBuffer, t: int) -> torch.Tensor:
     if sf.is_floating_point():
         return (~torch.isfinite(sf)).any().long()
     b = sf.contiguous().view(torch.uint8)
-    bad = (b == 0xFF) if buffer.mma_type in ('fp8xfp4', 'fp8xfp8') else ((b & 0x7F) == 0x7F) | (b >= 0x80)
+    bad = (b == 0xFF) if buffer.mma_type in ('fp8xfp4', 'fp8xfp8') else bad_ue4m3_bytes(b)
     return bad.any().long()
 
 

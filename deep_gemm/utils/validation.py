@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 __all__ = ['check_tensor', 'check_expert_ids', 'check_multiple', 'check_positive_int', 'same_device',
-           'check_finite', 'check_scales', 'check_activation_clamp']
+           'check_finite', 'check_scales', 'check_activation_clamp', 'bad_ue4m3_bytes']
 
 
 def same_device(a: Union[torch.device, str], b: Union[torch.device, str]) -> bool:
@@ -114,3 +114,9 @@ def check_activation_clamp(value) -> None:
         raise TypeError(f'activation_clamp: expected a float or None, got {type(value).__name__}')
     if math.isnan(value) or value < 0:
         raise ValueError(f'activation_clamp: expected a value >= 0 (or None / inf: no clamp), got {value}')
+
+
+def bad_ue4m3_bytes(b: torch.Tensor) -> torch.Tensor:
+    """Per byte of UE4M3 block scales (uint8): True where the sign bit is set or the code is NaN
+    (0x7F / 0xFF); an unsigned E4M3 scale is neither."""
+    return ((b & 0x80) != 0) | ((b & 0x7F) == 0x7F)
