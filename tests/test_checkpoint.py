@@ -54,6 +54,7 @@ import deep_gemm
 from deep_gemm.checkpoint import CheckpointError, ExpertNaming, load_nvfp4_moe_layer
 from deep_gemm.reference_recipes import reference_recipe_moe
 from deep_gemm.utils import cast_to_nvfp4, per_token_cast_to_fp8, per_token_cast_to_nvfp4, round_to_bf16
+from gloo_ranks import init_gloo
 
 
 H, I, E, K = 512, 512, 4, 2          # hidden, MoE intermediate, routed experts, top-k
@@ -394,11 +395,7 @@ def test_cuda_module_and_graph_capture(modelopt_ckpt):
 
 # ---------------------------------------------------------------------------------------- 2 ranks
 def _rank_worker(rank, world, port, path, counts, out_dir):
-    os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
-    torch.set_num_threads(1)
-    from datetime import timedelta
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
-                            timeout=timedelta(seconds=90))
+    init_gloo(rank, world, port, timeout_s=90)
     try:
         data = torch.load(os.path.join(out_dir, 'tokens.pt'))
         lo, n = sum(counts[:rank]), counts[rank]

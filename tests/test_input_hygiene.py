@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import deep_gemm
 from deep_gemm.reference import reference_mega_moe
+from gloo_ranks import init_gloo
 
 
 def _layer_inputs(p):
@@ -126,11 +127,7 @@ def test_nan_in_fp8_tokens_stays_in_its_row(make_problem):
 
 # -------------------------------------------------------------------- buffer sizes across the ranks
 def _mismatch_worker(rank, world, port, out_dir):
-    os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
-    torch.set_num_threads(1)
-    from datetime import timedelta
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         hidden = 256 if rank == 0 else 384
         try:

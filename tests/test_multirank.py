@@ -14,20 +14,13 @@ import torch
 import torch.distributed as dist
 
 from deep_gemm.reference import reference_mega_moe
+from gloo_ranks import init_gloo
 
 TIMEOUT_S = 180
 
 
-def _init_gloo(rank, world, port):
-    os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
-    torch.set_num_threads(1)
-    from datetime import timedelta
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-
-
 def _worker(rank, world, port, data_path, out_dir):
-    _init_gloo(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         d = torch.load(data_path)
         counts = d['counts']
@@ -68,7 +61,7 @@ def _baseline_worker(rank, world, port, data_path, out_dir):
     import deep_gemm
     from deep_gemm.reference import reference_moe_forward
     from scripts.bench_mega_moe import ep_all_to_all
-    _init_gloo(rank, world, port)
+    init_gloo(rank, world, port)
     try:
         d = torch.load(data_path)
         counts = d['counts']

@@ -22,6 +22,7 @@ from deep_gemm.utils.quant import round_to_bf16
 from deep_gemm.reference_recipes import (dequantize_nvfp4_rows, exact_rows_matmul, fp8_pow2_scale,
                                          quantize_fp8_pow2_rows, quantize_nvfp4_rows, reference_recipe_moe,
                                          silu_f32)
+from gloo_ranks import init_gloo
 
 TIMEOUT_S = 180
 
@@ -786,11 +787,7 @@ MR_SPLITS = [[6, 0], [2, 4]]
 
 
 def _mr_worker(rank, world, port, data_path, out_dir):
-    os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
-    torch.set_num_threads(1)
-    from datetime import timedelta
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         cases = torch.load(data_path)
         res = []

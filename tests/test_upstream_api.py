@@ -20,6 +20,7 @@ from deep_gemm.reference_recipes import reference_recipe_moe
 from deep_gemm.testing import calc_diff
 from deep_gemm.utils import (cast_back_from_fp4, per_token_cast_to_fp4, per_token_cast_to_fp8,
                              per_token_cast_to_nvfp4, transform_sf_into_required_layout)
+from gloo_ranks import init_gloo
 
 E, K = 8, 3                      # experts, top-k
 SHAPES = {'fp8xfp4': (256, 128), 'bf16xbf16': (256, 128), 'fp4xfp4': (512, 512)}   # hidden, intermediate
@@ -237,11 +238,7 @@ def test_receive_rows_fit_upstreams_block_m():
 
 # ---------------------------------------------------------------------------------- several ranks
 def _worker(rank, world, port, data_path, out_dir):
-    os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')
-    torch.set_num_threads(1)
-    from datetime import timedelta
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
-                            timeout=timedelta(seconds=90))
+    init_gloo(rank, world, port, timeout_s=90)
     try:
         res = {}
         for mt, d in torch.load(data_path).items():
