@@ -36,10 +36,16 @@ __all__ = ['set_pdl', 'get_pdl', 'use_deterministic_algorithms',
            'm_grouped_fp8_nvfp4_gemm_nt_contiguous', 'm_grouped_fp8_nvfp4_gemm_nt_masked', 'fp8_to_bf16_tokens',
            'set_num_sms', 'get_num_sms']
 
-_FMT = {'nvfp4': 'deep_gemm::sm90::WeightFormat::NVFP4', 'mxfp4': 'deep_gemm::sm90::WeightFormat::MXFP4'}
+_FMT = {'nvfp4': 'deep_gemm::sm90::WeightFormat::NVFP4', 'mxfp4': 'deep_gemm::sm90::WeightFormat::MXFP4',
+        'bf16': 'deep_gemm::sm90::WeightFormat::BF16'}
 _EPI = {'plain': 'deep_gemm::Epilogue::Plain', 'swiglu': 'deep_gemm::Epilogue::SwiGLU',
-        'swiglu_fp8': 'deep_gemm::Epilogue::SwiGLUFP8'}
-_L1_EPILOGUES = ('swiglu', 'swiglu_fp8')
+        'swiglu_fp8': 'deep_gemm::Epilogue::SwiGLUFP8', 'swiglu_bf16': 'deep_gemm::Epilogue::SwiGLUBF16',
+        'swiglu_nvfp4': 'deep_gemm::Epilogue::SwiGLUNVFP4', 'weighted': 'deep_gemm::Epilogue::Weighted'}
+_L1_EPILOGUES = ('swiglu', 'swiglu_fp8', 'swiglu_bf16', 'swiglu_nvfp4')
+#: Epilogues that read ``route_weights`` (optional for the L1 ones, required for 'weighted').
+_WEIGHTED_EPILOGUES = _L1_EPILOGUES + ('weighted',)
+#: Epilogues with the per-block amax scratch (sm90::kRequantScratchBytes).
+_REQUANT_EPILOGUES = ('swiglu_fp8', 'swiglu_nvfp4')
 _MODE = {'contiguous': 'deep_gemm::GroupMode::Contiguous', 'masked': 'deep_gemm::GroupMode::Masked'}
 _SMEM_CAPACITY = 232448  # sm_90 max dynamic shared memory per block
 _SMEM_PER_SM = 233472    # sm_90 shared memory per SM (1 KB of it reserved per CTA)
@@ -67,6 +73,25 @@ GROUPED_GEMM = registry.register_kernel(registry.KernelSpec(
         {'fmt': _FMT['mxfp4'], 'block_t': 64, 'stages': 4, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
         {'fmt': _FMT['mxfp4'], 'block_t': 128, 'stages': 5, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
         {'fmt': _FMT['mxfp4'], 'block_t': 256, 'stages': 3, 'epilogue': _EPI['swiglu_fp8'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
+        # fp4_fp4_mega_moe (sm90.run_upstream): L1 NVFP4 L2 input, L2 with the top-k weight after it
+        {'fmt': _FMT['nvfp4'], 'block_t': 32, 'stages': 6, 'epilogue': _EPI['swiglu_nvfp4'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
+        {'fmt': _FMT['nvfp4'], 'block_t': 128, 'stages': 5, 'epilogue': _EPI['swiglu_nvfp4'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
+        {'fmt': _FMT['nvfp4'], 'block_t': 32, 'stages': 6, 'epilogue': _EPI['weighted'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
+    ),
+))
+
+# The same template on BF16 weights (bf16_mega_moe, the shared experts): fragments loaded from shared
+# memory in load order (LDS.128), nothing to dequantize (no HMUL2).
+GROUPED_GEMM_BF16 = registry.register_kernel(registry.KernelSpec(
+    name='sm90_bf16_grouped_gemm',
+    header='sm90_fp8_nvfp4_grouped_gemm.cuh',
+    kernel_expr_fn=GROUPED_GEMM.kernel_expr_fn,
+    archs=('sm_90a',),
+    required_sass=(r'\bHGMMA\.64x\d+x16\.F32\.BF16\b', r'\bUTMALDG\b', r'\bUBLKCP\b', r'\bLDS\.128\b'),
+    forbid_local_memory=True,
+    default_params=(
+        {'fmt': _FMT['bf16'], 'block_t': 32, 'stages': 2, 'epilogue': _EPI['swiglu_bf16'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 2},
+        {'fmt': _FMT['bf16'], 'block_t': 128, 'stages': 3, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True, 'ctas_per_sm': 1},
     ),
 ))
 
@@ -195,7 +220,10 @@ def _token_group(block_t: int, k: int) -> int:
 
 
 def _stage_bytes(fmt: str, block_t: int) -> int:
-    """Shared memory of one pipeline stage (common/sm90_fp4_pipeline.cuh): tokens, codes, scales."""
+    """Shared memory of one pipeline stage (common/sm90_fp4_pipeline.cuh): tokens, codes, scales
+    (BF16 weights: 2 bytes per weight, no scales)."""
+    if fmt == 'bf16':
+        return block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K * 2
     return block_t * BLOCK_K * 2 + BLOCK_N * BLOCK_K // 2 + (1024 if fmt == 'nvfp4' else 512)
 
 
@@ -213,9 +241,10 @@ def _fit_stages(fmt: str, block_t: int, ctas_per_sm: int, other_bytes: int) -> i
 
 
 def _epilogue_bytes(epilogue: str, block_t: int) -> int:
-    """Shared memory of the epilogue between the pipeline and the tile prefix: the SwiGLUFP8 amax
-    scratch (sm90::kSwiGLUFP8ScratchBytes: 4 warps x BLOCK_T floats per consumer warpgroup, 2 of them)."""
-    return 2 * 4 * block_t * 4 if epilogue == 'swiglu_fp8' else 0
+    """Shared memory of the epilogue between the pipeline and the tile prefix: the quantizing
+    epilogues' amax scratch (sm90::kRequantScratchBytes: 4 warps x BLOCK_T floats per consumer
+    warpgroup, 2 of them)."""
+    return 2 * 4 * block_t * 4 if epilogue in _REQUANT_EPILOGUES else 0
 
 
 def _stages(fmt: str, block_t: int, num_experts: int, ctas_per_sm: int = 1, epilogue: str = 'plain') -> int:
@@ -234,7 +263,8 @@ def _grouped_config(b: ExpertWeights, tokens_per_expert: int, epilogue: str, fas
     stages = _stages(b.fmt, block_t, b.num_experts, ctas, epilogue)
     params = {'fmt': _FMT[b.fmt], 'block_t': block_t, 'stages': stages, 'epilogue': _EPI[epilogue],
               'mode': _MODE[mode], 'fast_math': bool(fast_math), 'ctas_per_sm': ctas}
-    return registry.get_kernel(GROUPED_GEMM.name, params, device=device), block_t, ctas, stages
+    spec = GROUPED_GEMM_BF16 if b.fmt == 'bf16' else GROUPED_GEMM
+    return registry.get_kernel(spec.name, params, device=device), block_t, ctas, stages
 
 
 def prepare_grouped_contiguous(b: ExpertWeights, expected_m: int, epilogue: str = 'plain', fast_math: bool = True) -> None:
@@ -246,17 +276,19 @@ def prepare_grouped_contiguous(b: ExpertWeights, expected_m: int, epilogue: str 
 
 def _launch_grouped(tokens: torch.Tensor, b: ExpertWeights, d: torch.Tensor, layout: torch.Tensor, mode: str,
                     max_rows: int, tokens_per_expert: int, epilogue: str, route_weights: Optional[torch.Tensor],
-                    clamp: Optional[float], fast_math: bool, block_t: Optional[int] = None):
+                    clamp: Optional[float], fast_math: bool, block_t: Optional[int] = None,
+                    alpha: Optional[torch.Tensor] = None, epi_scales: Optional[torch.Tensor] = None):
     from .jit.tma import make_tma_2d
     kernel, block_t, ctas, stages = _grouped_config(b, tokens_per_expert, epilogue, fast_math, mode,
                                                     tokens.device.index, block_t)
+    alpha = b.alpha if alpha is None else alpha
     tmap = make_tma_2d(tokens, block_t, 64, 128)
     smem = _smem_bytes(b.fmt, block_t, stages, b.num_experts, epilogue)
     clamp_v = math.inf if clamp is None else float(clamp)
     runtime.launch(kernel, get_num_sms() * ctas, 384, smem,
-                   [tmap, b.codes, b.scales, b.alpha, layout, d, route_weights, runtime.f32(clamp_v),
+                   [tmap, b.codes, b.scales, alpha, layout, d, route_weights, epi_scales, runtime.f32(clamp_v),
                     runtime.i32(b.num_experts), runtime.i32(b.n), runtime.i32(b.k), runtime.i32(max_rows),
-                    runtime.i32(b.alpha.shape[1]), runtime.i32(_token_group(block_t, b.k))])
+                    runtime.i32(alpha.shape[1]), runtime.i32(_token_group(block_t, b.k))])
 
 
 def _split_tokens(a):
@@ -276,23 +308,40 @@ def _check_weights(b, name='b'):
     _check(b.codes.is_cuda, ValueError, f'{name}: weights must be on a CUDA device, got {b.codes.device}')
 
 
-def _check_epilogue(epilogue, b, route_weights, rows, device):
-    _check(epilogue in _EPI, ValueError, f"epilogue: expected 'plain', 'swiglu' or 'swiglu_fp8', got {epilogue!r}")
+def _check_epilogue(epilogue, b, route_weights, rows, device, alpha=None, epi_scales=None):
+    _check(epilogue in _EPI, ValueError, f"epilogue: expected one of {', '.join(map(repr, _EPI))}, got {epilogue!r}")
+    _check(b.fmt in _FMT, ValueError, f"b: {b.fmt} weights have no Hopper kernel (nvfp4, mxfp4 or bf16)")
     if epilogue in _L1_EPILOGUES:
         _check(b.kind == 'l1', ValueError, f"b: the {epilogue!r} epilogue needs L1 (gate/up interleaved) weights")
+    if epilogue == 'weighted':
+        _check(route_weights is not None, ValueError, "route_weights: the 'weighted' epilogue needs them")
     if route_weights is not None:
-        _check(epilogue in _L1_EPILOGUES, ValueError, "route_weights: only used by the 'swiglu' / 'swiglu_fp8' epilogues")
+        _check(epilogue in _WEIGHTED_EPILOGUES, ValueError,
+               f"route_weights: only used by the {', '.join(map(repr, _WEIGHTED_EPILOGUES))} epilogues")
         _check_cuda_tensor('route_weights', route_weights, torch.float32, 1, device)
         _check(route_weights.shape[0] == rows, ValueError,
                f'route_weights: expected [{rows}], got {tuple(route_weights.shape)}')
+    if alpha is not None:
+        _check_cuda_tensor('alpha', alpha, torch.float32, 2, device)
+        _check(tuple(alpha.shape) == tuple(b.alpha.shape), ValueError,
+               f'alpha: expected {tuple(b.alpha.shape)} (the weights\' alpha shape), got {tuple(alpha.shape)}')
+    _check((epi_scales is not None) == (epilogue == 'swiglu_nvfp4'), ValueError,
+           "epi_scales: the 'swiglu_nvfp4' epilogue, and only it, takes the experts' f32(1 / a2) scales")
+    if epi_scales is not None:
+        _check_cuda_tensor('epi_scales', epi_scales, torch.float32, 1, device)
+        _check(epi_scales.shape[0] == b.num_experts, ValueError,
+               f'epi_scales: expected [{b.num_experts}], got {tuple(epi_scales.shape)}')
 
 
 def m_grouped_fp8_nvfp4_gemm_nt_contiguous(a: Tuple[torch.Tensor, torch.Tensor], b: ExpertWeights, d: torch.Tensor,
                                            expert_offsets: torch.Tensor, epilogue: str = 'plain',
                                            route_weights: Optional[torch.Tensor] = None,
                                            activation_clamp: Optional[float] = None, fast_math: bool = True,
-                                           expected_m: Optional[int] = None) -> torch.Tensor:
-    """``d[r] = a[r] @ W_e^T * alpha_e`` for rows ``r`` of expert ``e`` (contiguous layout)."""
+                                           expected_m: Optional[int] = None, alpha: Optional[torch.Tensor] = None,
+                                           epi_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``d[r] = a[r] @ W_e^T * alpha_e`` for rows ``r`` of expert ``e`` (contiguous layout).  ``alpha``:
+    float32 in place of ``b.alpha`` (upstream's per-call ``l1_alphas`` / ``l2_alphas``); ``epi_scales``:
+    float32 ``[E]``, ``f32(1 / a2)`` per expert, for ``epilogue='swiglu_nvfp4'``."""
     _check_weights(b)
     x, sf = _split_tokens(a)
     _check_cuda_tensor('a[0]', x, x.dtype if sf is None else torch.float8_e4m3fn, 2, b.device)
@@ -301,7 +350,7 @@ def m_grouped_fp8_nvfp4_gemm_nt_contiguous(a: Tuple[torch.Tensor, torch.Tensor],
     _check_cuda_tensor('expert_offsets', expert_offsets, torch.int32, 1, b.device)
     _check(expert_offsets.shape[0] == b.num_experts + 1, ValueError,
            f'expert_offsets: expected [{b.num_experts + 1}], got {tuple(expert_offsets.shape)}')
-    _check_epilogue(epilogue, b, route_weights, rows, b.device)
+    _check_epilogue(epilogue, b, route_weights, rows, b.device, alpha, epi_scales)
     n_out = b.n // 2 if epilogue in _L1_EPILOGUES else b.n
     _check_cuda_tensor('d', d, torch.bfloat16, 2, b.device)
     _check(tuple(d.shape) == (rows, n_out), ValueError, f'd: expected shape {(rows, n_out)}, got {tuple(d.shape)}')
@@ -310,7 +359,7 @@ def m_grouped_fp8_nvfp4_gemm_nt_contiguous(a: Tuple[torch.Tensor, torch.Tensor],
         return d
     per_expert = expected_m if expected_m is not None else max(1, rows // max(1, b.num_experts))
     _launch_grouped(tokens, b, d, expert_offsets, 'contiguous', rows, per_expert, epilogue, route_weights,
-                    activation_clamp, fast_math)
+                    activation_clamp, fast_math, alpha=alpha, epi_scales=epi_scales)
     return d
 
 

@@ -36,6 +36,12 @@ L1 (gate/up) rows are interleaved by 8 so that one thread's accumulator holds ga
 the same intermediate channel: kernel row ``16 G + r`` is gate row ``8 G + r`` for ``r < 8`` and
 up row ``8 G + r - 8`` otherwise.  L2 rows keep their order.
 
+BF16 weights (``bf16_mega_moe``, shared experts) keep their values and take the same row order; each
+128 x 128 block (``codes[e, rt, kb]``, 16384 bfloat16) holds the wgmma A fragments in load order:
+element ``((j * 2 + wg) * 128 + tid) * 8 + 2 o + h`` is register ``a[o]`` half ``h`` of k16 step ``j``
+of thread ``tid`` of consumer warpgroup ``wg`` (rows and k as above), so a thread loads a step with
+one conflict-free 16-byte ``ld.shared``.
+
 The global scales stay FP32 (``alpha``): ``[E, 2]`` (gate, up) for L1 and ``[E, 1]`` for L2;
 they are applied in FP32 in the epilogue, never folded into the block scales.
 """
@@ -121,6 +127,31 @@ def _permute_word_bits(data: torch.Tensor, perm: Sequence[int], inverse: bool = 
 
 
 @functools.lru_cache(maxsize=None)
+def _bf16_index() -> torch.Tensor:
+    """For each element of a BF16 block (16384), the flat index ``row * 128 + k`` in the tile."""
+    j, wg, tid, o, h = torch.meshgrid(torch.arange(8), torch.arange(2), torch.arange(128), torch.arange(4),
+                                      torch.arange(2), indexing='ij')
+    warp, lane = tid // 32, tid % 32
+    g, q = lane // 4, lane % 4
+    r0 = 64 * wg + 16 * warp + g
+    row = torch.where(o % 2 == 0, r0, r0 + 8)
+    k = 16 * j + 2 * q + torch.where(o >= 2, 8, 0) + h
+    return (row * BLOCK_K + k).reshape(-1)
+
+
+def _bf16_blocks(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """BF16 ``[E, N, K]`` -> ``[E, N / 128, K / 128, 16384]`` in kernel row order and fragment order."""
+    e, n, k = w.shape
+    tn, tk = n // BLOCK_N, k // BLOCK_K
+    idx = _bf16_index().to(w.device)
+    out = torch.empty(e, tn, tk, BLOCK_N * BLOCK_K, dtype=torch.bfloat16, device=w.device)
+    for i in range(e):
+        t = w[i].index_select(0, rows).reshape(tn, BLOCK_N, tk, BLOCK_K).permute(0, 2, 1, 3)
+        out[i] = t.reshape(tn, tk, BLOCK_N * BLOCK_K)[..., idx]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
 def _scale_index(fmt: str) -> torch.Tensor:
     """For each byte of a scale chunk, the flat index ``row * groups + group`` in the tile."""
     groups = BLOCK_K // SCALE_GRAN[fmt]
@@ -145,10 +176,11 @@ def _l1_kernel_row_order(n: int) -> torch.Tensor:
 class ExpertWeights:
     """One MoE projection (L1 = gate+up or L2 = down) for the local experts, in kernel layout.
 
-    ``fmt`` 'nvfp4' / 'mxfp4': the Hopper layout of the module docstring.  'fp8' (E4M3 with UE8M0 per
-    32, upstream's ``fp8xfp8``) and 'bf16' (``bf16_mega_moe``, shared experts) keep the weights as given:
-    ``codes`` float8_e4m3fn / bfloat16 ``[E, N, K]`` in the original row order, ``scales`` the UE8M0
-    bytes ``[E, N, K / 32]`` (empty for bf16); no Hopper kernel reads them yet."""
+    ``fmt`` 'nvfp4' / 'mxfp4': the Hopper layout of the module docstring; 'bf16' (``bf16_mega_moe``,
+    shared experts): ``codes`` bfloat16 ``[E, N / 128, K / 128, 16384]``, the same row order, fragment
+    order inside a block, ``scales`` empty.  'fp8' (E4M3 with UE8M0 per 32, upstream's ``fp8xfp8``)
+    keeps the weights as given: ``codes`` float8_e4m3fn ``[E, N, K]`` in the original row order,
+    ``scales`` the UE8M0 bytes ``[E, N, K / 32]``; no Hopper kernel reads them yet."""
     fmt: str                 # 'nvfp4', 'mxfp4', 'fp8' or 'bf16'
     kind: str                # 'l1' or 'l2'
     codes: torch.Tensor      # uint8 [E, N / 128, K / 128, 8192] (fp4 formats)
@@ -164,7 +196,7 @@ class ExpertWeights:
 
     def __repr__(self) -> str:
         return (f'ExpertWeights(fmt={self.fmt!r}, kind={self.kind!r}, experts={self.num_experts}, n={self.n}, '
-                f'k={self.k}, device={self.device}, bytes={self.codes.numel() + self.scales.numel()})')
+                f'k={self.k}, device={self.device}, bytes={self.codes.numel() * self.codes.element_size() + self.scales.numel()})')
 
     @classmethod
     def cat(cls, parts: Sequence['ExpertWeights']) -> 'ExpertWeights':
@@ -182,8 +214,7 @@ class ExpertWeights:
 
     def row_order(self) -> torch.Tensor:
         """Original row index of each kernel row."""
-        dense = self.fmt in DENSE_FORMATS
-        return _l1_kernel_row_order(self.n) if self.kind == 'l1' and not dense else torch.arange(self.n)
+        return _l1_kernel_row_order(self.n) if self.kind == 'l1' and self.fmt != 'fp8' else torch.arange(self.n)
 
     def dequantize(self, experts: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Block-dequantized weights WITHOUT the global scale, float32 ``[E, N, K]``, original row order.
@@ -197,7 +228,13 @@ class ExpertWeights:
     def _dequantize_one(self, e: int) -> torch.Tensor:
         n, k, fmt = self.n, self.k, self.fmt
         if fmt == 'bf16':
-            return self.codes[e].float().cpu()
+            tn, tk = n // BLOCK_N, k // BLOCK_K
+            tile = torch.empty(tn, tk, BLOCK_N * BLOCK_K, dtype=torch.float32)
+            tile[..., _bf16_index()] = self.codes[e].float().cpu()
+            w = tile.reshape(tn, tk, BLOCK_N, BLOCK_K).permute(0, 2, 1, 3).reshape(n, k)
+            out = torch.empty_like(w)
+            out[self.row_order()] = w
+            return out
         if fmt == 'fp8':
             sf = torch.exp2(self.scales[e].float() - 127.0).repeat_interleave(32, dim=-1)
             return (self.codes[e].float() * sf).cpu()
@@ -429,6 +466,9 @@ def _dense(fmt: str, obj, what: str, kind: str) -> _Parsed:
                f'{what}: scale: expected [E, N, K/128] words for weight {tuple(w.shape)}, got {tuple(sb.shape)} bytes')
     else:
         sb = torch.empty(e, n, 0, dtype=torch.uint8, device=w.device)
+    if fmt == 'bf16':
+        _check(n % BLOCK_N == 0 and k % BLOCK_K == 0, ValueError,
+               f'{what}: N = {n} and K = {k} must be multiples of {BLOCK_N} (the kernels\' weight blocks)')
     _check(n % 16 == 0 and k % 128 == 0, ValueError, f'{what}: N = {n} must be a multiple of 16 and K = {k} of 128')
     alpha = torch.ones(e, 2 if kind == 'l1' else 1, dtype=torch.float32, device=w.device)
     return _Parsed(what, kind, fmt, w.contiguous(), sb.contiguous(), alpha, e, n, k)
@@ -458,9 +498,16 @@ def transform_weights_for_mega_moe(l1_weights, l2_weights, activation: str = 'sw
         raise ValueError(f'l2_weights: {p2.fmt}{" 2-D" if d2 else ""} weights, l1_weights are '
                          f'{p1.fmt}{" 2-D" if d1 else ""}: both projections must have one format')
     _check_pair(p1, p2)
-    return tuple(_permute(p) if p.fmt not in DENSE_FORMATS else
-                 ExpertWeights(fmt=p.fmt, kind=p.kind, codes=p.weight, scales=p.scale_bytes, alpha=p.alpha,
-                               num_experts=p.e, n=p.n, k=p.k) for p in (p1, p2))
+    return tuple(_permute(p) if p.fmt not in DENSE_FORMATS else _dense_weights(p) for p in (p1, p2))
+
+
+def _dense_weights(p: _Parsed) -> ExpertWeights:
+    codes = p.weight
+    if p.fmt == 'bf16':
+        rows = (_l1_kernel_row_order(p.n) if p.kind == 'l1' else torch.arange(p.n)).to(codes.device)
+        codes = _bf16_blocks(codes, rows)
+    return ExpertWeights(fmt=p.fmt, kind=p.kind, codes=codes, scales=p.scale_bytes, alpha=p.alpha,
+                         num_experts=p.e, n=p.n, k=p.k)
 
 
 def transform_nvfp4_weights_for_grouped_gemm(weight, weight_scale, weight_scale_2) -> ExpertWeights:

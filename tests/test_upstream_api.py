@@ -87,7 +87,10 @@ def _run_layer(d, group, rank: int, world: int, backend: str = 'auto'):
     if mt == 'fp8xfp4':
         x_q, x_sf = per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
         l1, l2 = deep_gemm.transform_weights_for_mega_moe(_fp4_weights(d['w1'][es]), _fp4_weights(d['w2'][es]))
-        sl1, sl2 = deep_gemm.transform_weights_for_mega_moe(_fp8_shared(d['s1']), _fp8_shared(d['s2']))
+        if d.get('bf16_shared'):          # upstream also takes BF16 shared experts with FP8 tokens
+            sl1, sl2 = deep_gemm.transform_weights_for_mega_moe(d['s1'], d['s2'])
+        else:
+            sl1, sl2 = deep_gemm.transform_weights_for_mega_moe(_fp8_shared(d['s1']), _fp8_shared(d['s2']))
         buffer.x[:n].copy_(x_q)
         buffer.x_sf[:n].copy_(x_sf)
         buffer.shared_l1_acts_sf.zero_()          # upstream's callers fill this re-laid-out copy of x_sf
@@ -210,9 +213,16 @@ def test_fp4_buffer_rejection_like_upstreams_test():
 
 
 def test_gpu_backend_by_name_is_not_implemented_for_upstream_recipes():
-    d = _problem('bf16xbf16', [4])
-    with pytest.raises(NotImplementedError, match="bf16_mega_moe \\(mma_type='bf16xbf16'\\) has no sm90 kernel"):
+    """FP8 shared-expert weights have no sm90 kernel (NotImplementedError by name, before any device
+    check); the recipes that do have one say that a CPU buffer cannot run it."""
+    d = _problem('fp8xfp4', [4])
+    with pytest.raises(NotImplementedError, match="fp8_fp4_mega_moe \\(mma_type='fp8xfp4'\\) has no sm90 kernel"):
         _run_layer(d, None, 0, 1, backend='sm90')
+    for mt in ('bf16xbf16', 'fp4xfp4'):
+        with pytest.raises(ValueError, match="backend 'sm90' needs a CUDA buffer"):
+            _run_layer(_problem(mt, [4]), None, 0, 1, backend='sm90')
+    with pytest.raises(ValueError, match="backend 'sm90' needs a CUDA buffer"):
+        _run_layer(dict(_problem('fp8xfp4', [4]), bf16_shared=True), None, 0, 1, backend='sm90')
 
 
 def test_use_fp8_dispatch_must_agree_with_mma_type():

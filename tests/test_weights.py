@@ -131,3 +131,39 @@ def test_negative_or_nan_scale_rejected():
     s_bad[0, 0, 0] = 0x7F  # NaN
     with pytest.raises(ValueError, match='weight_scale'):
         transform_nvfp4_weights_for_mega_moe((w1, s_bad.view(torch.float8_e4m3fn), g1), (w1, s1, g1[:, 0].contiguous()))
+
+
+def test_bf16_blocks_hold_the_fp4_fragments():
+    """A BF16 block element and an FP4 code of the same (warpgroup, thread, k16 step, register, half)
+    are the same tile (row, k): the BF16 kernel loads exactly the A fragments the FP4 kernel dequantizes."""
+    from deep_gemm.weights import _bf16_index, _code_index
+    # _code_index: [wg, half, tid, jj, o, h] (step j = 4 half + jj); _bf16_index: [j, wg, tid, o, h]
+    fp4 = _code_index().reshape(2, 2, 128, 4, 4, 2).permute(1, 3, 0, 2, 4, 5).reshape(8, 2, 128, 4, 2)
+    assert torch.equal(_bf16_index().reshape(8, 2, 128, 4, 2), fp4)
+    assert torch.equal(torch.sort(_bf16_index()).values, torch.arange(128 * 128))     # a permutation
+
+
+@pytest.mark.parametrize('kind_shape', [((4, 256, 384), (4, 384, 128)), ((256, 512), (512, 128))])
+def test_bf16_weights_round_trip_and_row_order(kind_shape):
+    """BF16 weights (bf16_mega_moe, shared experts): values kept, L1 rows interleaved by 8 like FP4's."""
+    from deep_gemm.weights import _l1_kernel_row_order
+    g = torch.Generator().manual_seed(3)
+    w1, w2 = (torch.randn(*s, generator=g).bfloat16() for s in kind_shape)
+    l1, l2 = transform_weights_for_mega_moe(w1, w2)
+    assert (l1.fmt, l1.kind, l2.kind) == ('bf16', 'l1', 'l2') and l1.codes.dtype == torch.bfloat16
+    flat1 = w1.reshape(-1, *w1.shape[-2:])
+    assert torch.equal(l1.dequantize(), flat1.float()) and torch.equal(l2.dequantize(), w2.reshape(l2.dequantize().shape).float())
+    assert torch.equal(l1.row_order(), _l1_kernel_row_order(l1.n))
+    # kernel row 0..7 of block (0, 0) are gate rows 0..7, rows 8..15 up rows 0..7 (element 0 of each
+    # thread's a0 / a1 for k = 2q); a wrong interleave or fragment order shows here
+    blk = l1.codes[0, 0, 0]
+    for tid in (0, 5, 37):
+        g_, q = (tid % 32) // 4, tid % 4
+        r0 = 16 * (tid // 32) + g_
+        base = tid * 8
+        gate_row, up_row = (r0 // 16) * 8 + r0 % 16, l1.n // 2 + (r0 // 16) * 8 + r0 % 16
+        assert blk[base].item() == flat1[0, gate_row, 2 * q].item()
+        assert blk[base + 2].item() == flat1[0, up_row, 2 * q].item()
+    with pytest.raises(ValueError, match='multiples of 128'):
+        transform_weights_for_mega_moe(torch.zeros(2, 64, 128, dtype=torch.bfloat16),
+                                                 torch.zeros(2, 128, 32, dtype=torch.bfloat16))

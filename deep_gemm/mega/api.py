@@ -327,6 +327,27 @@ def _upstream_backend(backend: str, buffer: SymmBuffer, entry: str, sm90_kernel:
                               f"kernel in this build; use backend='reference' or 'auto'")
 
 
+#: The routed weights' format each upstream buffer kind runs on sm90's kernel sequence (sm90.run_upstream).
+_SM90_FORMAT = {'fp8xfp4': 'mxfp4', 'bf16xbf16': 'bf16', 'fp4xfp4': 'nvfp4'}
+
+
+def _sm90_runs(buffer: SymmBuffer, l1, shared_l1) -> bool:
+    """Whether sm90 has kernels for this call: MXFP4 / BF16 / NVFP4 routed weights of the buffer's kind,
+    and BF16 shared experts or none (FP8 weights, routed or shared, run the reference)."""
+    return _SM90_FORMAT.get(buffer.mma_type) == l1.fmt and (shared_l1 is None or shared_l1.fmt == 'bf16')
+
+
+def _shared_input(buffer: SymmBuffer, t: int, x_bf16) -> torch.Tensor:
+    """The shared experts' BF16 input ``[t, H]``: fp4xfp4 ``x_bf16``, bf16xbf16 the tokens themselves,
+    the FP8 kinds the tokens x their (staged float32) scales, exact."""
+    if buffer.mma_type == 'fp4xfp4':
+        return x_bf16[:t]
+    if buffer.mma_type == 'bf16xbf16':
+        return buffer.x[:t]
+    from ..gemm import fp8_to_bf16_tokens
+    return fp8_to_bf16_tokens(buffer.x[:t], buffer.views['x_sf'][:t])
+
+
 def _upstream_call(entry: str, y, l1, l2, buffer, shared_l1, shared_l2, stats, activation, activation_clamp,
                    fast_math, backend, mma_types, shared_fmts, *, x_bf16=None, l1_alphas=None, l2_alphas=None,
                    a2_scales=None, routed_scaling_factor: float = 1.0):
@@ -352,14 +373,17 @@ def _upstream_call(entry: str, y, l1, l2, buffer, shared_l1, shared_l2, stats, a
         _check_values(buffer, 0, 'sym_buffer', [('l1_alphas', l1_alphas), ('l2_alphas', l2_alphas),
                                                 ('a2_scales', a2_scales)])
     buffer.check_comm(synchronize=False)
-    # fp8_fp4_mega_moe on MXFP4 weights without shared experts: sm90's kernel sequence (run_upstream_fp8)
-    if _upstream_backend(backend, buffer, entry, buffer.mma_type == 'fp8xfp4' and l1.fmt == 'mxfp4' and
-                         shared_l1 is None) == 'sm90':
+    if _upstream_backend(backend, buffer, entry, _sm90_runs(buffer, l1, shared_l1)) == 'sm90':
         if buffer.device.type != 'cuda':
             raise ValueError(f"sym_buffer: backend 'sm90' needs a CUDA buffer, got one on {buffer.device}")
         _stage_packed_scales(buffer, t)
-        importlib.import_module('deep_gemm.mega.sm90').run_upstream_fp8(y, l1, l2, buffer, stats, activation_clamp,
-                                                                       fast_math)
+        sm90 = importlib.import_module('deep_gemm.mega.sm90')
+        recipe = sm90.upstream_recipe(buffer.mma_type, buffer.num_experts_per_rank, buffer.device, l1_alphas,
+                                      l2_alphas, a2_scales, float(routed_scaling_factor))
+        x_shared = None
+        if shared_l1 is not None:
+            x_shared = _shared_input(buffer, t, x_bf16)
+        sm90.run_upstream(y, l1, l2, buffer, recipe, stats, activation_clamp, fast_math, shared_l1, shared_l2, x_shared)
         return y
     if buffer.num_ranks > 1 and buffer.group is None:
         raise ValueError(f'sym_buffer: an emulated {buffer.num_ranks}-rank group has no process group; '
@@ -401,8 +425,8 @@ def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBu
     scale per 32 channels; optional shared experts (``shared_l1_weights`` / ``shared_l2_weights``,
     FP8 or BF16) added last in the combine.  ``recipe`` must be ``(1, 1, 32)``, ``activation``
     ``'swiglu'`` (``situ_*`` must stay None).  ``backend`` (ours, keyword-only): on Hopper, MXFP4 weights
-    without shared experts run the sm90 kernel sequence (``sm90.run_upstream_fp8``); FP8 weights and
-    shared experts run the reference backend for now (``'auto'`` uses it, with a warning, on a GPU).
+    with BF16 shared experts or none run the sm90 kernel sequence (``sm90.run_upstream``); FP8 weights
+    (routed or shared) run the reference backend for now (``'auto'`` uses it, with a warning, on a GPU).
 
     Raises ValueError for a buffer of another ``mma_type`` (and every bad argument, naming it),
     TypeError for wrong types, MegaMoETimeoutError after a timed-out wait, NotImplementedError for a
@@ -425,7 +449,8 @@ def bf16_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBuffe
     """Upstream's BF16 Mega MoE layer (``mma_type='bf16xbf16'``): BF16 tokens ``sym_buffer.x``, BF16
     weights from :func:`~deep_gemm.transform_weights_for_mega_moe`; gate and up rounded to BF16,
     ``h = bf16(silu(gate) * up * routing weight)``, ``o = bf16(h @ W2^T)``, optional BF16 shared experts
-    added last.  Same errors and ``backend`` as :func:`fp8_fp4_mega_moe`.  Returns ``y``."""
+    added last.  Same errors as :func:`fp8_fp4_mega_moe`; ``backend``: on Hopper the sm90 kernel
+    sequence (``sm90.run_upstream``: BF16 weights loaded in fragment order, no dequant).  Returns ``y``."""
     return _upstream_call('bf16_mega_moe', y, l1_weights, l2_weights, sym_buffer, shared_l1_weights,
                           shared_l2_weights, cumulative_local_expert_recv_stats, activation, activation_clamp,
                           fast_math, backend, ('bf16xbf16',), ('bf16',))
@@ -449,7 +474,8 @@ def fp4_fp4_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBu
     NVFP4 with ``a2`` as its global scale, ``p = bf16(acc2 * l2_alpha * a2)``, the routing weight
     after L2 (``bf16(p * w)``), ``routed_scaling_factor`` after the routed sum, then the BF16 shared
     experts (on ``x_bf16``, required with them) added.  ``recipe`` must be ``(1, 1, 16)``.  Same errors
-    and ``backend`` as :func:`fp8_fp4_mega_moe`.  Returns ``y``.
+    as :func:`fp8_fp4_mega_moe`; ``backend``: on Hopper the sm90 kernel sequence (``sm90.run_upstream``:
+    NVFP4 tokens cross NVLink as NVFP4 and become BF16 exactly in the gather).  Returns ``y``.
     """
     if not isinstance(sym_buffer, SymmBuffer) or sym_buffer.mma_type != 'fp4xfp4':
         got = sym_buffer.mma_type if isinstance(sym_buffer, SymmBuffer) else type(sym_buffer).__name__

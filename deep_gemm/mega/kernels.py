@@ -44,10 +44,12 @@ DISPATCH_LAYOUT = registry.register_kernel(registry.KernelSpec(
 DISPATCH_GATHER = registry.register_kernel(registry.KernelSpec(
     name='smxx_moe_dispatch_gather',
     header='smxx_moe_dispatch_gather.cuh',
-    kernel_expr_fn=lambda p: f'deep_gemm::smxx_moe_dispatch_gather<{p["gran_k"]}, {p["threads"]}>',
+    kernel_expr_fn=lambda p: f'deep_gemm::smxx_moe_dispatch_gather<{p["gran_k"]}, {p["threads"]}, {p.get("fmt", 0)}>',
     required_sass=(r'\bSTG\.E\.128\b',),
     forbid_local_memory=True,
-    default_params=({'gran_k': 32, 'threads': GATHER_THREADS},),
+    # fmt: the buffer's activation format (0 FP8 x float32 scales, 1 NVFP4, 2 BF16; _ACT_FORMAT)
+    default_params=({'gran_k': 32, 'threads': GATHER_THREADS}, {'gran_k': 16, 'threads': GATHER_THREADS, 'fmt': 1},
+                    {'gran_k': 1, 'threads': GATHER_THREADS, 'fmt': 2}),
 ))
 
 COMBINE = registry.register_kernel(registry.KernelSpec(
@@ -64,15 +66,37 @@ def _kernel(spec, buffer, **params):
     return registry.get_kernel(spec.name, {**spec.default_params[0], **params}, device=buffer.device.index)
 
 
+#: The dispatch gather's activation format per buffer kind (the FP8 kinds read the float32 ``x_sf``).
+_ACT_FORMAT = {'fp4xfp4': 1, 'bf16xbf16': 2}
+
+
 def _gran(buffer) -> int:
+    """Channels per activation scale the kernels read (FP8: the float32 ``x_sf`` region)."""
+    fmt = _ACT_FORMAT.get(buffer.mma_type, 0)
+    if fmt:
+        return (16, 1)[fmt - 1]
     return buffer.hidden // buffer.region('x_sf').shape[1]
+
+
+def _gather_params(buffer) -> dict:
+    fmt = _ACT_FORMAT.get(buffer.mma_type, 0)
+    return {'gran_k': _gran(buffer), **({'fmt': fmt} if fmt else {})}
+
+
+def _x_sf_offset(buffer, t0: int) -> int:
+    """Byte offset of the scales the gather reads: the float32 ``x_sf`` (FP8 kinds), the UE4M3 bytes
+    (NVFP4), none (BF16)."""
+    fmt = _ACT_FORMAT.get(buffer.mma_type, 0)
+    if fmt == 2:
+        return 0
+    return buffer.offset('x_sf_e4m3' if fmt == 1 else 'x_sf', t0)
 
 
 def prepare(buffer) -> None:
     """Compile and load every kernel of this module that a call on ``buffer`` launches."""
     for spec in (BARRIER, DISPATCH_LAYOUT, COMBINE):
         _kernel(spec, buffer)
-    _kernel(DISPATCH_GATHER, buffer, gran_k=_gran(buffer))
+    _kernel(DISPATCH_GATHER, buffer, **_gather_params(buffer))
 
 
 def _u64(v: int):
@@ -105,16 +129,19 @@ def dispatch_layout(buffer, num_tokens: int, row_src: torch.Tensor, row_weight: 
 
 def dispatch_gather(buffer, row_src: torch.Tensor, out: torch.Tensor, t0: int = 0) -> None:
     """``out[row] = bf16(x[t0 + token] * x_sf[t0 + token])`` of each row's source rank (grid: all ``R_w``
-    row slots)."""
-    runtime.launch(_kernel(DISPATCH_GATHER, buffer, gran_k=_gran(buffer)), out.shape[0], GATHER_THREADS, 0,
-                   [buffer.peer_bases, _u64(buffer.offset('x', t0)), _u64(buffer.offset('x_sf', t0)),
+    row slots); NVFP4 tokens as E2M1 x UE4M3, BF16 tokens copied."""
+    runtime.launch(_kernel(DISPATCH_GATHER, buffer, **_gather_params(buffer)), out.shape[0], GATHER_THREADS, 0,
+                   [buffer.peer_bases, _u64(buffer.offset('x', t0)), _u64(_x_sf_offset(buffer, t0)),
                     row_src, buffer.region('expert_offsets'), runtime.i32(buffer.num_experts_per_rank),
                     runtime.i32(buffer.hidden), out])
 
 
-def combine(buffer, y: torch.Tensor, t0: int = 0) -> None:
+def combine(buffer, y: torch.Tensor, t0: int = 0, shared: Optional[torch.Tensor] = None,
+            routed_scaling_factor: float = 1.0, nvfp4: bool = False) -> None:
     """``y[t] = bf16(sum_j combine_owner(j)[pair_row[t0 + t, j]])`` in increasing ``j`` (masked slots
-    skipped)."""
+    skipped).  ``shared``: BF16 ``[len(y), H]`` shared-expert rows of these tokens, added last;
+    ``nvfp4``: fp4_fp4_mega_moe's order (BF16 routed sum, ``routed_scaling_factor``, then the shared
+    row; impls/smxx_moe_combine.cuh)."""
     t = y.shape[0]
     if t == 0:
         return
@@ -125,4 +152,4 @@ def combine(buffer, y: torch.Tensor, t0: int = 0) -> None:
                    [buffer.peer_bases, _u64(buffer.offset('combine')), buffer.topk_idx[t0:],
                     buffer.region('pair_row')[t0:], buffer.region('meta'), runtime.i32(buffer.num_topk),
                     runtime.i32(buffer.num_experts_per_rank), runtime.i32(buffer.num_ranks),
-                    runtime.i32(buffer.hidden), y])
+                    runtime.i32(buffer.hidden), y, shared, runtime.f32(routed_scaling_factor), runtime.i32(int(nvfp4))])

@@ -14,10 +14,15 @@ kernels on its own buffer, without the barriers.  No host
 synchronisation: every shape is fixed by the buffer, counts stay on the device, so a call can be
 captured in a CUDA graph (the barriers count calls on the device).
 
-Upstream's ``fp8_fp4_mega_moe`` (``mma_type='fp8xfp4'``, MXFP4 weights, no shared experts) runs the
-same sequence with upstream's numerics (``run_upstream_fp8``): the L1 epilogue rounds gate and up to
-BF16 and requantizes the weighted SwiGLU output to FP8 E4M3 with a power-of-two scale per 32 channels
-(``epilogue='swiglu_fp8'``); the fused kernel keeps our exact BF16 intermediate and is not used there.
+Upstream's entry points run the same sequence with upstream's numerics (``run_upstream``, recipes in
+docs/design.md, "Upstream's entry points"): the dispatch gather takes the buffer's activation format
+(FP8 x power-of-two scales, NVFP4 -- half the NVLink bytes -- or BF16; all exact in BF16), the L1
+epilogue produces the recipe's L2 input (``'swiglu_fp8'``: FP8 with a power-of-two scale per 32;
+``'swiglu_nvfp4'``: unweighted, NVFP4 per 16 with the expert's ``a2`` as global scale;
+``'swiglu_bf16'``: BF16), fp4xfp4's L2 applies the top-k weight after L2 (``'weighted'``), shared
+experts (BF16 weights) run as one local expert over every local token before the first barrier, and
+the combine adds their rows (and ``routed_scaling_factor``) in the recipe's order.  The fused kernel
+keeps our exact BF16 intermediate and is not used there.
 
 Prefill waves: a call runs as ``buffer.waves(num_tokens)``, slices of at most
 ``buffer.num_max_tokens_per_wave`` tokens, one after the other on the stream, each exactly the
@@ -26,6 +31,7 @@ token); the receive rows, ``combine`` and the counters, sized for one wave, serv
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Optional
@@ -36,7 +42,8 @@ from .. import gemm
 from ..jit import registry, runtime
 from . import kernels
 
-__all__ = ['run', 'run_upstream_fp8', 'prepare', 'MULTI_RANK', 'FUSED', 'fused_enabled', 'push_enabled']
+__all__ = ['run', 'run_upstream', 'run_upstream_fp8', 'prepare', 'UpstreamRecipe', 'upstream_recipe', 'MULTI_RANK',
+           'FUSED', 'fused_enabled', 'push_enabled']
 
 MULTI_RANK = True
 
@@ -149,18 +156,19 @@ def block_t_for(buffer, num_tokens: int) -> int:
 
 
 def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Optional[bool] = None,
-            l1_epilogue: str = 'swiglu') -> None:
+            l1_epilogue: str = 'swiglu', l2_epilogue: str = 'plain') -> None:
     """Compile and load every kernel a call with ``num_tokens`` tokens launches.  ``run`` does this
     itself before its first barrier; ranks emulated on one GPU must do it for every rank before the
     first rank launches (a module load while a barrier kernel runs may wait for that kernel).
-    ``l1_epilogue='swiglu_fp8'``: the kernels of ``run_upstream_fp8`` (always the sequence)."""
+    ``l1_epilogue`` / ``l2_epilogue`` other than ``'swiglu'`` / ``'plain'``: the kernels of
+    ``run_upstream`` (always the sequence)."""
     expected_m = _expected_m(buffer, num_tokens)
     if l1_epilogue == 'swiglu' and fused_enabled(fused):
         _fused_config(buffer, l1, expected_m, fast_math)
         return
     kernels.prepare(buffer)
     gemm.prepare_grouped_contiguous(l1, expected_m, l1_epilogue, fast_math)
-    gemm.prepare_grouped_contiguous(l2, expected_m)
+    gemm.prepare_grouped_contiguous(l2, expected_m, l2_epilogue)
 
 
 def trace_size(buffer, block_t: int) -> int:
@@ -235,32 +243,113 @@ def run(y: torch.Tensor, l1, l2, buffer, cumulative_local_expert_recv_stats: Opt
     return run_sequence(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math)
 
 
+@dataclasses.dataclass
+class UpstreamRecipe:
+    """What the kernel sequence does differently for one of upstream's entry points (``upstream_recipe``).
+
+    ``l1_epilogue`` / ``l2_epilogue``: the grouped GEMMs' epilogues; ``l1_weighted``: whether L1 takes
+    the routing weights (else L2 does, ``'weighted'``); ``l1_alpha`` / ``l2_alpha``: float32 alphas in
+    place of the weights' own (``[E_l, 2]`` / ``[E_l, 1]``), ``epi_scales``: float32 ``[E_l]``,
+    ``f32(1 / a2)``; ``shared_epilogue``: the shared expert's L1 epilogue; ``routed_scaling_factor``
+    and ``nvfp4_combine``: the combine's order (kernels.combine)."""
+    l1_epilogue: str
+    l2_epilogue: str = 'plain'
+    l1_weighted: bool = True
+    l1_alpha: Optional[torch.Tensor] = None
+    l2_alpha: Optional[torch.Tensor] = None
+    epi_scales: Optional[torch.Tensor] = None
+    shared_epilogue: str = 'swiglu_bf16'
+    routed_scaling_factor: float = 1.0
+    nvfp4_combine: bool = False
+
+
+def upstream_recipe(mma_type: str, num_experts: int, device, l1_alphas=None, l2_alphas=None, a2_scales=None,
+                    routed_scaling_factor: float = 1.0) -> UpstreamRecipe:
+    """The sequence's recipe for a buffer kind (docs/design.md, "Upstream's entry points").  Device
+    tensor arithmetic only (no host sync: capturable); float32 products and quotients as the reference
+    forms them (``f32(l2_alpha * a2)``, ``f32(1 / a2)``)."""
+    if mma_type in ('fp8xfp4', 'fp8xfp8'):
+        return UpstreamRecipe('swiglu_fp8', shared_epilogue='swiglu_fp8')
+    if mma_type == 'bf16xbf16':
+        return UpstreamRecipe('swiglu_bf16')
+    if mma_type != 'fp4xfp4':
+        raise ValueError(f'mma_type: {mma_type!r} is not one of upstream\'s kinds')
+    f32 = dict(dtype=torch.float32, device=device)
+    a1 = torch.ones(num_experts, 2, **f32) if l1_alphas is None else l1_alphas.to(**f32).contiguous()
+    a2 = torch.ones(num_experts, **f32) if a2_scales is None else a2_scales.to(**f32)
+    l2a = torch.ones(num_experts, **f32) if l2_alphas is None else l2_alphas.to(**f32)
+    return UpstreamRecipe('swiglu_nvfp4', 'weighted', l1_weighted=False, l1_alpha=a1,
+                          l2_alpha=(l2a * a2).reshape(num_experts, 1).contiguous(),
+                          epi_scales=(torch.ones_like(a2) / a2).contiguous(),
+                          routed_scaling_factor=float(routed_scaling_factor), nvfp4_combine=True)
+
+
+def _shared_rows(recipe: UpstreamRecipe, shared_l1, shared_l2, x_shared: torch.Tensor,
+                 activation_clamp: Optional[float], fast_math: bool) -> torch.Tensor:
+    """The shared experts (one expert of intermediate ``S``, BF16 weights) on the local tokens
+    ``x_shared`` (BF16 ``[T, H]``): ``bf16(h @ W2s^T)`` with ``h`` the recipe's shared L2 input (weight 1)."""
+    t = x_shared.shape[0]
+    h = torch.empty(t, shared_l1.n // 2, dtype=torch.bfloat16, device=x_shared.device)
+    out = torch.empty(t, shared_l2.n, dtype=torch.bfloat16, device=x_shared.device)
+    offsets = torch.arange(2, dtype=torch.int32, device=x_shared.device) * t      # one expert: rows [0, t)
+    gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(x_shared, shared_l1, h, offsets, epilogue=recipe.shared_epilogue,
+                                                activation_clamp=activation_clamp, fast_math=fast_math, expected_m=t)
+    gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, shared_l2, out, offsets, expected_m=t)
+    return out
+
+
+def run_upstream(y: torch.Tensor, l1, l2, buffer, recipe: UpstreamRecipe, stats: Optional[torch.Tensor] = None,
+                 activation_clamp: Optional[float] = None, fast_math: bool = True, shared_l1=None, shared_l2=None,
+                 x_shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One of upstream's entry points (``fp8_fp4_mega_moe`` on MXFP4 weights, ``bf16_mega_moe``,
+    ``fp4_fp4_mega_moe``) as the kernel sequence with that recipe's numerics (``recipe``:
+    ``upstream_recipe(buffer.mma_type, ...)``; docs/design.md, "Upstream's entry points"):
+    dispatch (the buffer's tokens -> BF16, exact), L1 grouped GEMM with the recipe's L1 epilogue, L2
+    grouped GEMM (plain, or fp4xfp4's top-k weight after L2), combine (slots in order in float32; the
+    recipe's BF16 roundings, routed scaling and shared rows).  The accumulators are the tensor cores'
+    FP32 sums (the reference's are exact), and ``fast_math`` picks ``__expf`` over ``expf``.
+
+    ``buffer``: an upstream-kind buffer (FP8 kinds: the float32 ``x_sf`` region holds the tokens'
+    scales, ``api._stage_packed_scales`` unpacks the caller's packed UE8M0 words there); ``l1`` / ``l2``:
+    :class:`~deep_gemm.weights.ExpertWeights` of the kind's format (MXFP4, BF16, NVFP4);
+    ``shared_l1`` / ``shared_l2``: BF16 shared-expert weights (one expert) and ``x_shared`` BF16
+    ``[len(y), H]`` their input, or all None.  Prefill waves and several ranks work as in
+    ``run_sequence``; the fused kernel is not used."""
+    want = {'fp8xfp4': 'mxfp4', 'fp8xfp8': 'mxfp4', 'bf16xbf16': 'bf16', 'fp4xfp4': 'nvfp4'}.get(buffer.mma_type)
+    if l1.fmt != want or l2.fmt != want:
+        raise ValueError(f'l1 / l2: a {buffer.mma_type!r} buffer runs {want} weights on sm90, got {l1.fmt} / {l2.fmt}')
+    shared = None
+    if shared_l1 is not None:
+        if shared_l1.fmt != 'bf16' or shared_l2.fmt != 'bf16':
+            raise ValueError(f'shared_l1 / shared_l2: sm90 runs BF16 shared experts, got {shared_l1.fmt} / {shared_l2.fmt}')
+        check = x_shared is not None and x_shared.dtype == torch.bfloat16 and tuple(x_shared.shape) == tuple(y.shape)
+        if not check:
+            raise ValueError(f'x_shared: expected BF16 {tuple(y.shape)}, got '
+                             f'{None if x_shared is None else (x_shared.dtype, tuple(x_shared.shape))}')
+        # Local work before the first barrier: its JIT and allocations never happen while peers wait.
+        shared = _shared_rows(recipe, shared_l1, shared_l2, x_shared, activation_clamp, fast_math) if len(y) else None
+    return run_sequence(y, l1, l2, buffer, stats, activation_clamp, fast_math, recipe=recipe, shared=shared)
+
+
 def run_upstream_fp8(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
                      activation_clamp: Optional[float] = None, fast_math: bool = True) -> torch.Tensor:
-    """Upstream's ``fp8_fp4_mega_moe`` numerics (docs/design.md, "Upstream's entry points", fp8xfp4) as
-    the kernel sequence: dispatch (FP8 x power-of-two scale -> BF16, exact), L1 grouped GEMM with the
-    ``'swiglu_fp8'`` epilogue (``g = bf16(acc_gate)``, ``u = bf16(acc_up)``, clamp in BF16,
-    ``a = f32(f32(silu(g) * u) * w)``, the L2 input ``q * scale``: FP8 E4M3 with one power-of-two scale
-    per 32 channels, in BF16), L2 grouped GEMM with the plain epilogue (alpha 1: ``o = bf16(acc2)``),
-    combine (slots in order in float32, then BF16).  The accumulators are the tensor cores' FP32 sums
-    (the reference's are exact), and ``fast_math`` picks ``__expf`` over ``expf``.
-
-    ``buffer``: an ``'fp8xfp4'`` buffer whose float32 ``x_sf`` region holds the tokens' scales
-    (``api._stage_packed_scales`` unpacks the caller's packed UE8M0 words there); ``l1`` / ``l2``:
-    MXFP4 :class:`~deep_gemm.weights.ExpertWeights` (alpha 1), no shared experts.  Prefill waves and
-    several ranks work as in ``run_sequence``; the fused kernel is not used."""
-    if l1.fmt != 'mxfp4' or l2.fmt != 'mxfp4':
-        raise ValueError(f'l1 / l2: run_upstream_fp8 takes MXFP4 weights (alpha 1), got {l1.fmt} / {l2.fmt}')
-    return run_sequence(y, l1, l2, buffer, stats, activation_clamp, fast_math, l1_epilogue='swiglu_fp8')
+    """``fp8_fp4_mega_moe`` on MXFP4 weights without shared experts: ``run_upstream`` with the fp8xfp4
+    recipe (L1 epilogue ``'swiglu_fp8'``: ``g = bf16(acc_gate)``, ``u = bf16(acc_up)``, clamp in BF16,
+    ``a = f32(f32(silu(g) * u) * w)``, the L2 input FP8 E4M3 with one power-of-two scale per 32
+    channels, written as BF16 ``q * scale``; L2 plain, alpha 1)."""
+    return run_upstream(y, l1, l2, buffer, upstream_recipe(buffer.mma_type, buffer.num_experts_per_rank,
+                                                           buffer.device), stats, activation_clamp, fast_math)
 
 
 def run_sequence(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
                  activation_clamp: Optional[float] = None, fast_math: bool = True, compute: bool = True,
-                 comm: bool = True, l1_epilogue: str = 'swiglu') -> torch.Tensor:
+                 comm: bool = True, recipe: Optional[UpstreamRecipe] = None,
+                 shared: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer as a kernel sequence.  ``compute=False`` / ``comm=False`` leave out the expert GEMMs
     / the dispatch, barriers and combine (benchmarks: the compute-only and communication-only times
-    of the fused kernel's target; the result is then not the layer's).  ``l1_epilogue``: ``'swiglu'``
-    (our exact BF16 intermediate) or ``'swiglu_fp8'`` (upstream's FP8 L2 input, ``run_upstream_fp8``)."""
+    of the fused kernel's target; the result is then not the layer's).  ``recipe``: None (ours: the
+    exact BF16 intermediate) or one of upstream's (``run_upstream``), with ``shared`` its BF16
+    shared-expert rows ``[len(y), H]`` (or None)."""
     if buffer.num_topk > kernels.MAX_TOPK:
         raise ValueError(f'buffer: num_topk = {buffer.num_topk} > {kernels.MAX_TOPK}, the most the combine kernel takes')
     if buffer.peer_bases is None:
@@ -272,10 +361,13 @@ def run_sequence(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] 
     tokens, h, o = buffer.region('l1_x'), buffer.region('l2_x'), buffer.region('combine')
     offsets = buffer.region('expert_offsets')
     expected_m = _expected_m(buffer, t)
+    rc = recipe if recipe is not None else UpstreamRecipe('swiglu')
+    l1_route = row_weight if rc.l1_weighted else None
+    l2_route = None if rc.l1_weighted else row_weight
     if multi:
         # JIT work (a cold compile takes tens of seconds) happens before this rank signals, never
         # while it holds peers at a barrier.
-        prepare(buffer, l1, l2, t, fast_math, fused=False, l1_epilogue=l1_epilogue)
+        prepare(buffer, l1, l2, t, fast_math, fused=False, l1_epilogue=rc.l1_epilogue, l2_epilogue=rc.l2_epilogue)
     # Waves: one pass of the protocol per wave, every rank running the same waves in the same order
     # (buffer.waves; with peers ceil(T / W) of them, also those without tokens of this rank, which
     # still serve its experts).  Token indices are relative to the offsets and tensors a wave passes,
@@ -295,12 +387,16 @@ def run_sequence(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] 
             kernels.dispatch_layout(buffer, n, row_src, row_weight, stats, t0)
             kernels.dispatch_gather(buffer, row_src, tokens, t0)
         if compute:
-            gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(tokens, l1, h, offsets, epilogue=l1_epilogue,
-                                                        route_weights=row_weight, activation_clamp=activation_clamp,
-                                                        fast_math=fast_math, expected_m=expected_m)
-            gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, l2, o, offsets, expected_m=expected_m)
+            gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(tokens, l1, h, offsets, epilogue=rc.l1_epilogue,
+                                                        route_weights=l1_route, activation_clamp=activation_clamp,
+                                                        fast_math=fast_math, expected_m=expected_m,
+                                                        alpha=rc.l1_alpha, epi_scales=rc.epi_scales)
+            gemm.m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, l2, o, offsets, epilogue=rc.l2_epilogue,
+                                                        route_weights=l2_route, expected_m=expected_m,
+                                                        alpha=rc.l2_alpha)
         if multi and comm:
             kernels.barrier(buffer, 1, n)
         if comm:
-            kernels.combine(buffer, y[t0:t0 + n], t0)
+            kernels.combine(buffer, y[t0:t0 + n], t0, None if shared is None else shared[t0:t0 + n],
+                            rc.routed_scaling_factor, rc.nvfp4_combine)
     return y

@@ -268,3 +268,41 @@ def test_bad_inputs_raise_before_launch():
         m_grouped_fp8_nvfp4_gemm_nt_masked((q[:, :, :128].contiguous(), sf), b, d, m, 8)
     with pytest.raises(ValueError, match='epilogue|b'):
         m_grouped_fp8_nvfp4_gemm_nt_masked((q, sf), b, d, m, 8, epilogue='swiglu')
+
+
+@pytest.mark.parametrize('block_t', [32, 128])
+@pytest.mark.parametrize('counts', [[70, 0, 33], [5, 129, 1]])
+def test_bf16_weights(block_t, counts, monkeypatch):
+    """BF16 weights (bf16_mega_moe, shared experts; loaded in fragment order): the plain epilogue equals
+    bf16(exact sum) up to FP32 accumulation, the 'swiglu_bf16' L1 its upstream formula; untouched rows
+    stay NaN."""
+    from deep_gemm.weights import transform_weights_for_mega_moe
+    monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', str(block_t))
+    gen = torch.Generator().manual_seed(block_t + sum(counts))
+    e, n, k = len(counts), 256, 384
+    w1 = (torch.randn(e, n, k, generator=gen) * torch.exp(torch.randn(e, n, 1, generator=gen))).bfloat16()
+    w2 = torch.randn(e, k, n // 2, generator=gen).bfloat16()
+    l1, l2 = transform_weights_for_mega_moe(w1.cuda(), w2.cuda())
+    rows = sum(counts)
+    offsets = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32, device='cuda')
+    x = rand_tokens(rows, k, gen).bfloat16().cuda()
+    rw = torch.rand(rows, generator=gen).cuda()
+    h = torch.full((rows, n // 2), float('nan'), dtype=torch.bfloat16, device='cuda')
+    m_grouped_fp8_nvfp4_gemm_nt_contiguous(x, l1, h, offsets, epilogue='swiglu_bf16', route_weights=rw,
+                                           activation_clamp=20.0, expected_m=max(counts))
+    o = torch.full((rows, k // 2 * 2), float('nan'), dtype=torch.bfloat16, device='cuda')
+    m_grouped_fp8_nvfp4_gemm_nt_contiguous(h, l2, o, offsets, expected_m=max(counts))
+    torch.cuda.synchronize()
+    ref_h = torch.empty(rows, n // 2, dtype=torch.float64)
+    ref_o = torch.empty(rows, k, dtype=torch.float64)
+    lo = 0
+    for i, c in enumerate(counts):
+        acc = x[lo:lo + c].double().cpu() @ w1[i].double().T
+        g = acc[:, :n // 2].bfloat16().double().clamp(max=20.0)
+        u = acc[:, n // 2:].bfloat16().double().clamp(-20.0, 20.0)
+        ref_h[lo:lo + c] = (g / (1 + torch.exp(-g)) * u * rw[lo:lo + c].double().cpu()[:, None]).bfloat16().double()
+        ref_o[lo:lo + c] = (h[lo:lo + c].double().cpu() @ w2[i].double().T)
+        lo += c
+    assert not torch.isnan(h).any() and not torch.isnan(o).any()
+    assert relative_error(h.cpu(), ref_h) < TOL
+    assert relative_error(o.cpu(), ref_o) < TOL

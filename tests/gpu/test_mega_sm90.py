@@ -73,25 +73,51 @@ def test_upstream_fp8_buffer(make_problem):
     assert relative_error(y, y_ref) < TOL
 
 
-def test_upstream_entry_points_run_on_the_device(make_problem):
-    """fp8_fp4 / bf16 / fp4_fp4_mega_moe have no sm90 kernel yet: 'auto' runs their reference on the GPU
-    (with a warning), 'sm90' by name says so; the device result equals the CPU one."""
-    import sys
+def _upstream_cases():
+    """(mma_type, label, extra keys of test_upstream_api._problem's dict) of upstream's call sequences."""
+    return [('fp8xfp4', 'fp8-shared', {}), ('fp8xfp4', 'bf16-shared', {'bf16_shared': True}),
+            ('bf16xbf16', 'bf16', {}), ('fp4xfp4', 'nvfp4', {})]
+
+
+@pytest.mark.parametrize('case', _upstream_cases(), ids=lambda c: c[1])
+def test_upstream_entry_points_on_the_device(case):
+    """Upstream's call sequences (tests/test_upstream_api.py: masked slots, a token with every slot
+    masked, shared experts, clamp 10, fp4xfp4 with alphas, a2 scales and routed scaling 0.75) on the GPU.
+    MXFP4 / BF16 / NVFP4 routed weights with BF16 shared experts run sm90's kernel sequence
+    (run_upstream): 'auto' takes it without a warning, equal to 'sm90' bit for bit, stable run to run,
+    against the reference of upstream's numerics computed on the CPU.  FP8 shared-expert weights have
+    no sm90 kernel: 'auto' runs the reference on the GPU (a warning), 'sm90' by name says so."""
     import os
+    import sys
+    import warnings
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
     from test_upstream_api import _problem, _run_layer
     from deep_gemm.mega import api
-    api._warned_no_kernel.clear()     # the warning is said once per entry point and backend
-    for mt in ('fp8xfp4', 'bf16xbf16', 'fp4xfp4'):
-        d = _problem(mt, [9])
-        y_cpu, recv_cpu = _run_layer(d, None, 0, 1)
-        dev = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    mt, label, extra = case
+    d = dict(_problem(mt, [41]), **extra)
+    y_cpu, recv_cpu = _run_layer(d, None, 0, 1)
+    dev = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    if label == 'fp8-shared':
+        api._warned_no_kernel.clear()     # the warning is said once per entry point and backend
         with pytest.warns(UserWarning, match='no sm90 kernel yet'):
             y_gpu, recv_gpu = _run_layer(dev, None, 0, 1)
         with pytest.raises(NotImplementedError, match='no sm90 kernel'):
             _run_layer(dev, None, 0, 1, backend='sm90')
         assert torch.equal(recv_gpu.cpu(), recv_cpu)
-        assert relative_error(y_gpu.cpu(), y_cpu) < 1e-5, mt
+        assert relative_error(y_gpu.cpu(), y_cpu) < 1e-5
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        y_auto, recv_auto = _run_layer(dev, None, 0, 1)
+    assert not [w for w in caught if 'reference' in str(w.message)], [str(w.message) for w in caught]
+    y, recv = _run_layer(dev, None, 0, 1, backend='sm90')
+    y2, _ = _run_layer(dev, None, 0, 1, backend='sm90')
+    assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), 'not bitwise stable run to run'
+    assert torch.equal(y.view(torch.int16), y_auto.view(torch.int16)), "backend='auto' did not run the sm90 kernels"
+    assert torch.equal(recv.cpu(), recv_cpu) and torch.equal(recv_auto.cpu(), recv_cpu)
+    assert not torch.isnan(y).any()
+    err = relative_error(y.cpu(), y_cpu)
+    assert err < TOL, (label, err)
 
 
 def test_fewer_tokens_than_buffer_and_zero_tokens(make_problem):
@@ -278,5 +304,126 @@ def test_upstream_fp8_fp4_two_ranks_emulated():
     one = _upstream_fp8_buffer(d, torch.arange(sum(counts), device='cuda'))
     y_ref, stats_ref = _upstream_fp8_run(deep_gemm.fp8_fp4_mega_moe, l1, l2, one, sum(counts), 'reference', 10.0)
     y = torch.cat(ys)
+    assert relative_error(y, y_ref) < TOL
+    assert torch.equal(torch.cat(stats), stats_ref)
+
+
+# ------------------------------------------- fp4_fp4_mega_moe: a DeepSeek shape, and two emulated ranks
+def _nvfp4_problem(seed, counts, hidden, inter, experts, topk, masked=0.2):
+    """fp4_fp4_mega_moe inputs on the GPU, upstream's casts (tests/test_upstream_api.py): NVFP4 tokens and
+    weights, alphas, a2 scales, softmax routing, masked slots, expert 1 without tokens."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+    from test_upstream_api import _nvfp4_weights
+    from deep_gemm.utils import per_token_cast_to_nvfp4
+    g = torch.Generator(device='cuda').manual_seed(seed)
+    n = sum(counts)
+    x = (torch.randn(n, hidden, generator=g, device='cuda') *
+         torch.exp(torch.randn(n, 1, generator=g, device='cuda'))).bfloat16()
+    w, idx = torch.topk(torch.randn(n, experts, generator=g, device='cuda'), topk, dim=-1, sorted=False)
+    w = w.softmax(-1)
+    idx[torch.rand(n, topk, generator=g, device='cuda') < masked] = -1
+    idx[idx == 1] = -1
+    w[idx < 0] = 0
+    w1 = (0.1 * torch.randn(experts, 2 * inter, hidden, generator=g, device='cuda') *
+          torch.exp(torch.randn(experts, 2 * inter, 1, generator=g, device='cuda'))).bfloat16()
+    w2 = (0.1 * torch.randn(experts, hidden, inter, generator=g, device='cuda')).bfloat16()
+    x_q, x_sf = per_token_cast_to_nvfp4(x)
+    return dict(counts=list(counts), x=x, x_q=x_q.view(torch.uint8), x_sf=x_sf, topk_idx=idx.to(torch.int64),
+                topk_weights=w.float(), w1=_nvfp4_weights(w1), w2=_nvfp4_weights(w2), experts=experts, topk=topk,
+                hidden=hidden, inter=inter,
+                l1_alphas=0.5 + torch.rand(experts, 2, generator=g, device='cuda'),
+                l2_alphas=0.5 + torch.rand(experts, generator=g, device='cuda'),
+                a2=0.5 + torch.rand(experts, generator=g, device='cuda'))
+
+
+def _fill(buf, d, lo, n):
+    buf.x[:n].copy_(d['x_q'][lo:lo + n])
+    buf.x_sf[:n].copy_(d['x_sf'][lo:lo + n])
+    buf.topk_idx[:n].copy_(d['topk_idx'][lo:lo + n])
+    buf.topk_weights[:n].copy_(d['topk_weights'][lo:lo + n])
+
+
+def _nvfp4_run(d, l1, l2, buf, n, backend, es=slice(None), shared=None, rsf=0.75):
+    y = torch.full((n, buf.hidden), float('nan'), dtype=torch.bfloat16, device='cuda')
+    stats = torch.zeros(buf.num_experts_per_rank, dtype=torch.int32, device='cuda')
+    kw = {} if shared is None else dict(shared_l1_weights=shared[0], shared_l2_weights=shared[1], x_bf16=d['x'])
+    deep_gemm.fp4_fp4_mega_moe(y, l1, l2, buf, cumulative_local_expert_recv_stats=stats, activation_clamp=10.0,
+                               l1_alphas=d['l1_alphas'][es].contiguous(), l2_alphas=d['l2_alphas'][es].contiguous(),
+                               a2_scales=d['a2'][es].contiguous(), routed_scaling_factor=rsf, backend=backend, **kw)
+    torch.cuda.synchronize()
+    return y, stats
+
+
+@pytest.mark.parametrize('rsf', [1.0, 2.5])
+def test_fp4_fp4_deepseek_shape(rsf):
+    """fp4_fp4_mega_moe at hidden 7168 / intermediate 3072 (DeepSeek V4), 8 experts, top-6, a BF16 shared
+    expert, on sm90's kernel sequence against the reference of upstream's numerics."""
+    d = _nvfp4_problem(seed=11, counts=[24], hidden=7168, inter=3072, experts=8, topk=6)
+    n = 24
+    l1, l2 = deep_gemm.transform_weights_for_mega_moe(d['w1'], d['w2'])
+    g = torch.Generator(device='cuda').manual_seed(12)
+    s1 = (0.05 * torch.randn(2 * 3072, 7168, generator=g, device='cuda')).bfloat16()
+    s2 = (0.05 * torch.randn(7168, 3072, generator=g, device='cuda')).bfloat16()
+    shared = deep_gemm.transform_weights_for_mega_moe(s1, s2)
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, n, 6, 7168, 3072, num_shared_experts=1, device='cuda',
+                                                 mma_type='fp4xfp4')
+    _fill(buf, d, 0, n)
+    y, stats = _nvfp4_run(d, l1, l2, buf, n, 'sm90', shared=shared, rsf=rsf)
+    y_ref, stats_ref = _nvfp4_run(d, l1, l2, buf, n, 'reference', shared=shared, rsf=rsf)
+    assert not torch.isnan(y).any()
+    err = relative_error(y, y_ref)
+    assert err < TOL, err
+    assert torch.equal(stats, stats_ref) and stats[1].item() == 0
+    # the routed part alone (no shared expert) must match too: the shared row cannot hide it
+    y_r, _ = _nvfp4_run(d, l1, l2, buf, n, 'sm90', rsf=rsf)
+    y_r_ref, _ = _nvfp4_run(d, l1, l2, buf, n, 'reference', rsf=rsf)
+    assert relative_error(y_r, y_r_ref) < TOL
+
+
+def test_fp4_fp4_two_ranks_emulated():
+    """Two ranks emulated on one GPU (tests/gpu/test_mega_ep.py's set-up): run_upstream per rank on its own
+    stream (NVFP4 tokens pulled from the peer as NVFP4), against the one-process reference on the
+    concatenated tokens (equal to the 2-rank one).  No shared experts here: they are rank-local work
+    (the single-rank tests cover them) and allocate, which emulated ranks must not do between launches."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_mega_ep import launch_window
+    from deep_gemm.mega import sm90
+    from deep_gemm.mega.buffer import SymmBuffer
+    counts = [11, 5]
+    d = _nvfp4_problem(seed=5, counts=counts, hidden=512, inter=512, experts=8, topk=3)
+    world, e_l = 2, d['experts'] // 2
+    bufs = SymmBuffer.emulated_group(world, d['experts'], max(counts), d['topk'], d['hidden'], d['inter'],
+                                     device='cuda', timeout_s=30.0, mma_type='fp4xfp4')
+    ls, ys, stats, recipes, lo = [], [], [], [], 0
+    for r, b in enumerate(bufs):
+        n = counts[r]
+        _fill(b, d, lo, n)
+        es = slice(r * e_l, (r + 1) * e_l)
+        ls.append(deep_gemm.transform_weights_for_mega_moe((d['w1'][0][es], d['w1'][1][es]),
+                                                          (d['w2'][0][es], d['w2'][1][es])))
+        ys.append(torch.full((n, d['hidden']), float('nan'), dtype=torch.bfloat16, device='cuda'))
+        stats.append(torch.zeros(e_l, dtype=torch.int32, device='cuda'))
+        recipes.append(sm90.upstream_recipe('fp4xfp4', e_l, 'cuda', d['l1_alphas'][es], d['l2_alphas'][es],
+                                            d['a2'][es], 0.75))
+        sm90.prepare(b, *ls[r], n, l1_epilogue='swiglu_nvfp4', l2_epilogue='weighted')
+        lo += n
+    torch.cuda.synchronize()
+    streams = [torch.cuda.Stream() for _ in range(world)]
+    with launch_window():
+        for r in range(world):
+            with torch.cuda.stream(streams[r]):
+                sm90.run_upstream(ys[r], *ls[r], bufs[r], recipes[r], stats[r], 10.0, True)
+    for b in bufs:
+        assert b.comm_error() is None, b.comm_error()
+    l1, l2 = deep_gemm.transform_weights_for_mega_moe(d['w1'], d['w2'])
+    one = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, sum(counts), 3, 512, 512, device='cuda', mma_type='fp4xfp4')
+    _fill(one, d, 0, sum(counts))
+    y_ref, stats_ref = _nvfp4_run(d, l1, l2, one, sum(counts), 'reference')
+    y = torch.cat(ys)
+    assert not torch.isnan(y).any()
     assert relative_error(y, y_ref) < TOL
     assert torch.equal(torch.cat(stats), stats_ref)

@@ -6,6 +6,7 @@
 
 #include <deep_gemm/comm/symm.cuh>
 #include <deep_gemm/common/fp8.cuh>
+#include <deep_gemm/epilogue/moe_l2_input.cuh>
 
 namespace deep_gemm::comm {
 
@@ -31,6 +32,36 @@ __device__ __forceinline__ void gather_fp8_row(const uint4* x, const float* sf, 
                 dst[2 * v] = res[0];
                 dst[2 * v + 1] = res[1];
             }
+        }
+    }
+}
+
+// Dispatch of NVFP4 tokens (fp4_fp4_mega_moe): dst = BF16(e2m1 x ue4m3) for one row of num_v x 32
+// elements, 16 code bytes (low nibble first) and their two UE4M3 scales per uint4 v = first,
+// first + kStride, ...  Exact: E2M1 x UE4M3 has at most 5 significant bits and lies in [2^-10, 2688],
+// so the float32 product and its BF16 rounding are the value itself (no global scale here: it is in
+// the L1 alphas).  Half the NVLink bytes of an FP8 row.
+template <int kStride>
+__device__ __forceinline__ void gather_nvfp4_row(const uint4* codes, const uint16_t* sf, uint4* dst, int num_v,
+                                                 int first) {
+    for (int v = first; v < num_v; v += kStride) {
+        const uint4 c = codes[v];
+        const uint16_t s2 = sf[v];
+        const uint32_t words[4] = {c.x, c.y, c.z, c.w};
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float scale = l2_input::e4m3_to_float(static_cast<uint8_t>(s2 >> (8 * h)));
+            uint32_t out[8];
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const uint32_t byte = (words[2 * h + i / 4] >> (8 * (i % 4))) & 0xFFu;
+                const __nv_bfloat162 b = __floats2bfloat162_rn(
+                    l2_input::e2m1_to_float(static_cast<uint8_t>(byte & 0xFu)) * scale,
+                    l2_input::e2m1_to_float(static_cast<uint8_t>(byte >> 4)) * scale);
+                out[i] = *reinterpret_cast<const uint32_t*>(&b);
+            }
+            dst[4 * v + 2 * h] = make_uint4(out[0], out[1], out[2], out[3]);
+            dst[4 * v + 2 * h + 1] = make_uint4(out[4], out[5], out[6], out[7]);
         }
     }
 }

@@ -110,18 +110,24 @@ __device__ __forceinline__ void dequant_step_mxfp4(uint32_t w, __nv_bfloat162 s_
         a[i] = as_u32(__hmul2(__hmul2(as_bf162(x[i]), two126), (i & 1) ? s_hi : s_lo));
 }
 
-enum class WeightFormat : int { NVFP4 = 0, MXFP4 = 1 };
+// BF16: dense weights (upstream's bf16_mega_moe, shared experts), stored by the transform already in
+// fragment order (deep_gemm/weights.py): the consumer loads its A registers straight from shared
+// memory, nothing to dequantize, no scales (FP4Consumer::mma_steps).
+enum class WeightFormat : int { NVFP4 = 0, MXFP4 = 1, BF16 = 2 };
 
-// Scale bytes per row pair per 128-wide k block, and the fragment for all 8 k16 steps of a block.
+// Code and scale bytes per 128 x 128 weight block, and the fragment for all 8 k16 steps of a block.
 template <WeightFormat kFmt>
 struct FP4Block {
-    static constexpr int kScaleBytesPerRowPair = kFmt == WeightFormat::NVFP4 ? 16 : 8;
+    static constexpr bool kDense = kFmt == WeightFormat::BF16;
+    static constexpr int kCodeBytes = kDense ? 128 * 128 * 2 : 128 * 128 / 2;
+    static constexpr int kScaleBytesPerRowPair = kFmt == WeightFormat::NVFP4 ? 16 : (kDense ? 0 : 8);
     static constexpr int kScaleChunkBytes = 64 * kScaleBytesPerRowPair;
     static constexpr float kCompensation = kFmt == WeightFormat::NVFP4 ? kNvfp4Compensation : 1.0f;
+    static_assert(kDense || kCodeBytes == 8192, "FP4 blocks are 8 KB of codes");
     // NVFP4: the consumer hands over each step's scales already expanded (bf16x2 [s(r0, j), s(r1, j)]
     // * 2^119, ue4m3x2_to_bf16x2_biased); MXFP4: the row pair's two raw UE8M0 words.
     static constexpr bool kExpandScales = kFmt == WeightFormat::NVFP4;
-    static constexpr int kScaleRegs = kExpandScales ? 8 : 2;
+    static constexpr int kScaleRegs = kExpandScales ? 8 : 2;   // (BF16: unused)
 
     // Steps [kFirst, kFirst + kCount) of a block: codes[j] is step j's word; a[j - kFirst] receives
     // step j's fragment.
@@ -130,6 +136,7 @@ struct FP4Block {
                                                    uint32_t (&a)[kCount][4]) {
         #pragma unroll
         for (int j = kFirst; j < kFirst + kCount; ++j) {
+            static_assert(!kDense, "BF16 fragments are loaded, not dequantized");
             if constexpr (kFmt == WeightFormat::NVFP4) {
                 const __nv_bfloat162 s = as_bf162(scales[j]);
                 dequant_step_nvfp4(codes[j], __low2bfloat162(s), __high2bfloat162(s), a[j - kFirst]);

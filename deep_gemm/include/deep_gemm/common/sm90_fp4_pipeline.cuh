@@ -44,8 +44,9 @@ struct FP4Pipeline {
 
     static constexpr int kStages = kNumStages, kTokens = kBlockT;
     static constexpr int kTokenBytes = kBlockT * kTileK * 2;       // two 64-wide swizzle atoms
+    static constexpr int kCodeBytes = Block::kCodeBytes;           // kTileCodeBytes for FP4, 32 KB for BF16
     static constexpr int kScaleBytes = Block::kScaleChunkBytes;
-    static constexpr int kStageBytes = kTokenBytes + kTileCodeBytes + kScaleBytes;
+    static constexpr int kStageBytes = kTokenBytes + kCodeBytes + kScaleBytes;
     static constexpr int kAlign = 1024;                             // swizzle-128B atoms
     // NVFP4 scales are expanded to BF16 once per warp, not once per thread (FP4Consumer::load_block):
     // each consumer warp owns two 256-byte buffers (8 row pairs x 8 steps x bf16x2), used alternately;
@@ -68,7 +69,7 @@ struct FP4Pipeline {
     // `smem` must be kAlign-aligned.
     __device__ __forceinline__ explicit FP4Pipeline(uint8_t* smem)
         : tokens(smem), codes(smem + kNumStages * kTokenBytes),
-          scales(smem + kNumStages * (kTokenBytes + kTileCodeBytes)),
+          scales(smem + kNumStages * (kTokenBytes + kCodeBytes)),
           full(reinterpret_cast<Barrier*>(smem + kBarrierOffset)), empty(full + kNumStages),
           scratch(smem + kScratchOffset) {}
 
@@ -108,10 +109,11 @@ struct FP4Producer {
         if (tags != nullptr) tags[stage] = tag;
         pipe.full[stage].arrive_and_expect_tx(Pipe::kStageBytes);
         auto* bar = reinterpret_cast<uint64_t*>(&pipe.full[stage]);
-        cute::SM90_BULK_COPY_G2S::copy(codes + chunk * kTileCodeBytes, bar, pipe.codes + stage * kTileCodeBytes,
-                                       kTileCodeBytes);
-        cute::SM90_BULK_COPY_G2S::copy(scales + chunk * Pipe::kScaleBytes, bar, pipe.scales + stage * Pipe::kScaleBytes,
-                                       Pipe::kScaleBytes);
+        cute::SM90_BULK_COPY_G2S::copy(codes + chunk * Pipe::kCodeBytes, bar, pipe.codes + stage * Pipe::kCodeBytes,
+                                       Pipe::kCodeBytes);
+        if constexpr (Pipe::kScaleBytes > 0)
+            cute::SM90_BULK_COPY_G2S::copy(scales + chunk * Pipe::kScaleBytes, bar, pipe.scales + stage * Pipe::kScaleBytes,
+                                           Pipe::kScaleBytes);
     }
     __device__ __forceinline__ void load_tokens(const CUtensorMap* tokens_map, int s, int kb, int token_row) {
         auto* bar = reinterpret_cast<uint64_t*>(&pipe.full[s]);
@@ -186,7 +188,9 @@ struct FP4Consumer {
         const int row_pair = cw * 32 + warp * 8 + lane / 4;
         // Shared addresses and ld.shared (LDS.128 with immediate offsets) rather than generic
         // pointers, which compiled to 64-bit address math and LD.E.128.
-        codes_addr = cute::cast_smem_ptr_to_uint(p.codes) + (cw * 2 * 128 + wg_tid) * 16;
+        // FP4: the thread's 16 bytes of each half block; BF16: its 16 bytes (one A fragment) of each
+        // step, the steps 2 x 128 x 16 bytes apart (deep_gemm/weights.py, _bf16_index).
+        codes_addr = cute::cast_smem_ptr_to_uint(p.codes) + ((Block::kDense ? cw : cw * 2) * 128 + wg_tid) * 16;
         if constexpr (Pipe::kExpandScales) {
             // The warp's 8 row pairs hold 32 scale words: lane l expands word l (row pair l / 4, steps
             // 2 (l % 4) and 2 (l % 4) + 1) and reads back its row pair's 8 expanded words.
@@ -212,6 +216,7 @@ struct FP4Consumer {
     // after the wait.
     __device__ __forceinline__ void load_block(uint32_t (&codes)[8], uint32_t (&scales)[kScaleRegs]) {
         pipe.full[stage].wait(phase);
+        if constexpr (Block::kDense) return;        // BF16: mma_steps loads the fragments themselves
         const uint32_t c = codes_addr + stage * kTileCodeBytes;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
                      : "=r"(codes[0]), "=r"(codes[1]), "=r"(codes[2]), "=r"(codes[3]) : "r"(c));
@@ -245,7 +250,15 @@ struct FP4Consumer {
     template <int kN, int kFirst, int kCount>
     __device__ __forceinline__ void mma_steps(float (&acc)[kNumAccum], int kb, const uint32_t (&codes)[8],
                                               const uint32_t (&scales)[kScaleRegs], uint32_t (&a)[kCount][4]) {
-        Block::template dequant<kFirst, kCount>(codes, scales, a);
+        if constexpr (Block::kDense) {
+            #pragma unroll
+            for (int j = kFirst; j < kFirst + kCount; ++j)
+                asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(a[j - kFirst][0]), "=r"(a[j - kFirst][1]), "=r"(a[j - kFirst][2]), "=r"(a[j - kFirst][3])
+                             : "r"(codes_addr + stage * Pipe::kCodeBytes + j * (2 * 128 * 16)));
+        } else {
+            Block::template dequant<kFirst, kCount>(codes, scales, a);
+        }
         const uint64_t desc0 = desc_base + static_cast<uint32_t>(stage * (Pipe::kTokenBytes >> 4));
         #pragma unroll
         for (int i = 0; i < kNumAccum; ++i) cute::warpgroup_fence_operand(acc[i]);

@@ -56,31 +56,58 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(threads) : "memory");
 }
 
-// Shared memory of epilogue_swiglu_fp8 per consumer warpgroup: one float per (warp, token).
+// Plain, then the routing weight (fp4_fp4_mega_moe's L2: the top-k weight after L2, on the BF16
+// partial): p = bf16(acc x alpha), out = bf16(f32(p x route_weights[token])).
 template <int kBlockT>
-constexpr int kSwiGLUFP8ScratchBytes = 4 * kBlockT * int(sizeof(float));
+__device__ __forceinline__ void epilogue_weighted(const float (&acc)[kBlockT / 2], float alpha, const float* route_weights,
+                                                  __nv_bfloat16* out, size_t ld, int token_row, int num_tokens, int col,
+                                                  int q) {
+    for_each_token<kBlockT>(num_tokens, q, [&](int tok, int i) {
+        const size_t row = size_t(token_row) + tok;
+        const float w = route_weights[row];
+        __nv_bfloat16* dst = out + row * ld + col;
+        dst[0] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(acc[i] * alpha)) * w);
+        dst[8] = __float2bfloat16_rn(__bfloat162float(__float2bfloat16_rn(acc[i + 2] * alpha)) * w);
+    });
+}
 
-// L1 of upstream's fp8_fp4_mega_moe (docs/design.md, "Upstream's entry points", fp8xfp4): the L2 input
-// is FP8 E4M3 with one power-of-two scale per 32 intermediate channels, written as BF16 (q x scale,
-// exact).  Per (token, channel), with the channel's gate in row r0 and its up in row r0 + 8 (the
-// transform's interleave, as epilogue_swiglu):
+// The L2 input of an upstream recipe (docs/design.md, "Upstream's entry points").
+enum class L2Input : int {
+    BF16 = 0,       // bf16_mega_moe (and every recipe's BF16 shared expert): h = bf16(a)
+    FP8Pow2 = 1,    // fp8_fp4_mega_moe: FP8 E4M3, one power-of-two scale per 32 channels
+    NVFP4 = 2,      // fp4_fp4_mega_moe: NVFP4, UE4M3 per 16 channels, global scale 1 / inv_global
+};
+
+// Channels per quantization block of each L2-input format.
+template <L2Input kQ>
+constexpr int kL2InputBlock = kQ == L2Input::FP8Pow2 ? 32 : (kQ == L2Input::NVFP4 ? 16 : 1);
+
+// Shared memory of epilogue_swiglu_requant per consumer warpgroup: one float per (warp, token).
+template <int kBlockT>
+constexpr int kRequantScratchBytes = 4 * kBlockT * int(sizeof(float));
+
+// L1 of upstream's recipes.  Per (token, channel), with the channel's gate in row r0 and its up in
+// row r0 + 8 (the transform's interleave, as epilogue_swiglu):
 //   g = bf16(acc_gate * alpha_gate), u = bf16(acc_up * alpha_up)   (alpha x kCompensation: with MXFP4
-//       weights alpha = 1 and the compensation 1, so g = bf16(acc), one rounding of the accumulator;
-//       NVFP4: the compensation 2^7 is exact, so g = bf16(f32(acc x alpha)))
+//       or BF16 weights alpha = 1 and the compensation 1, so g = bf16(acc), one rounding of the
+//       accumulator; NVFP4: the compensation 2^7 is exact, so g = bf16(f32(acc x alpha)))
 //   cb = bf16(clamp), g = min(g, cb), u = clamp(u, -cb, cb); a = f32(f32(silu(g) * u) * w)
-//   (swiglu<kFastMath>: __expf or expf; w = route_weights[row], or 1 without them)
-// then per token the amax of |a| over the block's 32 channels and l2_input::fp8_pow2_*.  The 32
-// channels of a block are the consumer warpgroup's (chan = 32-aligned base + 8 warp + g): the amax is
-// reduced over a warp's 8 g-lanes by shuffles (lanes with the same q hold the same tokens), over the
-// 4 warps through `scratch` (kSwiGLUFP8ScratchBytes, this warpgroup's own) and bar.sync `bar_id` of
-// the warpgroup's 128 threads: once before the reads, once after them (the next tile rewrites the
-// scratch).  Token rows past num_tokens are neither read (routing weights) nor written; their
-// accumulators may be stale, but they only ever meet their own token's amax.
-template <int kBlockT, bool kFastMath>
-__device__ __forceinline__ void epilogue_swiglu_fp8(float (&acc)[kBlockT / 2], float alpha_gate, float alpha_up,
-                                                    const float* route_weights, float clamp, __nv_bfloat16* out,
-                                                    size_t ld, int token_row, int num_tokens, int chan, int q,
-                                                    int warp, int lane, float* scratch, int bar_id) {
+//   (swiglu<kFastMath>: __expf or expf; w = route_weights[row]; without them (NVFP4's unweighted L2
+//   input, the shared experts) a = f32(silu(g) * u))
+// then the L2 input in the recipe's format (epilogue/moe_l2_input.cuh), written as BF16 (exact):
+//   BF16: bf16(a);  FP8Pow2: q x scale;  NVFP4: e2m1(code) x sf8 (the global scale goes into L2's alpha).
+// Quantized formats need each block's amax per token.  A consumer warpgroup's 32 channels are
+// 32-aligned base + 8 warp + g: the amax is reduced over a warp's 8 g-lanes by shuffles (lanes with
+// the same q hold the same tokens), then over the block's warps (4 for FP8's 32 channels, the warp
+// pair for NVFP4's 16) through `scratch` (kRequantScratchBytes, this warpgroup's own) and bar.sync
+// `bar_id` of the warpgroup's 128 threads: once before the reads, once after them (the next tile
+// rewrites the scratch).  Token rows past num_tokens are neither read (routing weights) nor written;
+// their accumulators may be stale, but they only ever meet their own token's amax.
+template <int kBlockT, bool kFastMath, L2Input kQ>
+__device__ __forceinline__ void epilogue_swiglu_requant(float (&acc)[kBlockT / 2], float alpha_gate, float alpha_up,
+                                                        const float* route_weights, float clamp, float inv_global,
+                                                        __nv_bfloat16* out, size_t ld, int token_row, int num_tokens,
+                                                        int chan, int q, int warp, int lane, float* scratch, int bar_id) {
     const float cb = __bfloat162float(__float2bfloat16_rn(clamp));
     #pragma unroll
     for (int j = 0; j < kBlockT / 8; ++j) {
@@ -93,19 +120,35 @@ __device__ __forceinline__ void epilogue_swiglu_fp8(float (&acc)[kBlockT / 2], f
             float a = swiglu<kFastMath>(g, u, cb);
             if (route_weights != nullptr && tok < num_tokens) a *= route_weights[size_t(token_row) + tok];
             acc[i] = a;
-            float m = fabsf(a);
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
-            if (lane < 4) scratch[warp * kBlockT + tok] = m;
+            if constexpr (kQ != L2Input::BF16) {
+                float m = fabsf(a);
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+                if (lane < 4) scratch[warp * kBlockT + tok] = m;
+            }
         }
+    }
+    if constexpr (kQ == L2Input::BF16) {
+        for_each_token<kBlockT>(num_tokens, q, [&](int tok, int i) {
+            out[(size_t(token_row) + tok) * ld + chan] = __float2bfloat16_rn(acc[i]);
+        });
+        return;
     }
     named_barrier_sync(bar_id, 128);
     for_each_token<kBlockT>(num_tokens, q, [&](int tok, int i) {
-        const float amax = fmaxf(fmaxf(scratch[tok], scratch[kBlockT + tok]),
-                                 fmaxf(scratch[2 * kBlockT + tok], scratch[3 * kBlockT + tok]));
-        const l2_input::Fp8Pow2Block blk = l2_input::fp8_pow2_block(amax);
-        out[(size_t(token_row) + tok) * ld + chan] = __float2bfloat16_rn(l2_input::fp8_pow2_value(acc[i], blk));
+        float v;
+        if constexpr (kQ == L2Input::FP8Pow2) {
+            const float amax = fmaxf(fmaxf(scratch[tok], scratch[kBlockT + tok]),
+                                     fmaxf(scratch[2 * kBlockT + tok], scratch[3 * kBlockT + tok]));
+            v = l2_input::fp8_pow2_value(acc[i], l2_input::fp8_pow2_block(amax));
+        } else {
+            const int w0 = warp & ~1;                        // channels 8 w0 .. 8 w0 + 15 of the warpgroup
+            const float amax = fmaxf(scratch[w0 * kBlockT + tok], scratch[(w0 + 1) * kBlockT + tok]);
+            const l2_input::Nvfp4Block blk = l2_input::nvfp4_block(amax, inv_global);
+            v = l2_input::e2m1_to_float(l2_input::nvfp4_code(acc[i], blk)) * l2_input::e4m3_to_float(blk.sf8);
+        }
+        out[(size_t(token_row) + tok) * ld + chan] = __float2bfloat16_rn(v);
     });
     named_barrier_sync(bar_id, 128);
 }

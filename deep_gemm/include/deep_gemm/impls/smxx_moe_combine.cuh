@@ -6,6 +6,13 @@
 // skipped.  A call whose barrier timed out writes NaN.  Grid: (tokens, hidden chunks): a decode
 // batch of a few tokens splits each row so that it still fills the GPU; a prefill batch keeps one
 // CTA per token (the per-CTA slot lookups are then paid once per row).
+//
+// Upstream's recipes add two optional steps (docs/design.md, "Upstream's entry points"):
+//   shared != nullptr: the token's BF16 shared-expert row (local, [tokens, hidden]) is added;
+//   nvfp4 (fp4_fp4_mega_moe): r = bf16(sum), then r = bf16(f32(r x rsf)) if rsf != 1, then
+//     y = bf16(f32(r + shared)) if shared (bf16(r) rounded once where neither applies);
+//   otherwise (fp8 / bf16 recipes, ours): y = bf16(f32(sum + shared)) -- the shared row is the last
+//     float32 add; rsf must be 1.
 #include <cstdint>
 #include <cuda_bf16.h>
 
@@ -18,7 +25,8 @@ template <int kNumThreads, int kMaxTopk>
 __global__ void __launch_bounds__(kNumThreads)
 smxx_moe_combine(const uint64_t* bases, uint64_t combine_offset, const int64_t* __restrict__ topk_idx,
                  const int* __restrict__ pair_row, const int* meta, int topk, int num_local_experts,
-                 int num_ranks, int hidden, __nv_bfloat16* __restrict__ y) {
+                 int num_ranks, int hidden, __nv_bfloat16* __restrict__ y,
+                 const __nv_bfloat16* __restrict__ shared = nullptr, float rsf = 1.0f, int nvfp4 = 0) {
     const int token = blockIdx.x;
     const comm::PeerBuffers peers{bases};
     const uint4* rows[kMaxTopk];
@@ -40,6 +48,17 @@ smxx_moe_combine(const uint64_t* bases, uint64_t combine_offset, const int64_t* 
         for (int j = 0; j < kMaxTopk; ++j) {
             if (rows[j] == nullptr) continue;
             comm::add_bf16x8(acc, rows[j][v]);
+        }
+        if (shared != nullptr || (nvfp4 && rsf != 1.0f)) {
+            if (nvfp4) {
+                #pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    float r = __bfloat162float(__float2bfloat16_rn(acc[i]));
+                    if (rsf != 1.0f) r = __bfloat162float(__float2bfloat16_rn(r * rsf));
+                    acc[i] = r;
+                }
+            }
+            if (shared != nullptr) comm::add_bf16x8(acc, reinterpret_cast<const uint4*>(shared + size_t(token) * hidden)[v]);
         }
         reinterpret_cast<uint4*>(y + size_t(token) * hidden)[v] = comm::pack_bf16x8(acc, aborted);
     }
