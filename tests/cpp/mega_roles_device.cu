@@ -35,11 +35,7 @@ stub_mega_moe(const uint64_t* bases, mega::Regions off, __nv_bfloat16* l1_x, com
     const comm::PeerBuffers peers{bases};
     const mega::WorkRegion ws{work_ws, num_experts, max_rows + num_experts};
     if (tid == 0) {
-        sh.epoch0 = meta[comm::kMetaEpoch] + 1;
-        sh.epoch1 = meta[comm::kMetaEpoch + 1] + 1;
-        sh.aborted = meta[comm::kMetaAbort];
-        sh.last = 0;
-        if (blockIdx.x == 0) meta[comm::kMetaNumTokens] = num_tokens;
+        mega::begin_call(sh, meta, num_tokens);
         cutlass::arch::ClusterBarrier::init(&sh.work_built, 32);
         cutlass::arch::fence_barrier_init();
     }
@@ -48,18 +44,9 @@ stub_mega_moe(const uint64_t* bases, mega::Regions off, __nv_bfloat16* l1_x, com
     const int epoch0 = sh.epoch0, epoch1 = sh.epoch1;
     const mega::Call call{peers, off, ws, comm::Waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, epoch0},
                           rank, num_ranks};
-    mega::signal_barrier0<kThreads>(call, epoch0, tid);
-    mega::wait_barrier0<kThreads>(call, sh.aborted, flags, epoch0, tid);
-    __syncthreads();
-    if (tid == 0) mega::source_ranges(sh.src_begin, call, num_tokens, max_tokens, topk);
-    __syncthreads();
-    const mega::Pairs pairs(sh.src_begin, call, num_experts, grid);
-    mega::count_pairs<kThreads>(pairs, sh.count, tid, lane);
-    __syncthreads();
-    mega::claim_rows<kThreads>(sh.count, sh.first, ws, num_experts, tid);
-    __syncthreads();
-    if (warp == 0) mega::row_ranges<kBlockT, true>(sh, call, num_experts, max_rows, expert_offsets, stats, grid, lane, trace);
-    __syncthreads();
+    const mega::Pairs pairs = mega::prologue<kThreads, kBlockT, true>(
+        sh, call, flags, epoch0, num_tokens, max_tokens, topk, num_experts, max_rows, expert_offsets, stats, grid, tid,
+        warp, lane, trace);
 
     const int l1_row_tiles = 2 * inter / 128, l2_row_tiles = hidden / 128;
     const mega::Barrier1 barrier1{call, mega::barrier1_target<kParts>(sh.token_tiles, l2_row_tiles, grid), epoch1};

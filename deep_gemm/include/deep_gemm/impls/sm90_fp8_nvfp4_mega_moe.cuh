@@ -111,13 +111,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
 
     // ---------------- 1. barrier 0, count, row ranges (mega/barriers.cuh, mega/row_ranges.cuh) ----------------
     if (tid == 0) mega::stamp_cta<kTrace>(trace, mega::kTraceStart);
-    if (tid == 0) {
-        sh.epoch0 = meta[comm::kMetaEpoch] + 1;
-        sh.epoch1 = meta[comm::kMetaEpoch + 1] + 1;
-        sh.aborted = meta[comm::kMetaAbort];
-        sh.last = 0;
-        if (blockIdx.x == 0) meta[comm::kMetaNumTokens] = num_tokens;
-    }
+    if (tid == 0) mega::begin_call(sh, meta, num_tokens);
     if (tid == 32) {
         cutlass::arch::ClusterBarrier::init(&sh.work_built, 32);
         pipe.init();   // ends with the fence that publishes both inits
@@ -131,21 +125,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     const int epoch0 = sh.epoch0, epoch1 = sh.epoch1;
     const mega::Call call{peers, off, ws, comm::Waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, epoch0},
                           rank, num_ranks};
-    mega::signal_barrier0<kThreads>(call, epoch0, tid);
-    mega::wait_barrier0<kThreads>(call, sh.aborted, flags, epoch0, tid);
-    __syncthreads();   // every peer's arrival (acquired by thread r) before anyone reads its inputs
-    if (tid == 0) mega::stamp_cta<kTrace>(trace, mega::kTraceBarrier0);
-    if (tid == 0) mega::source_ranges(sh.src_begin, call, num_tokens, max_tokens, topk);
-    __syncthreads();
-
-    const mega::Pairs pairs(sh.src_begin, call, num_experts, grid);
-    mega::count_pairs<kThreads>(pairs, sh.count, tid, lane);
-    __syncthreads();
-    mega::claim_rows<kThreads>(sh.count, sh.first, call.ws, num_experts, tid);
-    __syncthreads();
-    if (warp == 0)
-        mega::row_ranges<kBlockT, kTrace>(sh, call, num_experts, max_rows, expert_offsets, stats, grid, lane, trace);
-    __syncthreads();
+    const mega::Pairs pairs = mega::prologue<kThreads, kBlockT, kTrace>(
+        sh, call, flags, epoch0, num_tokens, max_tokens, topk, num_experts, max_rows, expert_offsets, stats, grid, tid,
+        warp, lane, trace);
 
     // Warp 0 builds the work order while warps 1-3 route: they need only the row ranges; the gather
     // waits for sh.work_built, the consumers for their first stage, which the producer (warp 0's

@@ -1,5 +1,5 @@
 #pragma once
-// Phase 1 of a fused launch after barrier 0 (arch-neutral): every rank's (token, slot) pairs, numbered
+// Phase 1 of a fused launch from barrier 0 on (arch-neutral): every rank's (token, slot) pairs, numbered
 // back to back (comm/routing.cuh), are split evenly over the CTAs; each CTA counts its share per
 // local expert, takes its first rows of each expert with one atomic, and, once every CTA has
 // counted (a grid-wide counter: all CTAs are resident), one warp turns the totals into row ranges
@@ -10,6 +10,7 @@
 #include <deep_gemm/comm/routing.cuh>
 #include <deep_gemm/comm/symm.cuh>
 #include <deep_gemm/common/warp_scan.cuh>
+#include <deep_gemm/mega/barriers.cuh>
 #include <deep_gemm/mega/state.cuh>
 #include <deep_gemm/mega/trace.cuh>
 
@@ -105,6 +106,32 @@ __device__ __forceinline__ void row_ranges(Shared<kMaxExperts>& sh, const Call& 
     if (blockIdx.x == 0 && lane == 31) expert_offsets[num_experts] = min(total, max_rows);
     tiles = __reduce_add_sync(0xffffffffu, tiles);   // = the work order's num_token_tiles()
     if (lane == 0) sh.token_tiles = tiles;
+}
+
+// Phase 1, every thread of the CTA, once begin_call's state is published and sh.count zeroed:
+// barrier 0, the source ranges, this CTA's pairs (returned: the routing walks the same), their
+// counts, first rows and the row ranges, with a __syncthreads after each step.  Thread 0 stamps
+// barrier 0 passed, warp 0 runs row_ranges.
+template <int kNumThreads, int kBlockT, bool kTrace, int kMaxExperts>
+__device__ __forceinline__ Pairs prologue(Shared<kMaxExperts>& sh, const Call& call, const int* flags, int epoch0,
+                                          int num_tokens, int max_tokens, int topk, int num_experts, int max_rows,
+                                          int* expert_offsets, int* stats, int grid, int tid, int warp, int lane,
+                                          uint64_t* trace) {
+    signal_barrier0<kNumThreads>(call, epoch0, tid);
+    wait_barrier0<kNumThreads>(call, sh.aborted, flags, epoch0, tid);
+    __syncthreads();   // every peer's arrival (acquired by thread r) before anyone reads its inputs
+    if (tid == 0) stamp_cta<kTrace>(trace, kTraceBarrier0);
+    if (tid == 0) source_ranges(sh.src_begin, call, num_tokens, max_tokens, topk);
+    __syncthreads();
+
+    const Pairs pairs(sh.src_begin, call, num_experts, grid);
+    count_pairs<kNumThreads>(pairs, sh.count, tid, lane);
+    __syncthreads();
+    claim_rows<kNumThreads>(sh.count, sh.first, call.ws, num_experts, tid);
+    __syncthreads();
+    if (warp == 0) row_ranges<kBlockT, kTrace>(sh, call, num_experts, max_rows, expert_offsets, stats, grid, lane, trace);
+    __syncthreads();
+    return pairs;
 }
 
 }  // namespace deep_gemm::mega

@@ -97,6 +97,18 @@ __device__ __forceinline__ int token_tile(const Work& work, int k, int row) {
     return work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT;
 }
 
+// The start of a launch (thread 0; a __syncthreads publishes it): this call's epochs (both barrier
+// phases), the buffer's abort flag, and in CTA 0 this rank's token count for the peers (read after
+// barrier 0).
+template <int kMaxExperts>
+__device__ __forceinline__ void begin_call(Shared<kMaxExperts>& sh, int* meta, int num_tokens) {
+    sh.epoch0 = meta[comm::kMetaEpoch] + 1;
+    sh.epoch1 = meta[comm::kMetaEpoch + 1] + 1;
+    sh.aborted = meta[comm::kMetaAbort];
+    sh.last = 0;
+    if (blockIdx.x == 0) meta[comm::kMetaNumTokens] = num_tokens;
+}
+
 // The end of a launch (every thread): the last CTA to finish zeroes the `work` counters and
 // advances the call counters in `meta`, so that the next call (or a CUDA graph replay) starts clean.
 template <int kNumThreads, int kMaxExperts>
