@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 scripts/trace_mega_moe.py 128 --routing uniform   # one timeline per rank
 
 Runs the kernel's trace variant (`kTrace`: globaltimer stamps per CTA and per unit, see
-`mega::stamp` in impls/sm90_fp8_nvfp4_mega_moe.cuh) after warm-up launches of the normal kernel,
+`mega::stamp` in include/deep_gemm/mega/trace.cuh) after warm-up launches of the normal kernel,
 checks that its output is bitwise equal to the normal kernel's, and prints, in µs from the launch's
 first stamp:
 - per CTA: start -> barrier 0 passed -> own pairs counted -> every CTA counted -> work order built

@@ -5,7 +5,9 @@ nvcc builds tests/cpp/mega_moe_work_sim.cu as a host program: random cases again
 enumeration, static order checks and an event-driven simulation of persistent CTAs (see its
 header).  Two deliberate faults show that the checks can fail.  The header is also compiled as
 sm_90a/sm_100a device code and in a plain C++ translation unit.  tests/cpp/tile_order_check.cpp
-(plain C++) checks the tile order against plain loops, with a fault of its own.  No GPU needed.
+(plain C++) checks the tile order against plain loops, with a fault of its own.  The fused kernels'
+shared roles (deep_gemm/include/deep_gemm/mega/, which claim and wait on these units) compile for
+both targets around a stub MMA core (tests/cpp/mega_roles_device.cu).  No GPU needed.
 """
 import shutil
 import subprocess
@@ -113,6 +115,17 @@ def test_header_compiles(tmp_path):
         _compile(['-gencode', 'arch=compute_90a,code=sm_90a', '-gencode', 'arch=compute_100a,code=sm_100a',
                   '-c', CPP / f'{name}.cu', '-o', tmp_path / f'{name}.o'])
     _compile(['-c', CPP / 'mega_moe_work_host_only.cpp', '-o', tmp_path / 'host_only.o'])
+
+
+def test_fused_roles_compile(tmp_path):
+    # the roles an sm100 kernel is to share with the sm90 one, around a core with no wgmma
+    from deep_gemm.jit import compiler
+    cutlass = compiler.cutlass_include()
+    if cutlass is None:
+        pytest.skip('the CUTLASS headers (nvidia-cutlass) are not installed')
+    _compile(['--expt-relaxed-constexpr', '-I', cutlass, '-gencode', 'arch=compute_90a,code=sm_90a',
+              '-gencode', 'arch=compute_100a,code=sm_100a', '-c', CPP / 'mega_roles_device.cu',
+              '-o', tmp_path / 'mega_roles_device.o'])
 
 
 def test_tile_order(tmp_path):

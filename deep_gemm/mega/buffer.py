@@ -82,7 +82,7 @@ ALIGNMENT = 128
 X_SF_GRAN = 32
 META_INTS = 16          # comm/symm.cuh: Meta
 NUM_PHASES = 2          # barrier phases per call (impls/smxx_moe_barrier.cuh)
-WORK_HEADER_INTS = 8    # impls/sm90_fp8_nvfp4_mega_moe.cuh: MegaWork
+WORK_HEADER_INTS = 8    # include/deep_gemm/mega/state.cuh: WorkRegion::kHeader
 DEFAULT_TIMEOUT_S = 300.0   # generous: a peer's first call may include its JIT compiles
 # Receive rows per rank above which the default splits a call into waves: 65536 rows are 2.3 GB at
 # the DeepSeek-V4 shape (hidden 7168, intermediate 3072), one rank's 4096-token prefill needs 24576.

@@ -1,0 +1,84 @@
+#pragma once
+// Dispatch inside a fused launch (arch-neutral), run by the comm warps of every CTA:
+//   route:  each of this CTA's pairs routed here gets its row (the CTA's first row of the expert +
+//           a cursor): row_src and the routing weight locally, the row index into the source's
+//           pair_row (-1 past the buffer's rows), exactly as smxx_moe_dispatch_layout does;
+//   gather: after every CTA has routed, the rows in row order over all comm warps of the rank pull
+//           their FP8 token and scales from the source and store BF16 (comm/rows.cuh, as
+//           smxx_moe_dispatch_gather), each row counted in its token tile's `arrived` counter,
+//           which an L1 unit waits for.  Row order: the first experts' (and token tiles') rows
+//           arrive first, so their L1 units start while later rows are in flight.
+#include <cstdint>
+#include <cuda_bf16.h>
+
+#include <deep_gemm/comm/routing.cuh>
+#include <deep_gemm/comm/rows.cuh>
+#include <deep_gemm/comm/symm.cuh>
+#include <deep_gemm/mega/row_ranges.cuh>
+#include <deep_gemm/mega/state.cuh>
+
+namespace deep_gemm::mega {
+
+// Comm warp cw of kCommWarps routes its share of the CTA's pairs (whole warps: the cursor's
+// atomics merge per expert).  cursor / first: the CTA's shared count (zeroed by claim_rows) and
+// first rows (global, from row_ranges).
+template <int kCommWarps>
+__device__ __forceinline__ void route_pairs(const Pairs& pairs, const Call& call, int* cursor, const int* first,
+                                            comm::RowSource* row_src, float* row_weight, int max_rows, int topk,
+                                            int cw, int lane) {
+    const int len = (pairs.end - pairs.begin + kCommWarps - 1) / kCommWarps;
+    const int w0 = min(pairs.end, pairs.begin + cw * len), w1 = min(pairs.end, w0 + len);
+    for (int base = w0; base < w1; base += 32) {
+        const int g = base + lane;
+        int s = 0, p = 0, e = -1, row = -1;
+        if (g < w1) e = pairs.expert_of(g, s, p);
+        const int slot = comm::warp_aggregated_add(cursor, e, lane);
+        if (e >= 0) {
+            row = first[e] + slot;
+            if (row >= max_rows) row = -1;
+            if (row >= 0) {
+                row_src[row] = comm::RowSource{s, p / topk, p % topk, e};
+                row_weight[row] = call.peers.at<const float>(s, call.off.topk_weights)[p];
+            }
+            call.peers.at<int>(s, call.off.pair_row)[p] = row;
+        }
+    }
+}
+
+// One thread per CTA, after its comm warps routed: wait until every CTA of this rank has.  The
+// GPU-scope fence covers row_src / row_weight, which only this GPU's CTAs read; the system-scope
+// fence that the pair_row stores at the sources need comes before this CTA's barrier-1
+// contribution instead (on the critical path it held up the first rows).
+__device__ __forceinline__ void wait_routed(const Call& call, int grid) {
+    __threadfence();
+    atomicAdd(call.ws.base + WorkRegion::kRouted, 1);
+    call.waiter.until<false>(call.ws.base + WorkRegion::kRouted, grid, kPhaseInternal, call.rank);
+}
+
+// Comm warp cw: gather its rows (row = CTA x kCommWarps + cw, stepping over every comm warp of the
+// rank) once every CTA routed and the work order is built; num_rows_total = the order's rows
+// (work.row_prefix[work.num_active]).  kChunks uint4 loads in flight per lane: a register budget
+// (the caller's), not a result.
+template <int kBlockT, int kGranK, int kCommWarps, int kChunks, class Work>
+__device__ __forceinline__ void gather_rows(const Work& work, const Call& call, const comm::RowSource* row_src,
+                                            __nv_bfloat16* l1_x, int num_rows_total, int hidden, int grid, int cw,
+                                            int lane) {
+    int k = 0;
+    for (int row = blockIdx.x * kCommWarps + cw; row < num_rows_total; row += grid * kCommWarps) {
+        while (row >= work.row_prefix[k + 1]) ++k;
+        const int4 packed = load_row_src(row_src, row);   // ordered by the routed counter
+        const comm::RowSource src{packed.x, packed.y, packed.z, packed.w};
+        const uint4* x = call.peers.at<const uint4>(src.rank, call.off.x + uint64_t(src.token) * hidden);
+        const float* sf = call.peers.at<const float>(src.rank, call.off.x_sf + uint64_t(src.token) * (hidden / kGranK) * 4);
+        uint4* dst = reinterpret_cast<uint4*>(l1_x + size_t(row) * hidden);
+        comm::gather_fp8_row<kGranK, 32, kChunks>(x, sf, dst, hidden / 16, lane);
+        fence_proxy_async_global();   // TMA reads the row
+        __syncwarp();
+        if (lane == 0) {
+            __threadfence();
+            atomicAdd(call.ws.arrived() + token_tile<kBlockT>(work, k, row), 1);
+        }
+    }
+}
+
+}  // namespace deep_gemm::mega
