@@ -13,7 +13,11 @@ Two recipes, both with block scales applied by the tensor core:
 (``deep_gemm.gemm``): contiguous via ``expert_offsets`` int32 ``[E + 1]`` (each offset a multiple of
 128: the token scale atoms are 128 rows; ``check_offsets=True`` verifies it with a host sync) and
 masked via ``masked_m`` int32 ``[E]`` (``max_m`` a multiple of 128).  Epilogues ``'plain'`` (``d [rows,
-N]``) and ``'swiglu'`` (L1 weights, ``d [rows, N/2]``, ``route_weights``, ``activation_clamp``).
+N]``), ``'swiglu'`` (L1 weights, ``d [rows, N/2]``, ``route_weights``, ``activation_clamp``) and
+``'swiglu_quant'`` (the L1 SwiGLU quantized into the L2 GEMM's tokens by epilogue/moe_l2_input.cuh:
+NVFP4 recipe ``d`` uint8 ``[rows, N/4]`` packed E2M1 + ``d_sf`` UE4M3 atoms with ``l2_global_scale``;
+MXFP4 recipe ``d`` float8_e4m3fn ``[rows, N/2]`` + ``d_sf`` UE8M0 atoms; ``d_sf`` uint8
+``[ceil(rows/128), N/2/g/4, 512]``).
 
 Not run on a GPU: no Blackwell GPU was available.  The kernels compile for sm_100a and sm_103a and
 their SASS is checked (tests/test_sm100_build.py); docs/sm100-draft.md says what is verified.
@@ -32,7 +36,9 @@ from .weights_sm100 import SM100_STAGE_K, Sm100ExpertWeights, to_sm100_sf_layout
 __all__ = ['m_grouped_fp4_gemm_nt_contiguous_sm100', 'm_grouped_fp4_gemm_nt_masked_sm100', 'smem_bytes', 'stages']
 
 _RECIPE = {'nvfp4': 'deep_gemm::sm100::Recipe::NVFP4', 'mxfp4': 'deep_gemm::sm100::Recipe::MXFP4_FP8'}
-_EPI = {'plain': 'deep_gemm::sm100::Epilogue::Plain', 'swiglu': 'deep_gemm::sm100::Epilogue::SwiGLU'}
+_EPI = {'plain': 'deep_gemm::sm100::Epilogue::Plain', 'swiglu': 'deep_gemm::sm100::Epilogue::SwiGLU',
+        'swiglu_quant': 'deep_gemm::sm100::Epilogue::SwiGLUQuant'}
+_L1_EPILOGUES = ('swiglu', 'swiglu_quant')
 _MODE = {'contiguous': 'deep_gemm::GroupMode::Contiguous', 'masked': 'deep_gemm::GroupMode::Masked'}
 _BLOCK_N_CHOICES = (32, 64, 128)
 _SMEM_CAPACITY = 232448    # sm_100 max dynamic shared memory per block (227 KB)
@@ -59,6 +65,7 @@ GROUPED_GEMM_NVFP4 = registry.register_kernel(registry.KernelSpec(
     default_params=(
         {'block_n': 64, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True},
         {'block_n': 128, 'stages': 6, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True},
+        {'block_n': 64, 'stages': 7, 'epilogue': _EPI['swiglu_quant'], 'mode': _MODE['contiguous'], 'fast_math': True},
     ),
 ))
 
@@ -73,6 +80,7 @@ GROUPED_GEMM_MXFP4 = registry.register_kernel(registry.KernelSpec(
     default_params=(
         {'block_n': 64, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True},
         {'block_n': 128, 'stages': 6, 'epilogue': _EPI['plain'], 'mode': _MODE['masked'], 'fast_math': True},
+        {'block_n': 64, 'stages': 8, 'epilogue': _EPI['swiglu_quant'], 'mode': _MODE['masked'], 'fast_math': True},
     ),
 ))
 
@@ -89,15 +97,20 @@ def _stage_bytes(fmt: str, block_n: int) -> int:
     return 128 * 128 + block_n * 128 + 2 * 512 * _atoms(fmt)
 
 
-def smem_bytes(fmt: str, block_n: int, num_stages: int, num_experts: int) -> int:
+def _scratch_bytes(epilogue: str, block_n: int) -> int:
+    """kEpilogueScratchBytes: the SwiGLUQuant staging, float [64][block_n]."""
+    return 64 * block_n * 4 if epilogue == 'swiglu_quant' else 0
+
+
+def smem_bytes(fmt: str, block_n: int, num_stages: int, num_experts: int, epilogue: str = 'plain') -> int:
     """Dynamic shared memory of one launch: 1024 for the alignment, GemmPlan::kSmemBytes (stages,
-    2 S + 4 barriers, the TMEM slot), the tile prefix (int [E + 1])."""
+    2 S + 4 barriers, the TMEM slot), the epilogue's scratch, the tile prefix (int [E + 1])."""
     plan = num_stages * _stage_bytes(fmt, block_n) + 8 * (2 * num_stages + 4) + 16
-    return 1024 + plan + 4 * (num_experts + 1)
+    return 1024 + plan + _scratch_bytes(epilogue, block_n) + 4 * (num_experts + 1)
 
 
-def stages(fmt: str, block_n: int, num_experts: int) -> int:
-    fixed = smem_bytes(fmt, block_n, 0, num_experts)
+def stages(fmt: str, block_n: int, num_experts: int, epilogue: str = 'plain') -> int:
+    fixed = smem_bytes(fmt, block_n, 0, num_experts, epilogue)
     return max(2, min(_MAX_STAGES, (_SMEM_CAPACITY - fixed) // (_stage_bytes(fmt, block_n) + 16)))
 
 
@@ -139,11 +152,11 @@ def _check_weights(b):
 
 
 def _check_epilogue(epilogue, b, route_weights, rows, device):
-    _check(epilogue in _EPI, ValueError, f"epilogue: expected 'plain' or 'swiglu', got {epilogue!r}")
-    if epilogue == 'swiglu':
-        _check(b.kind == 'l1', ValueError, "b: the 'swiglu' epilogue needs L1 (gate/up interleaved) weights")
+    _check(epilogue in _EPI, ValueError, f"epilogue: expected 'plain', 'swiglu' or 'swiglu_quant', got {epilogue!r}")
+    if epilogue in _L1_EPILOGUES:
+        _check(b.kind == 'l1', ValueError, f"b: the {epilogue!r} epilogue needs L1 (gate/up interleaved) weights")
     if route_weights is not None:
-        _check(epilogue == 'swiglu', ValueError, "route_weights: only used by the 'swiglu' epilogue")
+        _check(epilogue in _L1_EPILOGUES, ValueError, "route_weights: only used by the L1 epilogues")
         _check_cuda_tensor('route_weights', route_weights, torch.float32, 1, device)
         _check(route_weights.shape[0] == rows, ValueError,
                f'route_weights: expected [{rows}], got {tuple(route_weights.shape)}')
@@ -204,14 +217,45 @@ def _weight_map(b: Sm100ExpertWeights):
     return _tma(b.codes, rows, b.k, b.k // 2, 128, 'CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B')
 
 
-def _launch(x2, sfb, gs, b, d, layout, mode, max_rows, per_expert, epilogue, route_weights, clamp, fast_math, block_n):
+def _check_out(epilogue, b, d, lead, d_sf, l2_global_scale):
+    """``d`` (and for 'swiglu_quant' ``d_sf``, the L2 global scale) -> (d, d_sf or None, 1 / global scale)."""
+    rows = math.prod(lead)
+    if epilogue != 'swiglu_quant':
+        _check(d_sf is None and l2_global_scale is None, ValueError,
+               "d_sf / l2_global_scale: only used by the 'swiglu_quant' epilogue")
+        n_out = b.n // 2 if epilogue == 'swiglu' else b.n
+        _check_cuda_tensor('d', d, torch.bfloat16, len(lead) + 1, b.device)
+        _check(tuple(d.shape) == tuple(lead) + (n_out,), ValueError,
+               f'd: expected shape {tuple(lead) + (n_out,)}, got {tuple(d.shape)}')
+        return d, None, 1.0
+    inter = b.n // 2
+    if b.fmt == 'nvfp4':   # the L2 GEMM's NVFP4 tokens: packed E2M1, UE4M3 per 16, a global scale
+        width, gran, ddt = inter // 2, 16, torch.uint8
+        _check(l2_global_scale is not None and math.isfinite(float(l2_global_scale)) and float(l2_global_scale) > 0,
+               ValueError, f'l2_global_scale: a finite positive float is required for NVFP4, got {l2_global_scale!r}')
+        inv_g = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(l2_global_scale), dtype=torch.float32))
+    else:                  # FP8 E4M3 tokens with UE8M0 per 32
+        width, gran, ddt, inv_g = inter, 32, torch.float8_e4m3fn, 1.0
+        _check(l2_global_scale is None, ValueError, 'l2_global_scale: only used with NVFP4 weights')
+    _check_cuda_tensor('d', d, ddt, len(lead) + 1, b.device)
+    _check(tuple(d.shape) == tuple(lead) + (width,), ValueError,
+           f'd: expected shape {tuple(lead) + (width,)}, got {tuple(d.shape)}')
+    want = (-(-rows // 128), inter // gran // 4, 512)
+    _check_cuda_tensor('d_sf', d_sf, torch.uint8, 3, b.device)
+    _check(tuple(d_sf.shape) == want, ValueError, f'd_sf: expected the atom layout {want}, got {tuple(d_sf.shape)}')
+    _check(inter % 64 == 0, ValueError, f'b: intermediate {inter} must be a multiple of 64')
+    return d, d_sf, inv_g
+
+
+def _launch(x2, sfb, gs, b, d, layout, mode, max_rows, per_expert, epilogue, route_weights, clamp, fast_math, block_n,
+            d_sf=None, inv_g=1.0):
     from .gemm import get_num_sms
     block_n = _block_n(per_expert, block_n)
-    num_stages = stages(b.fmt, block_n, b.num_experts)
+    num_stages = stages(b.fmt, block_n, b.num_experts, epilogue)
     params = {'block_n': block_n, 'stages': num_stages, 'epilogue': _EPI[epilogue], 'mode': _MODE[mode],
               'fast_math': bool(fast_math)}
     kernel = registry.get_kernel(_SPECS[b.fmt].name, params, device=x2.device.index)
-    smem = smem_bytes(b.fmt, block_n, num_stages, b.num_experts)
+    smem = smem_bytes(b.fmt, block_n, num_stages, b.num_experts, epilogue)
     kernel.ensure_dynamic_smem(smem)
     k_bytes = x2.shape[1]
     a_map = _weight_map(b)
@@ -220,15 +264,17 @@ def _launch(x2, sfb, gs, b, d, layout, mode, max_rows, per_expert, epilogue, rou
     runtime.launch(kernel, get_num_sms(), 256, smem,
                    [a_map, b_map, b.scales, sfb, b.alpha, runtime.f32(gs), layout, d, route_weights, runtime.f32(clamp_v),
                     runtime.i32(b.num_experts), runtime.i32(b.n), runtime.i32(b.k), runtime.i32(max_rows),
-                    runtime.i32(b.alpha.shape[1]), runtime.i32(_token_group(block_n, k_bytes))])
+                    runtime.i32(b.alpha.shape[1]), runtime.i32(_token_group(block_n, k_bytes)), d_sf, runtime.f32(inv_g)])
 
 
 def m_grouped_fp4_gemm_nt_contiguous_sm100(a, b: Sm100ExpertWeights, d: torch.Tensor, expert_offsets: torch.Tensor,
                                            epilogue: str = 'plain', route_weights: Optional[torch.Tensor] = None,
                                            activation_clamp: Optional[float] = None, fast_math: bool = True,
                                            expected_m: Optional[int] = None, block_n: Optional[int] = None,
-                                           check_offsets: bool = False) -> torch.Tensor:
-    """``d[r] = a[r] @ W_e^T * alpha_e * x_global_scale`` for rows ``r`` of expert ``e`` (contiguous)."""
+                                           check_offsets: bool = False, d_sf: Optional[torch.Tensor] = None,
+                                           l2_global_scale: Optional[float] = None) -> torch.Tensor:
+    """``d[r] = a[r] @ W_e^T * alpha_e * x_global_scale`` for rows ``r`` of expert ``e`` (contiguous).
+    ``epilogue='swiglu_quant'``: ``d`` (codes) and ``d_sf`` (atom-layout scales) receive the L2 GEMM's tokens."""
     _check_weights(b)
     x2, sfb, gs = _split_tokens(a, b, 2)
     rows = x2.shape[0]
@@ -240,14 +286,12 @@ def m_grouped_fp4_gemm_nt_contiguous_sm100(a, b: Sm100ExpertWeights, d: torch.Te
         _check(bad.numel() == 0, ValueError, f'expert_offsets: every offset must be a multiple of {_SF_ALIGN_ROWS} '
                                              f'(first bad index {bad.flatten()[:1].tolist()})')
     _check_epilogue(epilogue, b, route_weights, rows, b.device)
-    n_out = b.n // 2 if epilogue == 'swiglu' else b.n
-    _check_cuda_tensor('d', d, torch.bfloat16, 2, b.device)
-    _check(tuple(d.shape) == (rows, n_out), ValueError, f'd: expected shape {(rows, n_out)}, got {tuple(d.shape)}')
+    d, d_sf, inv_g = _check_out(epilogue, b, d, (rows,), d_sf, l2_global_scale)
     if rows == 0:
         return d
     per_expert = expected_m if expected_m is not None else max(1, rows // max(1, b.num_experts))
     _launch(x2, sfb, gs, b, d, expert_offsets, 'contiguous', rows, per_expert, epilogue, route_weights,
-            activation_clamp, fast_math, block_n)
+            activation_clamp, fast_math, block_n, d_sf, inv_g)
     return d
 
 
@@ -255,7 +299,8 @@ def m_grouped_fp4_gemm_nt_masked_sm100(a, b: Sm100ExpertWeights, d: torch.Tensor
                                        expected_m: int, epilogue: str = 'plain',
                                        route_weights: Optional[torch.Tensor] = None,
                                        activation_clamp: Optional[float] = None, fast_math: bool = True,
-                                       block_n: Optional[int] = None) -> torch.Tensor:
+                                       block_n: Optional[int] = None, d_sf: Optional[torch.Tensor] = None,
+                                       l2_global_scale: Optional[float] = None) -> torch.Tensor:
     """``d[e, i] = a[e, i] @ W_e^T * alpha_e * x_global_scale`` for ``i < masked_m[e]`` (other rows untouched)."""
     _check_weights(b)
     _check(isinstance(a, (tuple, list)) and len(a) >= 1 and isinstance(a[0], torch.Tensor), TypeError,
@@ -270,9 +315,7 @@ def m_grouped_fp4_gemm_nt_masked_sm100(a, b: Sm100ExpertWeights, d: torch.Tensor
     _check(isinstance(expected_m, int) and expected_m > 0, ValueError, f'expected_m: expected a positive int, got {expected_m!r}')
     rw = None if route_weights is None else route_weights.reshape(-1)
     _check_epilogue(epilogue, b, rw, e * max_m, b.device)
-    n_out = b.n // 2 if epilogue == 'swiglu' else b.n
-    _check_cuda_tensor('d', d, torch.bfloat16, 3, b.device)
-    _check(tuple(d.shape) == (e, max_m, n_out), ValueError, f'd: expected shape {(e, max_m, n_out)}, got {tuple(d.shape)}')
-    _launch(x2, sfb, gs, b, d.view(e * max_m, n_out), masked_m, 'masked', max_m, min(expected_m, max_m), epilogue, rw,
-            activation_clamp, fast_math, block_n)
+    d, d_sf, inv_g = _check_out(epilogue, b, d, (e, max_m), d_sf, l2_global_scale)
+    _launch(x2, sfb, gs, b, d.view(e * max_m, d.shape[-1]), masked_m, 'masked', max_m, min(expected_m, max_m), epilogue,
+            rw, activation_clamp, fast_math, block_n, d_sf, inv_g)
     return d

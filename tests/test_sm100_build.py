@@ -102,10 +102,12 @@ def test_smem_bytes_match_the_plan(tmp_path):
     for (r, bn, s), line in zip(cases, lines):
         plan, tmem = map(int, line.split())
         assert gemm_sm100.smem_bytes(r, bn, s, 7) == 1024 + plan + 4 * 8
+        assert gemm_sm100.smem_bytes(r, bn, s, 7, "swiglu_quant") == 1024 + plan + 64 * bn * 4 + 4 * 8
         assert tmem in (32, 64, 128, 256, 512) and tmem >= 2 * bn + (64 if r == "nvfp4" else 16)
     for r in ('nvfp4', 'mxfp4'):
         for bn in (32, 64, 128):
-            assert gemm_sm100.smem_bytes(r, bn, gemm_sm100.stages(r, bn, 384), 384) <= 232448
+            for epi in ('plain', 'swiglu_quant'):
+                assert gemm_sm100.smem_bytes(r, bn, gemm_sm100.stages(r, bn, 384, epi), 384, epi) <= 232448
 
 
 def test_launcher_checks_without_gpu():

@@ -83,7 +83,8 @@
 // The epilogue callback (not part of Ops): epi(tile, lane_base, column, lane, regs) gets this thread's
 // registers of one tcgen05.ld at TMEM (lane_base, accumulator column `column`, relative to the buffer)
 // and maps register j to output (weight row lane_base + c.lane, tile token column + c.column) with
-// c = tmem_ld_coord(kShape, lane, j).
+// c = tmem_ld_coord(kShape, lane, j).  An optional epi_end(tile) runs after the tile's buffer is
+// released (an overload of GemmPlan::epilogue; additive, the recorder may pass none).
 // Issuing threads: the producer plan runs in one thread; the MMA plan in one warp (device ops elect one
 // lane for utccp / mma / commit; the recorder sees each call once); the epilogue plan in each of the
 // 128 epilogue threads (the recorder runs it per (warp, lane)).
@@ -298,6 +299,13 @@ struct GemmPlan {
     template <TmemLdShape kShape, class Ops, class Tiles, class Epi>
     DG_HOST_DEVICE void epilogue(Ops& ops, Tiles&& tiles, int first, int num_tiles, int stride, int warp, int lane,
                                  Epi&& epi) const {
+        epilogue<kShape>(ops, tiles, first, num_tiles, stride, warp, lane, epi, [](const PlanTile&) {});
+    }
+    // The same with `epi_end(tile)` called once per tile after its accumulator buffer is released
+    // (shared-memory-only work such as the L2-input quantization of the SwiGLUQuant epilogue).
+    template <TmemLdShape kShape, class Ops, class Tiles, class Epi, class EpiEnd>
+    DG_HOST_DEVICE void epilogue(Ops& ops, Tiles&& tiles, int first, int num_tiles, int stride, int warp, int lane,
+                                 Epi&& epi, EpiEnd&& epi_end) const {
         constexpr int kCols = kChunkCols<kShape>, kNum = kChunkNum<kShape>;
         constexpr int kGroups = kShape == TmemLdShape::K32x32B ? 1 : 2;
         uint32_t tcount = 0;
@@ -320,6 +328,7 @@ struct GemmPlan {
             }
             ops.fence_before_sync();
             ops.arrive(tmem_empty(int(buf)));
+            epi_end(tile);
         }
     }
 };
