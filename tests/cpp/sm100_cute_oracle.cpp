@@ -10,7 +10,7 @@
 //        tile_to_shape(Layout_K_SW128_Atom<T>, (rows, 128 bytes)) tile at shared address base.
 //   {"what":"utccp_desc", "base", "value"}   make_umma_desc<Major::K> of a 32 x 16-byte scale atom.
 //   {"what":"sw128", "elem", "base", "rows", "offsets"}    &tile(r, k) - smem for every (r, k) (row-major),
-//        for e2m1 the byte of element (r, 2j).
+//        for e2m1 "nibbles": 2 * byte + nibble of element (r, k) (written through CuTe, found in memory).
 //   {"what":"sf_layout", "vec", "mn", "k", "offsets"}      Sm1xxBlockScaledConfig<vec>::tile_atom_to_shape_SFA
 //        offsets of every (mn, scale block), row-major.
 //   {"what":"tmem_sf", "vec", "nsf", "mn", "lanes", "bytes"}  UMMA::tmem_sf_frg (ScaleFactorDuplicated4by1):
@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -76,7 +77,7 @@ static void idesc_all(const char* kind, const char* an, const char* bn, const ch
 template <class T, int ROWS, int KPB>   // KPB: elements per 128-byte row
 static void smem_desc_rows(const char* elem, uint32_t base) {
     auto L = tile_to_shape(UMMA::Layout_K_SW128_Atom<T>{}, make_shape(Int<ROWS>{}, Int<KPB>{}));
-    auto t = make_tensor(make_smem_ptr(reinterpret_cast<T*>(g_smem + base)), L);
+    auto t = make_tensor(make_smem_ptr<T>(static_cast<void*>(g_smem + base)), L);   // sub-byte iterator for 4-bit T
     constexpr int KMMA = KPB / 4;   // 32 bytes per MMA
     for (int kk = 0; kk < 4; ++kk) {
         auto sub = local_tile(t, make_shape(Int<ROWS>{}, Int<KMMA>{}), make_coord(0, kk));
@@ -114,17 +115,25 @@ static void sw128_offsets(uint32_t base) {
         std::printf("}\n");
     }
     {
+        // 4-bit elements through CuTe's sub-byte iterator; where element (r, k) lands is found by writing it
+        // (code 7) into a zeroed tile: prints byte * 2 + nibble for every (r, k)
         using E = cutlass::float_e2m1_t;
         auto L = tile_to_shape(UMMA::Layout_K_SW128_Atom<E>{}, make_shape(Int<ROWS>{}, Int<256>{}));
-        auto t = make_tensor(make_smem_ptr(reinterpret_cast<E*>(g_smem + base)), L);
+        auto t = make_tensor(make_smem_ptr<E>(static_cast<void*>(g_smem + base)), L);
+        const uint32_t lo = base & ~1023u, hi = base + ROWS * 128 + 1024;
+        std::memset(g_smem + lo, 0, hi - lo);
         std::vector<long long> off;
         for (int r = 0; r < ROWS; ++r)
-            for (int j = 0; j < 128; ++j) {
-                auto p = raw_pointer_cast(&t(r, 2 * j));
-                off.push_back((long long)(reinterpret_cast<const char*>(p) - g_smem));
+            for (int k = 0; k < 256; ++k) {
+                t(r, k) = E(6.0f);
+                long long where = -1;
+                for (uint32_t i = lo; i < hi; ++i)
+                    if (g_smem[i]) { where = 2LL * i + ((static_cast<unsigned char>(g_smem[i]) & 0xF) ? 0 : 1); break; }
+                off.push_back(where);
+                t(r, k) = E(0.0f);
             }
         std::printf("{\"what\":\"sw128\",\"elem\":\"e2m1\",\"base\":%u,\"rows\":%d,", base, ROWS);
-        print_list("offsets", off, true);
+        print_list("nibbles", off, true);
         std::printf("}\n");
     }
 }

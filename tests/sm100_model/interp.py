@@ -196,6 +196,27 @@ KINDS = {
 MODELLED_FORMATS = {'e4m3', 'e2m1'}
 
 
+PTX_ELEMS = {'mxf8f6f4.block32': {'e4m3', 'e5m2', 'e2m3', 'e3m2', 'e2m1'}, 'mxf4nvf4.block16': {'e2m1'},
+             'mxf4nvf4.block32': {'e2m1'}, 'mxf4.block32': {'e2m1'}}
+PTX_SCALES = {'mxf8f6f4.block32': {'ue8m0'}, 'mxf4nvf4.block16': {'ue4m3', 'ue8m0'}, 'mxf4nvf4.block32': {'ue8m0'},
+              'mxf4.block32': {'ue8m0'}}
+
+
+def ptx_legal_combo(kind: str, a: str, b: str, scale: str) -> bool:
+    """The PTX ISA's element / scale combinations of a block-scaled kind (by format name)."""
+    return a in PTX_ELEMS[kind] and b in PTX_ELEMS[kind] and scale in PTX_SCALES[kind]
+
+
+def ptx_legal_sf_id(kind: str, sf_id: int) -> bool:
+    svec = KINDS[kind][4]
+    return sf_id in ((0, 1, 2, 3) if svec == 1 else (0, 2) if svec == 2 else (0,))
+
+
+def ptx_legal_shape(m: int, n: int) -> bool:
+    """cta_group::1, M = 128: N a multiple of 16 in [16, 256]."""
+    return m == 128 and n % 16 == 0 and 16 <= n <= 256
+
+
 def check_mma_legal(kind: str, idesc: Dict[str, int]) -> Tuple[str, str, str]:
     """The PTX ISA's rules for a block-scaled MMA: element types of the kind, scale format of the
     scale vector size, K-major, dense, M = 128 (the modelled shape), N a multiple of 16 up to 256.
@@ -210,6 +231,8 @@ def check_mma_legal(kind: str, idesc: Dict[str, int]) -> Tuple[str, str, str]:
     if idesc['a_fmt'] not in fmts or idesc['b_fmt'] not in fmts:
         raise ModelError(f'{kind}: illegal element formats a={idesc["a_fmt"]} b={idesc["b_fmt"]}')
     fa, fb = fmts[idesc['a_fmt']], fmts[idesc['b_fmt']]
+    if idesc['scale_fmt'] not in scale_fmts or not ptx_legal_combo(kind, fa, fb, scale_fmts[idesc['scale_fmt']]):
+        raise ModelError(f'{kind}: scale format {idesc["scale_fmt"]} is illegal for {fa} x {fb}')
     if fa not in MODELLED_FORMATS or fb not in MODELLED_FORMATS:
         raise ModelError(f'{kind}: formats {fa} x {fb} are not modelled')
     if idesc['scale_fmt'] not in scale_fmts:
@@ -220,13 +243,11 @@ def check_mma_legal(kind: str, idesc: Dict[str, int]) -> Tuple[str, str, str]:
         raise ModelError('K = 96 (k_size = 1) is not modelled')
     if idesc['m'] != 128:
         raise ModelError(f'M = {idesc["m"]} is not modelled (M = 128 only)')
-    if idesc['n'] % 16 or not 16 <= idesc['n'] <= 256:
+    if not ptx_legal_shape(idesc['m'], idesc['n']):
         raise ModelError(f'N = {idesc["n"]} is illegal for M = 128 (16..256, step 16)')
-    svec = KINDS[kind][4]
     for name in ('sfa_id', 'sfb_id'):
-        v = idesc[name]
-        if (svec == 4 and v != 0) or (svec == 2 and v not in (0, 2)):
-            raise ModelError(f'{name} = {v} is illegal for scale_vec::{svec}X')
+        if not ptx_legal_sf_id(kind, idesc[name]):
+            raise ModelError(f'{name} = {idesc[name]} is illegal for scale_vec::{KINDS[kind][4]}X')
     return fa, fb, scale_fmts[idesc['scale_fmt']]
 
 
