@@ -123,6 +123,25 @@ class Problem:
         if rows:
             m_i, k_i = np.meshgrid(np.arange(rows), np.arange(kb), indexing='ij')
             sfb[interp.sf_global_offset(m_i, k_i, kb)] = xs_bytes.numpy()
+        # the kernel's weight transform (deep_gemm.weights_sm100) must produce exactly these bytes; the
+        # model then runs on the transform's output
+        from deep_gemm import weights_sm100 as w100
+        kind = 'l1' if self.epilogue == 'swiglu' else 'l2'
+        if self.recipe == 'nvfp4':
+            gs = torch.ones(e_num, 2) if kind == 'l1' else torch.ones(e_num)    # global scales: not the GEMM's
+            ws = w100.transform_nvfp4_weights_for_sm100(packed, scale, gs, kind=kind)
+        else:
+            ws = w100.transform_mxfp4_weights_for_sm100(packed, sbytes, kind=kind)
+        t_codes = ws.codes.reshape(e_num * n, k // 2).numpy()
+        t_sfa = ws.scales.reshape(-1).numpy()
+        if not (np.array_equal(t_codes, a_codes.numpy()) and np.array_equal(t_sfa, sfa)):
+            raise AssertionError('deep_gemm.weights_sm100 differs from the layout of the plan header read by the model')
+        if rows:
+            t_sfb = w100.to_sm100_sf_layout(xs_bytes).reshape(-1).numpy()
+            if not np.array_equal(t_sfb, sfb):
+                raise AssertionError('weights_sm100.to_sm100_sf_layout (token scales) differs from the model\'s layout')
+        a.data = np.ascontiguousarray(t_codes).reshape(-1).view(np.uint8)
+        sfa = t_sfa
         self.tensors = {0: a, 1: interp.GTensor(sfa, dims=[sfa.size], strides=[]), 2: b,
                         3: interp.GTensor(sfb, dims=[sfb.size], strides=[])}
         self.w_dq, self.x_dq = w_dq.numpy(), x_dq.numpy()
