@@ -91,6 +91,15 @@ def sfb_column_offset_dropped(ops: List[dict]) -> List[dict]:
     return out
 
 
+def wrong_lane_quarter(ops: List[dict]) -> List[dict]:
+    """Epilogue warp 4's loads issued as if by warp 5 (TMEM lanes 0-31 from the second lane quarter)."""
+    out = _copy(ops)
+    for o in out:
+        if o['op'] in ('tmem_ld', 'store', 'tmem_ld_wait') and o.get('warp') == 4:
+            o['warp'] = 5
+    return out
+
+
 def lbo_zero(ops: List[dict]) -> List[dict]:
     """LBO = 0 in every MMA operand descriptor (upstream DeepGEMM's value): harmless for K-major SW128."""
     out = _copy(ops)
@@ -110,4 +119,5 @@ BROKEN: Dict[str, Callable] = {
     'gate_up_mixed': gate_up_mixed,
     'drop_commits': drop_commits,
     'sfb_column_offset_dropped': sfb_column_offset_dropped,
+    'wrong_lane_quarter': wrong_lane_quarter,
 }
