@@ -27,9 +27,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 INCLUDE_DIR = Path(__file__).resolve().parent.parent / 'include'
 # Bump when the cache layout or the meaning of an entry changes
 CACHE_FORMAT = 3
-# Hopper and Blackwell *arch-specific* targets only: the family target `sm_100f` rejects
-# `tcgen05.mma ... kind::mxf4nvf4.block_scale.scale_vec::4X`, so it is refused here
-SUPPORTED_ARCHS = ('sm_90a', 'sm_100a')
+# Hopper and Blackwell *arch-specific* targets only (sm_100a: B200 / GB200, sm_103a: B300 / GB300):
+# the family target `sm_100f` rejects `tcgen05.mma ... kind::mxf4nvf4.block_scale.scale_vec::4X`, so it
+# is refused here
+SUPPORTED_ARCHS = ('sm_90a', 'sm_100a', 'sm_103a')
+# compute capability -> arch-specific target
+CC_ARCHS = {(9, 0): 'sm_90a', (10, 0): 'sm_100a', (10, 3): 'sm_103a'}
 BASE_FLAGS = ('-std=c++17', '-O3', '--expt-relaxed-constexpr', '-cubin', '-lineinfo', '-Xptxas=-v')
 
 # Counters for tests and `DG_JIT_DEBUG` (per process)
@@ -103,9 +106,9 @@ def default_arch() -> str:
     """The current device's arch-specific target (needs a GPU)."""
     import torch
     if not torch.cuda.is_available():
-        raise RuntimeError('no CUDA device: pass `arch` explicitly (sm_90a or sm_100a)')
+        raise RuntimeError(f'no CUDA device: pass `arch` explicitly (one of {SUPPORTED_ARCHS})')
     major, minor = torch.cuda.get_device_capability()
-    arch = {(9, 0): 'sm_90a', (10, 0): 'sm_100a'}.get((major, minor))
+    arch = CC_ARCHS.get((major, minor))
     if arch is None:
         raise RuntimeError(f'unsupported compute capability {major}.{minor}')
     return arch

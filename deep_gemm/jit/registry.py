@@ -10,7 +10,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 from . import compiler
 
 # Modules that register kernels when imported
-KERNEL_MODULES = ['deep_gemm.jit.smoke', 'deep_gemm.gemm', 'deep_gemm.mega.kernels', 'deep_gemm.mega.sm90']
+KERNEL_MODULES = ['deep_gemm.jit.smoke', 'deep_gemm.gemm', 'deep_gemm.mega.kernels', 'deep_gemm.mega.sm90',
+                  'deep_gemm.gemm_sm100']
 
 Params = Mapping[str, object]
 SassPatterns = Union[Sequence[str], Mapping[str, Sequence[str]]]

@@ -1,0 +1,407 @@
+// Op stream of the sm100 grouped expert GEMM for the functional model (tests/sm100_model/interp.py).
+//
+// Plain C++17 (g++): instantiates the kernel's own issue loops (scheduler/sm100_gemm_plan.cuh,
+// GemmPlan::init_barriers / producer / mma / epilogue) with a recording Ops policy and prints every call
+// as one JSON line.  The roles run as threads of a deterministic cooperative scheduler (one runs at a
+// time; after every op the next one is drawn from a seeded RNG) over a model of mbarriers (arrival
+// counts, transaction bytes, phase parity: a copy's bytes complete when it is issued, a tcgen05.commit
+// arrives when it is issued), so the stream is one legal interleaving of producer, MMA warp and the 128
+// epilogue threads of each CTA, and a deadlock of the barrier protocol is an error (exit 3).
+//
+//   sm100_model_emit RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS
+//     RECIPE   nvfp4 | mxfp4_fp8        EPILOGUE plain | swiglu        MODE contiguous | masked
+//     COUNTS   comma-separated tokens per expert (contiguous: experts' rows start at multiples of 128)
+//
+// Lines: {"op":"problem",...} first (tiles, row starts, tensor shapes), then per CTA the ops of the Ops
+// interface with "cta", and the epilogue's stores: {"op":"store","cta","warp","lane","tensor","reg":[],
+// "row":[],"col":[]} placing registers of the thread's last tcgen05.ld (tensor 4 = D [T, N] for the plain
+// epilogue; 10 / 11 = gate / up accumulators [T, N / 2] of the SwiGLU epilogue, before any math).
+// The epilogue callbacks below follow impls/sm100_fp4_grouped_gemm.cuh's (same formulas: see
+// INTERFACE-REQUESTS.md, item 1).
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <deep_gemm/common/sm100_umma.cuh>
+#include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
+#include <deep_gemm/scheduler/tile_order.cuh>
+
+using namespace deep_gemm;
+using namespace deep_gemm::sm100;
+
+namespace {
+
+// ------------------------------------------------------------------------------ cooperative scheduler
+struct Barrier {
+    int count = 0, pending = 0;
+    long long tx = 0;
+    uint32_t phases = 0;
+    bool init = false;
+};
+
+[[noreturn]] void die(const char* msg);
+
+// One thread runs at a time; the next is drawn (seeded RNG) among the threads that can make progress:
+// not waiting, or waiting on an mbarrier whose awaited phase has completed.  None eligible while some
+// are alive: the barrier protocol deadlocks.
+struct Sched {
+    std::mutex m;
+    std::vector<std::condition_variable> cvs;
+    std::mt19937_64 rng;
+    std::vector<int> alive;
+    std::vector<int> wait_bar, wait_parity;
+    std::vector<Barrier> bars;
+    int running = -1;
+    Sched(uint64_t seed, int nthreads) : cvs(size_t(nthreads)), rng(seed), wait_bar(size_t(nthreads), -1), wait_parity(size_t(nthreads), 0) {}
+
+    bool eligible(int t) const {
+        const int b = wait_bar[size_t(t)];
+        return b < 0 || (bars[size_t(b)].phases & 1u) != uint32_t(wait_parity[size_t(t)] & 1);
+    }
+    void pick_locked() {
+        if (alive.empty()) { running = -1; return; }
+        std::vector<int> ok;
+        for (int t : alive)
+            if (eligible(t)) ok.push_back(t);
+        if (ok.empty()) die("deadlock: every live thread waits on an mbarrier phase that cannot complete");
+        running = ok[std::uniform_int_distribution<size_t>(0, ok.size() - 1)(rng)];
+        cvs[size_t(running)].notify_one();
+    }
+    void yield_locked(std::unique_lock<std::mutex>& lk, int me) {
+        pick_locked();
+        cvs[size_t(me)].wait(lk, [&] { return running == me; });
+    }
+    void finish_locked(int me) {
+        for (size_t i = 0; i < alive.size(); ++i)
+            if (alive[i] == me) { alive.erase(alive.begin() + long(i)); break; }
+        pick_locked();
+    }
+};
+
+std::mutex g_out_mutex;
+void emit(const std::string& s) {
+    std::lock_guard<std::mutex> g(g_out_mutex);
+    std::fwrite(s.data(), 1, s.size(), stdout);
+    std::fputc('\n', stdout);
+}
+
+[[noreturn]] void die(const char* msg) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "%s\n", msg);
+    std::exit(3);
+}
+
+// ------------------------------------------------------------------------------ recording Ops
+struct Cta {
+    int id;
+    Sched* sched;
+    std::vector<uint32_t> a_bytes_per_elem;   // smem bytes per box element, per tensor id
+};
+
+struct RecOps {
+    Cta* cta;
+    int me;                     // scheduler thread id
+    int warp = -1, lane = -1;   // for the epilogue threads
+
+    std::string head(const char* op) const {
+        std::ostringstream o;
+        o << "{\"op\":\"" << op << "\",\"cta\":" << cta->id;
+        return o.str();
+    }
+    // every op: record under the baton, then yield
+    void record(const std::string& line) {
+        std::unique_lock<std::mutex> lk(cta->sched->m);
+        emit(line);
+        cta->sched->yield_locked(lk, me);
+    }
+    Barrier& bar(int id) {
+        auto& bars = cta->sched->bars;
+        if (id < 0 || size_t(id) >= bars.size() || !bars[size_t(id)].init) die("barrier not initialised");
+        return bars[size_t(id)];
+    }
+    static void settle(Barrier& b) {
+        if (b.pending < 0) die("mbarrier: more arrivals than its count");
+        if (b.pending == 0 && b.tx == 0) { ++b.phases; b.pending = b.count; }
+    }
+
+    void init_barrier(int id, int count) {
+        auto& bars = cta->sched->bars;
+        if (size_t(id) >= bars.size()) bars.resize(size_t(id) + 1);
+        Barrier& b = bars[size_t(id)];
+        if (b.init) die("barrier initialised twice");
+        b.init = true, b.count = count, b.pending = count;
+        record(head("init_barrier") + ",\"mbar\":" + std::to_string(id) + ",\"count\":" + std::to_string(count) + "}");
+    }
+    void wait(int id, uint32_t parity) {
+        std::unique_lock<std::mutex> lk(cta->sched->m);
+        bar(id);
+        cta->sched->wait_bar[size_t(me)] = id;
+        cta->sched->wait_parity[size_t(me)] = int(parity);
+        while ((bar(id).phases & 1u) == (parity & 1u)) cta->sched->yield_locked(lk, me);
+        cta->sched->wait_bar[size_t(me)] = -1;
+        lk.unlock();
+        record(head("wait") + ",\"mbar\":" + std::to_string(id) + ",\"parity\":" + std::to_string(parity) + "}");
+    }
+    void arrive(int id) {
+        { std::lock_guard<std::mutex> g(cta->sched->m); Barrier& b = bar(id); --b.pending; settle(b); }
+        record(head("arrive") + ",\"mbar\":" + std::to_string(id) + "}");
+    }
+    void arrive_expect_tx(int id, uint32_t bytes) {
+        { std::lock_guard<std::mutex> g(cta->sched->m); Barrier& b = bar(id); b.tx += bytes; --b.pending; settle(b); }
+        record(head("arrive_expect_tx") + ",\"mbar\":" + std::to_string(id) + ",\"bytes\":" + std::to_string(bytes) + "}");
+    }
+    void complete_tx(int id, uint32_t bytes) {
+        std::lock_guard<std::mutex> g(cta->sched->m);
+        Barrier& b = bar(id);
+        b.tx -= bytes;
+        settle(b);
+    }
+    void tma_load(int tensor, const int32_t (&coords)[2], const uint32_t (&box)[2], uint32_t smem, int swizzle, int mbar) {
+        const uint32_t bytes = box[0] * box[1] * cta->a_bytes_per_elem[size_t(tensor)];
+        std::ostringstream o;
+        o << head("tma_load") << ",\"tensor\":" << tensor << ",\"coords\":[" << coords[0] << "," << coords[1] << "],\"box\":["
+          << box[0] << "," << box[1] << "],\"smem\":" << smem << ",\"swizzle\":" << swizzle << ",\"mbar\":" << mbar
+          << ",\"tx\":" << bytes << "}";
+        complete_tx(mbar, bytes);
+        record(o.str());
+    }
+    void bulk_copy(int tensor, uint64_t gofs, uint32_t bytes, uint32_t smem, int mbar) {
+        std::ostringstream o;
+        o << head("bulk_copy") << ",\"tensor\":" << tensor << ",\"gofs\":" << gofs << ",\"bytes\":" << bytes << ",\"smem\":" << smem
+          << ",\"mbar\":" << mbar << ",\"tx\":" << bytes << "}";
+        complete_tx(mbar, bytes);
+        record(o.str());
+    }
+    void fence_after_sync() { record(head("fence_after") + "}"); }
+    void fence_before_sync() { record(head("fence_before") + "}"); }
+    void utccp(uint64_t desc, uint32_t taddr, UtccpShape shape) {
+        if (shape != UtccpShape::K32x128B_WARPX4) die("utccp shape");
+        std::ostringstream o;
+        o << head("utccp") << ",\"desc\":" << desc << ",\"taddr\":" << taddr << ",\"shape\":\"32x128b.warpx4\"}";
+        record(o.str());
+    }
+    void mma(MmaKind kind, uint32_t idesc, uint64_t adesc, uint64_t bdesc, uint32_t d, uint32_t sfa, uint32_t sfb, bool acc) {
+        const char* k = kind == MmaKind::MXF4NVF4_BLOCK16 ? "mxf4nvf4.block16" : kind == MmaKind::MXF8F6F4_BLOCK32 ? "mxf8f6f4.block32" : "f16";
+        std::ostringstream o;
+        o << head("mma") << ",\"kind\":\"" << k << "\",\"idesc\":" << idesc << ",\"adesc\":" << adesc << ",\"bdesc\":" << bdesc
+          << ",\"d\":" << d << ",\"sfa\":" << sfa << ",\"sfb\":" << sfb << ",\"acc\":" << (acc ? 1 : 0) << "}";
+        record(o.str());
+    }
+    void commit(int id) {
+        { std::lock_guard<std::mutex> g(cta->sched->m); Barrier& b = bar(id); --b.pending; settle(b); }
+        record(head("commit") + ",\"mbar\":" + std::to_string(id) + "}");
+    }
+    template <TmemLdShape kShape, int kNum>
+    void tmem_ld(int w, int l, uint32_t taddr, uint32_t (&regs)[kTmemLdRegs<kShape, kNum>]) {
+        for (int j = 0; j < kTmemLdRegs<kShape, kNum>; ++j) regs[j] = uint32_t(j);   // tags: register index
+        std::ostringstream o;
+        o << head("tmem_ld") << ",\"warp\":" << w << ",\"lane\":" << l << ",\"shape\":\""
+          << (kShape == TmemLdShape::K32x32B ? "32x32b" : "16x256b") << "\",\"num\":" << kNum << ",\"taddr\":" << taddr << "}";
+        record(o.str());
+    }
+    void tmem_ld_wait() { record(head("tmem_ld_wait") + ",\"warp\":" + std::to_string(warp) + ",\"lane\":" + std::to_string(lane) + "}"); }
+    void store(int tensor, const std::vector<int>& reg, const std::vector<long>& row, const std::vector<long>& col) {
+        if (reg.empty()) return;
+        std::ostringstream o;
+        o << head("store") << ",\"warp\":" << warp << ",\"lane\":" << lane << ",\"tensor\":" << tensor << ",\"reg\":[";
+        for (size_t i = 0; i < reg.size(); ++i) o << (i ? "," : "") << reg[i];
+        o << "],\"row\":[";
+        for (size_t i = 0; i < row.size(); ++i) o << (i ? "," : "") << row[i];
+        o << "],\"col\":[";
+        for (size_t i = 0; i < col.size(); ++i) o << (i ? "," : "") << col[i];
+        o << "]}";
+        std::lock_guard<std::mutex> g(g_out_mutex);   // stores do not yield: part of the same thread step
+        std::fwrite(o.str().data(), 1, o.str().size(), stdout);
+        std::fputc('\n', stdout);
+    }
+};
+
+// ------------------------------------------------------------------------------ problem
+struct Problem {
+    std::string recipe, epilogue, mode;
+    int block_n = 0, stages = 0, n = 0, k = 0, max_rows = 0, ctas = 1;
+    uint64_t seed = 0;
+    std::vector<int> counts, starts;
+    int total_rows = 0;
+    std::vector<PlanTile> tiles;
+};
+
+// The grouped tile list (scheduler/grouped_tiles.cuh's GroupedTiles::get, host form; see
+// INTERFACE-REQUESTS.md item 2): experts in order, token tiles of BLOCK_N, order inside an expert by
+// tile_order.cuh's expert_tile_coord with one token group.
+void make_tiles(Problem& p) {
+    const int e_num = int(p.counts.size()), rt = p.n / 128;
+    p.starts.resize(size_t(e_num));
+    int off = 0;
+    for (int e = 0; e < e_num; ++e) {
+        if (p.mode == "contiguous") {
+            p.starts[size_t(e)] = off;
+            off += (p.counts[size_t(e)] + 127) / 128 * 128;
+        } else {
+            if (p.counts[size_t(e)] > p.max_rows) die("masked count > max_rows");
+            p.starts[size_t(e)] = e * p.max_rows;
+        }
+    }
+    p.total_rows = p.mode == "contiguous" ? off : e_num * p.max_rows;
+    for (int e = 0; e < e_num; ++e) {
+        const int tt = (p.counts[size_t(e)] + p.block_n - 1) / p.block_n;
+        for (int local = 0; local < tt * rt; ++local) {
+            const TileCoord c = expert_tile_coord(local, rt, tt, tt);
+            PlanTile t{e, c.row_tile, c.token_tile, p.starts[size_t(e)] + c.token_tile * p.block_n,
+                       std::min(p.block_n, p.counts[size_t(e)] - c.token_tile * p.block_n)};
+            p.tiles.push_back(t);
+        }
+    }
+}
+
+template <Recipe kRecipe, int kBlockN, int kStages>
+int run(const Problem& p) {
+    using Plan = GemmPlan<kRecipe, kBlockN, kStages>;
+    const int num_tiles = int(p.tiles.size());
+    {
+        std::ostringstream o;
+        o << "{\"op\":\"problem\",\"recipe\":\"" << p.recipe << "\",\"block_n\":" << kBlockN << ",\"stages\":" << kStages
+          << ",\"epilogue\":\"" << p.epilogue << "\",\"mode\":\"" << p.mode << "\",\"n\":" << p.n << ",\"k\":" << p.k
+          << ",\"max_rows\":" << p.max_rows << ",\"ctas\":" << p.ctas << ",\"total_rows\":" << p.total_rows
+          << ",\"smem_bytes\":" << Plan::kSmemBytes << ",\"tmem_cols\":" << Plan::Tmem::kAlloc << ",\"counts\":[";
+        for (size_t e = 0; e < p.counts.size(); ++e) o << (e ? "," : "") << p.counts[e];
+        o << "],\"starts\":[";
+        for (size_t e = 0; e < p.starts.size(); ++e) o << (e ? "," : "") << p.starts[e];
+        o << "],\"tiles\":[";
+        for (int t = 0; t < num_tiles; ++t) {
+            const PlanTile& x = p.tiles[size_t(t)];
+            o << (t ? "," : "") << "[" << x.expert << "," << x.row_tile << "," << x.token_tile << "," << x.row_start << "," << x.num_tokens << "]";
+        }
+        o << "]}";
+        emit(o.str());
+    }
+    const auto tiles = [&](int t) { return p.tiles[size_t(t)]; };
+
+    for (int cta = 0; cta < p.ctas; ++cta) {
+        const int kEpi = Plan::kEpilogueThreads;
+        const int nthreads = 2 + kEpi;
+        Sched sched(p.seed * 1000003ull + uint64_t(cta), nthreads);
+        Cta c{cta, &sched, {1, 1, 1, 1, 1}};
+        // a 1024-aligned dynamic shared-memory base past a few static bytes; the TMEM allocation at column 0
+        const Plan plan{p.n, p.k, 1024u, 0u};
+        if (Plan::kSmemBytes + plan.smem_base > 232448u) die("shared memory plan exceeds 227 KiB");
+        std::vector<RecOps> ops(static_cast<size_t>(nthreads));
+        for (int i = 0; i < nthreads; ++i) ops[size_t(i)] = RecOps{&c, i};
+        // barriers first, by one thread (before the block-wide sync of the kernel)
+        sched.alive = {0};
+        sched.running = 0;
+        plan.init_barriers(ops[0]);
+        std::vector<std::thread> th;
+        {
+            std::lock_guard<std::mutex> g(sched.m);
+            sched.alive.clear();
+            for (int i = 0; i < nthreads; ++i) sched.alive.push_back(i);
+            sched.running = -1;
+        }
+        auto body = [&](int me, std::function<void()> fn) {
+            {
+                std::unique_lock<std::mutex> lk(sched.m);
+                sched.cvs[size_t(me)].wait(lk, [&] { return sched.running == me; });
+            }
+            fn();
+            std::unique_lock<std::mutex> lk(sched.m);
+            sched.finish_locked(me);
+        };
+        th.emplace_back(body, 0, [&] { plan.producer(ops[0], tiles, cta, num_tiles, p.ctas); });
+        th.emplace_back(body, 1, [&] { plan.mma(ops[1], tiles, cta, num_tiles, p.ctas); });
+        for (int i = 0; i < kEpi; ++i) {
+            const int warp = 4 + i / 32, lane = i % 32, me = 2 + i;
+            ops[size_t(me)].warp = warp, ops[size_t(me)].lane = lane;
+            th.emplace_back(body, me, [&, warp, lane, me] {
+                RecOps& o = ops[size_t(me)];
+                if (p.epilogue == "plain") {
+                    plan.template epilogue<TmemLdShape::K32x32B>(
+                        o, tiles, cta, num_tiles, p.ctas, warp, lane,
+                        [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::Plain
+                            const int row = tile.row_tile * Plan::kBlockM + int(lane_base) + l;
+                            std::vector<int> rg; std::vector<long> rr, cc;
+                            for (int j = 0; j < 16; ++j) {
+                                const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K32x32B, uint32_t(l), uint32_t(j));
+                                const int tok = int(col + c2.column);
+                                if (tok < tile.num_tokens) { rg.push_back(int(regs[j])); rr.push_back(tile.row_start + tok); cc.push_back(row); }
+                            }
+                            o.store(kTensorD, rg, rr, cc);
+                        });
+                } else {
+                    plan.template epilogue<TmemLdShape::K16x256B>(
+                        o, tiles, cta, num_tiles, p.ctas, warp, lane,
+                        [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::SwiGLU (gate = register j, up = j + 2)
+                            std::vector<int> gr, ur; std::vector<long> rr, cc;
+                            for (int j = 0; j < 16; ++j) {
+                                if ((j % 4) >= 2) continue;
+                                const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(l), uint32_t(j));
+                                const int tok = int(col + c2.column);
+                                const int kernel_row = int(lane_base + c2.lane);
+                                const int chan = tile.row_tile * (Plan::kBlockM / 2) + (kernel_row / 16) * 8 + kernel_row % 8;
+                                if (tok < tile.num_tokens) {
+                                    gr.push_back(int(regs[j])); ur.push_back(int(regs[j + 2]));
+                                    rr.push_back(tile.row_start + tok); cc.push_back(chan);
+                                }
+                            }
+                            o.store(10, gr, rr, cc);
+                            o.store(11, ur, rr, cc);
+                        });
+                }
+            });
+        }
+        {
+            std::lock_guard<std::mutex> g(sched.m);
+            sched.pick_locked();
+        }
+        for (auto& t : th) t.join();
+        for (size_t b = 0; b < sched.bars.size(); ++b)
+            if (sched.bars[b].tx != 0) die("an mbarrier ends with outstanding transaction bytes");
+    }
+    return 0;
+}
+
+template <Recipe kRecipe>
+int dispatch_n(const Problem& p) {
+    if (p.stages == 2) {
+        if (p.block_n == 32) return run<kRecipe, 32, 2>(p);
+        if (p.block_n == 64) return run<kRecipe, 64, 2>(p);
+        if (p.block_n == 128) return run<kRecipe, 128, 2>(p);
+    } else if (p.stages == 3) {
+        if (p.block_n == 32) return run<kRecipe, 32, 3>(p);
+        if (p.block_n == 64) return run<kRecipe, 64, 3>(p);
+        if (p.block_n == 128) return run<kRecipe, 128, 3>(p);
+    }
+    die("unsupported BLOCK_N / STAGES");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 12) {
+        std::fprintf(stderr, "usage: %s RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS\n", argv[0]);
+        return 2;
+    }
+    Problem p;
+    p.recipe = argv[1], p.block_n = std::atoi(argv[2]), p.stages = std::atoi(argv[3]), p.epilogue = argv[4], p.mode = argv[5];
+    p.n = std::atoi(argv[6]), p.k = std::atoi(argv[7]), p.max_rows = std::atoi(argv[8]), p.ctas = std::atoi(argv[9]);
+    p.seed = std::strtoull(argv[10], nullptr, 10);
+    std::stringstream ss(argv[11]);
+    for (std::string tok; std::getline(ss, tok, ',');) p.counts.push_back(std::atoi(tok.c_str()));
+    if (p.mode != "contiguous" && p.mode != "masked") die("MODE");
+    if (p.epilogue != "plain" && p.epilogue != "swiglu") die("EPILOGUE");
+    make_tiles(p);
+    if (p.recipe == "nvfp4") return dispatch_n<Recipe::NVFP4>(p);
+    if (p.recipe == "mxfp4_fp8") return dispatch_n<Recipe::MXFP4_FP8>(p);
+    die("RECIPE");
+}
