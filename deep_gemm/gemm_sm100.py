@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from .gemm import _check, _check_cuda_tensor
 from .jit import registry, runtime
 from .weights_sm100 import SM100_STAGE_K, Sm100ExpertWeights, to_sm100_sf_layout
 
@@ -127,24 +128,7 @@ def _token_group(block_n: int, k_bytes: int) -> int:
     return max(1, (8 << 20) // (block_n * k_bytes))
 
 
-# ------------------------------------------------------------------ argument checks (as gemm.py's)
-def _check(cond, exc, msg):
-    if not cond:
-        raise exc(msg)
-
-
-def _check_cuda_tensor(name, t, dtype=None, ndim=None, device=None):
-    _check(isinstance(t, torch.Tensor), TypeError, f'{name}: expected a torch.Tensor, got {type(t).__name__}')
-    if dtype is not None:
-        _check(t.dtype == dtype, TypeError, f'{name}: expected dtype {dtype}, got {t.dtype}')
-    if ndim is not None:
-        _check(t.dim() == ndim, ValueError, f'{name}: expected {ndim} dims, got shape {tuple(t.shape)}')
-    _check(t.is_cuda, ValueError, f'{name}: expected a CUDA tensor, got device {t.device}')
-    if device is not None:
-        _check(t.device == device, ValueError, f'{name}: on {t.device}, expected {device}')
-    _check(t.is_contiguous(), ValueError, f'{name}: must be contiguous')
-
-
+# ------------------------------------------------------------------ argument checks: gemm.py's
 def _check_weights(b):
     _check(isinstance(b, Sm100ExpertWeights), TypeError,
            f'b: expected deep_gemm Sm100ExpertWeights (see deep_gemm.weights_sm100), got {type(b).__name__}')
