@@ -269,48 +269,64 @@ def test_upstream_fp8_fp4_matches_reference(shape, clamp, mega_path):
     assert err < 0.3 * relative_error(y, y_bf16), (err, relative_error(y, y_bf16))
 
 
-def test_upstream_fp8_fp4_two_ranks_emulated():
-    """Two ranks emulated on one GPU (tests/gpu/test_mega_ep.py's set-up): run_upstream_fp8 per rank on its
-    own stream, against the one-process reference on the concatenated tokens (equal to the 2-rank one)."""
+def _two_ranks_emulated(d, mma_type, fill, launch, **prepare_kw):
+    """Two ranks emulated on one GPU (tests/gpu/test_mega_ep.py's set-up): each rank's tokens filled by
+    ``fill(buffer, lo, n)``, its experts' weights transformed, its kernels prepared (``prepare_kw``), then
+    ``launch(rank, y, l1, l2, buffer, stats)`` per rank on its own stream.  Returns (y of all tokens, the
+    ranks' stats concatenated)."""
     import os
     import sys
     sys.path.insert(0, os.path.dirname(__file__))
     from test_mega_ep import launch_window
-    from deep_gemm.mega import api, sm90
+    from deep_gemm.mega import sm90
     from deep_gemm.mega.buffer import SymmBuffer
-    counts = [9, 4]
-    d = _upstream_fp8_problem(seed=5, counts=counts, hidden=256, inter=128, experts=8, topk=3)
-    world, e_l = 2, d['experts'] // 2
+    counts, world = d['counts'], 2
+    e_l = d['experts'] // world
     bufs = SymmBuffer.emulated_group(world, d['experts'], max(counts), d['topk'], d['hidden'], d['inter'],
-                                     device='cuda', timeout_s=30.0, mma_type='fp8xfp4')
+                                     device='cuda', timeout_s=30.0, mma_type=mma_type)
     ls, ys, stats, lo = [], [], [], 0
     for r, b in enumerate(bufs):
         n = counts[r]
-        b.x[:n].copy_(d['x'][lo:lo + n])
-        b.x_sf[:n].copy_(d['x_sf'][lo:lo + n])
-        b.topk_idx[:n].copy_(d['topk_idx'][lo:lo + n])
-        b.topk_weights[:n].copy_(d['topk_weights'][lo:lo + n])
-        api._stage_packed_scales(b, n)             # what fp8_fp4_mega_moe does; allocates, so before the launches
+        fill(b, lo, n)
         es = slice(r * e_l, (r + 1) * e_l)
         ls.append(deep_gemm.transform_weights_for_mega_moe((d['w1'][0][es], d['w1'][1][es]),
                                                           (d['w2'][0][es], d['w2'][1][es])))
         ys.append(torch.full((n, d['hidden']), float('nan'), dtype=torch.bfloat16, device='cuda'))
         stats.append(torch.zeros(e_l, dtype=torch.int32, device='cuda'))
-        sm90.prepare(b, *ls[r], n, l1_epilogue='swiglu_fp8')
+        sm90.prepare(b, *ls[r], n, **prepare_kw)
         lo += n
+    torch.cuda.synchronize()
     streams = [torch.cuda.Stream() for _ in range(world)]
     with launch_window():
         for r in range(world):
             with torch.cuda.stream(streams[r]):
-                sm90.run_upstream_fp8(ys[r], *ls[r], bufs[r], stats[r], 10.0, True)
+                launch(r, ys[r], *ls[r], bufs[r], stats[r])
     for b in bufs:
         assert b.comm_error() is None, b.comm_error()
+    return torch.cat(ys), torch.cat(stats)
+
+
+def test_upstream_fp8_fp4_two_ranks_emulated():
+    """run_upstream_fp8 per rank, two ranks emulated, against the one-process reference on the
+    concatenated tokens (equal to the 2-rank one)."""
+    from deep_gemm.mega import api, sm90
+    counts = [9, 4]
+    d = _upstream_fp8_problem(seed=5, counts=counts, hidden=256, inter=128, experts=8, topk=3)
+
+    def fill(b, lo, n):
+        b.x[:n].copy_(d['x'][lo:lo + n])
+        b.x_sf[:n].copy_(d['x_sf'][lo:lo + n])
+        b.topk_idx[:n].copy_(d['topk_idx'][lo:lo + n])
+        b.topk_weights[:n].copy_(d['topk_weights'][lo:lo + n])
+        api._stage_packed_scales(b, n)             # what fp8_fp4_mega_moe does; allocates, so before the launches
+
+    y, stats = _two_ranks_emulated(d, 'fp8xfp4', fill, lambda r, y, l1, l2, b, st: sm90.run_upstream_fp8(
+        y, l1, l2, b, st, 10.0, True), l1_epilogue='swiglu_fp8')
     l1, l2 = deep_gemm.transform_weights_for_mega_moe(d['w1'], d['w2'])
     one = _upstream_fp8_buffer(d, torch.arange(sum(counts), device='cuda'))
     y_ref, stats_ref = _upstream_fp8_run(deep_gemm.fp8_fp4_mega_moe, l1, l2, one, sum(counts), 'reference', 10.0)
-    y = torch.cat(ys)
     assert relative_error(y, y_ref) < TOL
-    assert torch.equal(torch.cat(stats), stats_ref)
+    assert torch.equal(stats, stats_ref)
 
 
 # ------------------------------------------- fp4_fp4_mega_moe: a DeepSeek shape, and two emulated ranks
@@ -392,49 +408,25 @@ def test_fp4_fp4_deepseek_shape(mega_path):
 
 
 def test_fp4_fp4_two_ranks_emulated(mega_path):
-    """Two ranks emulated on one GPU (tests/gpu/test_mega_ep.py's set-up): run_upstream per rank on its own
-    stream (NVFP4 tokens pulled from the peer as NVFP4), against the one-process reference on the
-    concatenated tokens (equal to the 2-rank one).  No shared experts here: they are rank-local work
-    (the single-rank tests cover them) and allocate, which emulated ranks must not do between launches."""
+    """run_upstream per rank with the fp4xfp4 recipe (NVFP4 tokens pulled from the peer as NVFP4), two
+    ranks emulated, against the one-process reference on the concatenated tokens (equal to the 2-rank
+    one).  No shared experts here: they are rank-local work (the single-rank tests cover them) and
+    allocate, which emulated ranks must not do between launches."""
     if mega_path == 'fused':
         pytest.skip(_SEQUENCE_ONLY)
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_mega_ep import launch_window
     from deep_gemm.mega import sm90
-    from deep_gemm.mega.buffer import SymmBuffer
     counts = [11, 5]
     d = _nvfp4_problem(seed=5, counts=counts, hidden=512, inter=512, experts=8, topk=3)
-    world, e_l = 2, d['experts'] // 2
-    bufs = SymmBuffer.emulated_group(world, d['experts'], max(counts), d['topk'], d['hidden'], d['inter'],
-                                     device='cuda', timeout_s=30.0, mma_type='fp4xfp4')
-    ls, ys, stats, recipes, lo = [], [], [], [], 0
-    for r, b in enumerate(bufs):
-        n = counts[r]
-        _fill(b, d, lo, n)
-        es = slice(r * e_l, (r + 1) * e_l)
-        ls.append(deep_gemm.transform_weights_for_mega_moe((d['w1'][0][es], d['w1'][1][es]),
-                                                          (d['w2'][0][es], d['w2'][1][es])))
-        ys.append(torch.full((n, d['hidden']), float('nan'), dtype=torch.bfloat16, device='cuda'))
-        stats.append(torch.zeros(e_l, dtype=torch.int32, device='cuda'))
-        recipes.append(sm90.upstream_recipe('fp4xfp4', e_l, 'cuda', d['l1_alphas'][es], d['l2_alphas'][es],
-                                            d['a2'][es], 0.75))
-        sm90.prepare(b, *ls[r], n, l1_epilogue='swiglu_nvfp4', l2_epilogue='weighted')
-        lo += n
-    torch.cuda.synchronize()
-    streams = [torch.cuda.Stream() for _ in range(world)]
-    with launch_window():
-        for r in range(world):
-            with torch.cuda.stream(streams[r]):
-                sm90.run_upstream(ys[r], *ls[r], bufs[r], recipes[r], stats[r], 10.0, True)
-    for b in bufs:
-        assert b.comm_error() is None, b.comm_error()
+    e_l = d['experts'] // 2
+    recipes = [sm90.upstream_recipe('fp4xfp4', e_l, 'cuda', d['l1_alphas'][es], d['l2_alphas'][es], d['a2'][es], 0.75)
+               for es in (slice(0, e_l), slice(e_l, 2 * e_l))]
+    y, stats = _two_ranks_emulated(d, 'fp4xfp4', lambda b, lo, n: _fill(b, d, lo, n),
+                                   lambda r, y, l1, l2, b, st: sm90.run_upstream(y, l1, l2, b, recipes[r], st, 10.0, True),
+                                   l1_epilogue='swiglu_nvfp4', l2_epilogue='weighted')
     l1, l2 = deep_gemm.transform_weights_for_mega_moe(d['w1'], d['w2'])
     one = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, sum(counts), 3, 512, 512, device='cuda', mma_type='fp4xfp4')
     _fill(one, d, 0, sum(counts))
     y_ref, stats_ref = _nvfp4_run(d, l1, l2, one, sum(counts), 'reference')
-    y = torch.cat(ys)
     assert not torch.isnan(y).any()
     assert relative_error(y, y_ref) < TOL
-    assert torch.equal(torch.cat(stats), stats_ref)
+    assert torch.equal(stats, stats_ref)
