@@ -72,6 +72,8 @@ class Problem:
         head = ops[0]
         assert head['op'] == 'problem'
         self.starts, self.total_rows = head['starts'], head['total_rows']
+        # the kernel's rows per expert (contiguous layouts: padded to a multiple of 128, all computed)
+        self.counts = list(head['counts'])
         return ops
 
     # ------------------------------------------------------------------------------ data

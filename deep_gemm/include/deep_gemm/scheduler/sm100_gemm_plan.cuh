@@ -203,6 +203,86 @@ struct GemmPlan {
         return make_idesc_block_scaled(R::kKind, R::kA, R::kB, R::kScale, kBlockM, kBlockN, mma_sf_id(kk), mma_sf_id(kk));
     }
 
+    // ---------------------------------------------------------------- epilogue index maps
+    // Where register j of this thread's tcgen05.ld at TMEM (lane_base, accumulator column `col`) goes.
+    // The kernel's epilogue callbacks (impls/sm100_fp4_grouped_gemm.cuh) and the host model
+    // (tests/cpp/sm100_model_emit.cpp) both call these, so the model sees the kernel's placement.
+    //
+    // Epilogue::Plain (tcgen05.ld 32x32b): register j holds accumulator (weight row lane_base + c.lane,
+    // token column col + c.column), c = tmem_ld_coord(K32x32B, lane, j); output D[token_row, out_col]
+    // with out_col the weight row of the expert (rows in kernel order = original order for Plain).
+    struct PlainOut {
+        bool valid;         // the token is one of the tile's num_tokens
+        int token_row;      // row of the output / token tensor
+        int out_col;        // output column: weight row within the expert
+    };
+    DG_HOST_DEVICE static PlainOut plain_out(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, int j) {
+        const TmemCoord c = tmem_ld_coord(TmemLdShape::K32x32B, uint32_t(lane), uint32_t(j));
+        const int tok = int(col + c.column);
+        PlainOut o;
+        o.valid = tok < tile.num_tokens;
+        o.token_row = tile.row_start + tok;
+        o.out_col = tile.row_tile * kBlockM + int(lane_base + c.lane);
+        return o;
+    }
+
+    // Epilogue::SwiGLU / SwiGLUQuant (tcgen05.ld 16x256b, L1 rows interleaved by 8 as deep_gemm.weights_sm100):
+    // kernel rows 16 G + [0, 8) are the gate rows of channels 8 G + [0, 8), kernel rows 16 G + [8, 16) their
+    // up rows.  Register j with j % 4 < 2 holds a gate row (lane_base + c.lane, c.lane % 16 < 8) and
+    // register j + 2 the same channel's up row (lane + 8, same column: tmem_ld_coord's 16x256b rule);
+    // registers with j % 4 >= 2 are read through their gate register and give valid = false.
+    struct SwiGLUOut {
+        bool valid;         // j is a gate register and the token one of the tile's num_tokens
+        int tok;            // token column within the tile
+        int token_row;      // row of the output / token tensor
+        int tile_chan;      // channel within the tile's kBlockM / 2
+        int chan;           // output channel (column of the [T, N / 2] activations)
+        int gate_reg, up_reg;
+    };
+    DG_HOST_DEVICE static SwiGLUOut swiglu_out(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, int j) {
+        const TmemCoord c = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(lane), uint32_t(j));
+        const int kernel_row = int(lane_base + c.lane);      // within the tile; a gate row when j % 4 < 2
+        SwiGLUOut o;
+        o.tok = int(col + c.column);
+        o.valid = (j % 4) < 2 && o.tok < tile.num_tokens;
+        o.token_row = tile.row_start + o.tok;
+        o.tile_chan = (kernel_row / 16) * 8 + kernel_row % 8;
+        o.chan = tile.row_tile * (kBlockM / 2) + o.tile_chan;
+        o.gate_reg = j;
+        o.up_reg = j + 2;
+        return o;
+    }
+
+    // Epilogue::SwiGLUQuant, second pass: the activations of a tile staged as float [kBlockM / 2 channels]
+    // [kBlockN tokens] (index tile_chan * kBlockN + tok, SwiGLUOut above); item p in [0, kL2Blocks * kBlockN)
+    // is scale block blk = p / kBlockN of token tok = p % kBlockN: elements src + i * kBlockN, i < kL2Gran
+    // (kL2Gran = the recipe's granularity: the next GEMM's token format), written as the row's scale
+    // block gblock = row_tile * kL2Blocks + blk of an L2 input with `inter` = n / 2 channels:
+    //   NVFP4     : packed E2M1 codes at byte row * inter / 2 + 8 gblock (8 bytes), UE4M3 scale
+    //   MXFP4_FP8 : E4M3 codes at byte row * inter + 32 gblock (32 bytes), UE8M0 scale
+    // the scale at sf_global_offset(row, gblock, inter / kL2Gran) (512-byte atoms over token rows).
+    static constexpr int kL2Gran = R::kGran;
+    static constexpr int kL2Blocks = (kBlockM / 2) / kL2Gran;
+    struct L2BlockOut {
+        bool valid;         // tok is one of the tile's num_tokens
+        int src;            // scratch index of element 0 (stride kBlockN)
+        uint64_t row;       // token row
+        uint64_t code_byte; // byte offset of the block's codes in the L2 token tensor
+        uint64_t sf_byte;   // byte offset of its scale in the L2 scale tensor
+    };
+    DG_HOST_DEVICE static L2BlockOut l2_block_out(const PlanTile& tile, int p, int inter) {
+        const int blk = p / kBlockN, tok = p % kBlockN;
+        L2BlockOut o;
+        o.valid = tok < tile.num_tokens;
+        o.src = blk * kL2Gran * kBlockN + tok;
+        o.row = uint64_t(tile.row_start + tok);
+        const uint64_t gblock = uint64_t(tile.row_tile * kL2Blocks + blk);
+        o.code_byte = kRecipe == Recipe::NVFP4 ? o.row * uint64_t(inter / 2) + gblock * 8u
+                                               : o.row * uint64_t(inter) + gblock * 32u;
+        o.sf_byte = sf_global_offset(o.row, gblock, uint64_t(inter / kL2Gran));
+        return o;
+    }
+
     // ---------------------------------------------------------------- set-up (one thread)
     template <class Ops>
     DG_HOST_DEVICE void init_barriers(Ops& ops) const {
