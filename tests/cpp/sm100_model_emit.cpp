@@ -21,9 +21,12 @@
 // epilogue; 10 / 11 = gate / up accumulators [T, N / 2] of the SwiGLU epilogue, before any math).
 // Tiles are the kernel's scheduler's (scheduler/grouped_tiles.cuh, GroupedTiles::get on the host); the
 // epilogue callbacks place registers with the kernel's own index maps (GemmPlan::plain_out / swiglu_out,
-// the functions impls/sm100_fp4_grouped_gemm.cuh's callbacks call).  Negative controls (tests only):
-// -DDG_EMIT_PERTURB_PLAIN / -DDG_EMIT_PERTURB_SWIGLU alter the maps' results (the model must fail);
-// -DDG_EMIT_DEADLOCK drops the epilogue's arrivals on tmem_empty (the scheduler must report a deadlock).
+// the functions impls/sm100_fp4_grouped_gemm.cuh's callbacks call).  Negative controls (tests only): built
+// with -DDG_EMIT_FAULTS, the environment variable DG_EMIT_FAULT selects one fault:
+//   plain    : GemmPlan::plain_out's output column XOR 1             (the model must fail)
+//   swiglu   : GemmPlan::swiglu_out's channel XOR 1                  (the model must fail)
+//   deadlock : the epilogue threads' arrivals on tmem_empty dropped  (the scheduler must report a deadlock)
+// Without -DDG_EMIT_FAULTS none of this is compiled.
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -94,6 +97,15 @@ struct Sched {
     }
 };
 
+#if defined(DG_EMIT_FAULTS)
+bool fault(const char* name) {
+    const char* f = std::getenv("DG_EMIT_FAULT");
+    return f != nullptr && std::strcmp(f, name) == 0;
+}
+#else
+constexpr bool fault(const char*) { return false; }
+#endif
+
 std::mutex g_out_mutex;
 void emit(const std::string& s) {
     std::lock_guard<std::mutex> g(g_out_mutex);
@@ -159,9 +171,7 @@ struct RecOps {
         record(head("wait") + ",\"mbar\":" + std::to_string(id) + ",\"parity\":" + std::to_string(parity) + "}");
     }
     void arrive(int id) {
-#if defined(DG_EMIT_DEADLOCK)
-        if (warp >= 0) { record(head("arrive_dropped") + ",\"mbar\":" + std::to_string(id) + "}"); return; }
-#endif
+        if (fault("deadlock") && warp >= 0) { record(head("arrive_dropped") + ",\"mbar\":" + std::to_string(id) + "}"); return; }
         { std::lock_guard<std::mutex> g(cta->sched->m); Barrier& b = bar(id); --b.pending; settle(b); }
         record(head("arrive") + ",\"mbar\":" + std::to_string(id) + "}");
     }
@@ -367,9 +377,7 @@ int run(const Problem& p) {
                             std::vector<int> rg; std::vector<long> rr, cc;
                             for (int j = 0; j < 16; ++j) {
                                 auto m = Plan::plain_out(tile, lane_base, col, l, j);
-#if defined(DG_EMIT_PERTURB_PLAIN)
-                                m.out_col ^= 1;
-#endif
+                                if (fault("plain")) m.out_col ^= 1;
                                 if (m.valid) { rg.push_back(int(regs[j])); rr.push_back(m.token_row); cc.push_back(m.out_col); }
                             }
                             o.store(kTensorD, rg, rr, cc);
@@ -382,9 +390,7 @@ int run(const Problem& p) {
                             std::vector<int> gr, ur; std::vector<long> rr, cc;
                             for (int j = 0; j < 16; ++j) {
                                 auto m = Plan::swiglu_out(tile, lane_base, col, l, j);
-#if defined(DG_EMIT_PERTURB_SWIGLU)
-                                m.chan ^= 1;
-#endif
+                                if (fault("swiglu")) m.chan ^= 1;
                                 if (m.valid) {
                                     gr.push_back(int(regs[m.gate_reg])); ur.push_back(int(regs[m.up_reg]));
                                     rr.push_back(m.token_row); cc.push_back(m.chan);

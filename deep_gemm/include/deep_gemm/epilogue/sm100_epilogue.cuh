@@ -101,4 +101,77 @@ DG_HOST_DEVICE L2Block<kRecipe> quantize_l2_block(const float* src, float l2_inv
     return b;
 }
 
+// ------------------------------------------------------------------------------------------------------
+// The epilogue callbacks of the kernel, one tcgen05.ld chunk each (GemmPlan::epilogue's `epi`), over a store
+// policy: the kernel stores to global / shared memory, the host check program into arrays.  Index maps:
+// GemmPlan::plain_out / swiglu_out / l2_block_out.
+
+// Non-coherent load of a read-only scalar (alpha); a plain load on the host.
+DG_HOST_DEVICE float ld_nc(const float* p) {
+#if defined(__CUDA_ARCH__)
+    return __ldg(p);
+#else
+    return *p;
+#endif
+}
+// alpha[e * stride + which] * b_scale (which: 0 = gate / the only alpha, 1 = up)
+DG_HOST_DEVICE float tile_alpha(const float* alpha, int stride, int expert, int which, float b_scale) {
+    return ld_nc(alpha + expert * stride + which) * b_scale;
+}
+
+// Epilogue::Plain: store(index into D [T, n], bf16 bits) for every valid register.
+template <class Plan, class Store>
+DG_HOST_DEVICE void plain_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
+                                float a, int n, Store&& store) {
+    #pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const auto o = Plan::plain_out(tile, lane_base, col, lane, j);
+        if (o.valid) store(size_t(o.token_row) * size_t(n) + size_t(o.out_col), plain_bits(l2_input::bits_float(regs[j]), a));
+    }
+}
+
+// Epilogue::SwiGLU: store(index into the activations [T, n / 2], bf16 bits); route_weights [T] or nullptr.
+template <class Plan, bool kFastMath, class Store>
+DG_HOST_DEVICE void swiglu_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
+                                 float ag, float au, float clamp, const float* route_weights, int n, Store&& store) {
+    #pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
+        if (o.valid) {
+            const bool weighted = route_weights != nullptr;
+            store(size_t(o.token_row) * size_t(n / 2) + size_t(o.chan),
+                  swiglu_bits<kFastMath>(l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au,
+                                         clamp, weighted, weighted ? route_weights[size_t(o.token_row)] : 1.0f));
+        }
+    }
+}
+
+// Epilogue::SwiGLUQuant, first pass: the activations into scratch [kBlockM / 2 channels][kTileN tokens].
+template <class Plan, bool kFastMath>
+DG_HOST_DEVICE void swiglu_quant_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
+                                       float ag, float au, float cb, const float* route_weights, float* scratch) {
+    #pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
+        if (o.valid) {
+            const bool weighted = route_weights != nullptr;
+            scratch[o.tile_chan * Plan::kTileN + o.tok] = swiglu_quant_value<kFastMath>(
+                l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au, cb, weighted,
+                weighted ? route_weights[size_t(o.token_row)] : 1.0f);
+        }
+    }
+}
+
+// Epilogue::SwiGLUQuant, second pass (thread tid of nthreads, after the first pass of every thread):
+// store(const L2BlockOut&, const L2Block&) for each valid (scale block, token) of the tile.
+template <class Plan, class Store, int kAmaxGran = Plan::kL2Gran>
+DG_HOST_DEVICE void l2_quant_tile(const PlanTile& tile, int tid, int nthreads, const float* scratch, int inter,
+                                  float l2_inv_global, Store&& store) {
+    for (int p = tid; p < Plan::kL2Blocks * Plan::kTileN; p += nthreads) {
+        const auto o = Plan::l2_block_out(tile, p, inter);
+        if (!o.valid) continue;
+        store(o, quantize_l2_block<Plan::kTileRecipe, Plan::kTileN, kAmaxGran>(scratch + o.src, l2_inv_global));
+    }
+}
+
 }  // namespace deep_gemm::sm100::epi

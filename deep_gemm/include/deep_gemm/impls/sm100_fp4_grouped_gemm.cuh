@@ -108,57 +108,39 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
     } else if (warp == 1) {
         plan.mma(ops, tiles, first, num_tiles, stride);
     } else if (warp >= 4) {
-        // Index maps: GemmPlan::plain_out / swiglu_out / l2_block_out (scheduler/sm100_gemm_plan.cuh); math:
-        // epilogue/sm100_epilogue.cuh.  Both host-callable: the CPU model runs the same functions.
+        // The callbacks are epilogue/sm100_epilogue.cuh's (index maps GemmPlan::plain_out / swiglu_out /
+        // l2_block_out): host-callable, the CPU model and tests/cpp/sm100_epilogue_check.cpp run the same code.
         uint16_t* out_bits = reinterpret_cast<uint16_t*>(out);
         if constexpr (kEpilogue == Epilogue::Plain) {
             plan.template epilogue<TmemLdShape::K32x32B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float a = __ldg(alpha + tile.expert * alpha_stride) * b_scale;
-                    #pragma unroll
-                    for (int j = 0; j < 16; ++j) {
-                        const auto o = Plan::plain_out(tile, lane_base, col, l, j);
-                        if (o.valid)
-                            out_bits[size_t(o.token_row) * size_t(n) + size_t(o.out_col)] = epi::plain_bits(__uint_as_float(regs[j]), a);
-                    }
+                    const float a = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale);
+                    epi::plain_chunk<Plan>(tile, lane_base, col, l, regs, a, n, [&](size_t i, uint16_t v) { out_bits[i] = v; });
                 });
         } else if constexpr (kEpilogue == Epilogue::SwiGLUQuant) {
             const float cb = epi::clamp_bf16(clamp);
             plan.template epilogue<TmemLdShape::K16x256B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float ag = __ldg(alpha + tile.expert * alpha_stride) * b_scale;
-                    const float au = __ldg(alpha + tile.expert * alpha_stride + 1) * b_scale;
-                    #pragma unroll
-                    for (int j = 0; j < 16; ++j) {
-                        const auto o = Plan::swiglu_out(tile, lane_base, col, l, j);
-                        if (o.valid) {
-                            const bool weighted = route_weights != nullptr;
-                            epi_scratch[o.tile_chan * kBlockN + o.tok] = epi::swiglu_quant_value<kFastMath>(
-                                __uint_as_float(regs[o.gate_reg]), __uint_as_float(regs[o.up_reg]), ag, au, cb, weighted,
-                                weighted ? route_weights[size_t(o.token_row)] : 1.0f);
-                        }
-                    }
+                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale);
+                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale);
+                    epi::swiglu_quant_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, cb, route_weights, epi_scratch);
                 },
                 [&](const PlanTile& tile) {
                     epilogue_barrier();
-                    const int inter = n / 2;
-                    const int tid = int(threadIdx.x) % 128;
                     uint8_t* codes = reinterpret_cast<uint8_t*>(out);
-                    for (int p = tid; p < Plan::kL2Blocks * kBlockN; p += 128) {
-                        const auto o = Plan::l2_block_out(tile, p, inter);
-                        if (!o.valid) continue;
-                        const auto b = epi::quantize_l2_block<kRecipe, kBlockN>(epi_scratch + o.src, l2_inv_global);
-                        if constexpr (kRecipe == Recipe::NVFP4) {
-                            *reinterpret_cast<uint2*>(codes + o.code_byte) = make_uint2(b.words[0], b.words[1]);
-                        } else {
-                            uint4* dst = reinterpret_cast<uint4*>(codes + o.code_byte);
-                            dst[0] = make_uint4(b.words[0], b.words[1], b.words[2], b.words[3]);
-                            dst[1] = make_uint4(b.words[4], b.words[5], b.words[6], b.words[7]);
-                        }
-                        out_sf[o.sf_byte] = b.sf;
-                    }
+                    epi::l2_quant_tile<Plan>(tile, int(threadIdx.x) % 128, 128, epi_scratch, n / 2, l2_inv_global,
+                        [&](const typename Plan::L2BlockOut& o, const epi::L2Block<kRecipe>& b) {
+                            if constexpr (kRecipe == Recipe::NVFP4) {
+                                *reinterpret_cast<uint2*>(codes + o.code_byte) = make_uint2(b.words[0], b.words[1]);
+                            } else {
+                                uint4* dst = reinterpret_cast<uint4*>(codes + o.code_byte);
+                                dst[0] = make_uint4(b.words[0], b.words[1], b.words[2], b.words[3]);
+                                dst[1] = make_uint4(b.words[4], b.words[5], b.words[6], b.words[7]);
+                            }
+                            out_sf[o.sf_byte] = b.sf;
+                        });
                     epilogue_barrier();
                 });
         } else {
@@ -166,18 +148,10 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
             plan.template epilogue<TmemLdShape::K16x256B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float ag = __ldg(alpha + tile.expert * alpha_stride) * b_scale;
-                    const float au = __ldg(alpha + tile.expert * alpha_stride + 1) * b_scale;
-                    #pragma unroll
-                    for (int j = 0; j < 16; ++j) {
-                        const auto o = Plan::swiglu_out(tile, lane_base, col, l, j);
-                        if (o.valid) {
-                            const bool weighted = route_weights != nullptr;
-                            out_bits[size_t(o.token_row) * size_t(n / 2) + size_t(o.chan)] = epi::swiglu_bits<kFastMath>(
-                                __uint_as_float(regs[o.gate_reg]), __uint_as_float(regs[o.up_reg]), ag, au, clamp, weighted,
-                                weighted ? route_weights[size_t(o.token_row)] : 1.0f);
-                        }
-                    }
+                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale);
+                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale);
+                    epi::swiglu_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, clamp, route_weights, n,
+                                                       [&](size_t i, uint16_t v) { out_bits[i] = v; });
                 });
         }
     }

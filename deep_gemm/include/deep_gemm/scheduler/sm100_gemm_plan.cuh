@@ -139,6 +139,8 @@ template <Recipe kRecipe, int kBlockN, int kStages>
 struct GemmPlan {
     using R = RecipeTraits<kRecipe>;
     static constexpr int kBlockM = 128;
+    static constexpr int kTileN = kBlockN;                                       // tokens per tile
+    static constexpr Recipe kTileRecipe = kRecipe;
     static constexpr int kMmasPerStage = R::kStageK / R::kMmaK;                  // 4
     static constexpr int kAtoms = R::kStageK / R::kGran / 4;                     // scale atoms per stage
     static constexpr uint32_t kABytes = kBlockM * 128, kBBytes = kBlockN * 128;
