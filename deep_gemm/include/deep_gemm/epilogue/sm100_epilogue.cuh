@@ -38,23 +38,24 @@ DG_HOST_DEVICE float bf16_round(float x) { return l2_input::bits_float(static_ca
 // Epilogue::Plain: out = bf16(acc * a), a = f32(alpha[e] * b_scale)
 DG_HOST_DEVICE uint16_t plain_bits(float acc, float a) { return bf16_bits(acc * a); }
 
-// Epilogue::SwiGLU: out = bf16(f32(swiglu(acc_g * ag, acc_u * au, clamp)) * w) (w only when weighted)
+// Epilogue::SwiGLU: out = bf16(f32(swiglu(acc_g * ag, acc_u * au, clamp)) * *w) (w: the token's route
+// weight, or nullptr: unweighted)
 template <bool kFastMath>
-DG_HOST_DEVICE uint16_t swiglu_bits(float acc_g, float acc_u, float ag, float au, float clamp, bool weighted, float w) {
+DG_HOST_DEVICE uint16_t swiglu_bits(float acc_g, float acc_u, float ag, float au, float clamp, const float* w) {
     float h = swiglu<kFastMath>(acc_g * ag, acc_u * au, clamp);
-    if (weighted) h *= w;
+    if (w != nullptr) h *= *w;
     return bf16_bits(h);
 }
 
 // Epilogue::SwiGLUQuant, first pass (sm90 SwiGLUFP8's rounding points): g = bf16(acc_g * ag),
-// u = bf16(acc_u * au), a = f32(swiglu(g, u, cb)) (x w when weighted); cb = clamp_bf16(clamp).
+// u = bf16(acc_u * au), a = f32(swiglu(g, u, cb)) (x *w unless w is nullptr); cb = clamp_bf16(clamp).
 DG_HOST_DEVICE float clamp_bf16(float clamp) { return bf16_round(clamp); }
 template <bool kFastMath>
-DG_HOST_DEVICE float swiglu_quant_value(float acc_g, float acc_u, float ag, float au, float cb, bool weighted, float w) {
+DG_HOST_DEVICE float swiglu_quant_value(float acc_g, float acc_u, float ag, float au, float cb, const float* w) {
     const float g = bf16_round(acc_g * ag);
     const float u = bf16_round(acc_u * au);
     float a = swiglu<kFastMath>(g, u, cb);
-    if (weighted) a *= w;
+    if (w != nullptr) a *= *w;
     return a;
 }
 
@@ -137,12 +138,10 @@ DG_HOST_DEVICE void swiglu_chunk(const PlanTile& tile, uint32_t lane_base, uint3
     #pragma unroll
     for (int j = 0; j < 16; ++j) {
         const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
-        if (o.valid) {
-            const bool weighted = route_weights != nullptr;
+        if (o.valid)
             store(size_t(o.token_row) * size_t(n / 2) + size_t(o.chan),
                   swiglu_bits<kFastMath>(l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au,
-                                         clamp, weighted, weighted ? route_weights[size_t(o.token_row)] : 1.0f));
-        }
+                                         clamp, route_weights != nullptr ? route_weights + o.token_row : nullptr));
     }
 }
 
@@ -153,12 +152,10 @@ DG_HOST_DEVICE void swiglu_quant_chunk(const PlanTile& tile, uint32_t lane_base,
     #pragma unroll
     for (int j = 0; j < 16; ++j) {
         const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
-        if (o.valid) {
-            const bool weighted = route_weights != nullptr;
+        if (o.valid)
             scratch[o.tile_chan * Plan::kTileN + o.tok] = swiglu_quant_value<kFastMath>(
-                l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au, cb, weighted,
-                weighted ? route_weights[size_t(o.token_row)] : 1.0f);
-        }
+                l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au, cb,
+                route_weights != nullptr ? route_weights + o.token_row : nullptr);
     }
 }
 
