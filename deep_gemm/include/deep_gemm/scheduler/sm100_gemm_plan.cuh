@@ -19,8 +19,9 @@
 //   Recipe::NVFP4     : NVFP4 weights x NVFP4 tokens, kind::mxf4nvf4.block_scale.block16, UE4M3 per 16,
 //                       both operands packed E2M1 in shared memory; K = 64 per MMA; 256 K per stage
 //   Recipe::MXFP4_FP8 : MXFP4 weights x FP8 E4M3 tokens, kind::mxf8f6f4.block_scale.block32, UE8M0 per 32;
-//                       the weights one E2M1 per byte in shared memory (TMA dtype 16U4_ALIGN16B: the low
-//                       4 bits? see the notes: unverified); K = 32 per MMA; 128 K per stage
+//                       the weights unpacked E2M1 in shared memory (TMA dtype 16U4_ALIGN16B, see
+//                       kTensorA below: 16 bytes per 16 codes, not one code per byte); K = 32 per MMA;
+//                       128 K per stage
 // Each stage holds 128 bytes of K per row (one SW128 atom column), 4 MMAs per stage.
 //
 // GLOBAL TENSORS (tensor_id; shapes innermost last, strides in bytes; E experts, N weight rows per
@@ -28,7 +29,16 @@
 //   kTensorA   = 0  weight codes, rows in kernel order.  NVFP4: uint8 [E * N, K / 2] (2 codes per byte,
 //                   low nibble first), row stride K / 2; TMA elements = bytes.  MXFP4: E2M1 [E * N, K],
 //                   packed in global (K / 2 bytes per row) but TMA dtype 16U4_ALIGN16B (elements = 4-bit
-//                   codes; shared memory gets one code per byte).  TMA box {128 elements, 128 rows}, SW128
+//                   codes).  cuda.h (CUDA 13.0, cuTensorMapEncodeTiled): it "copies '16 x U4' packed values
+//                   to memory aligned as 16 bytes. There are 8 byte gaps between every 8 byte chunk of packed
+//                   values."  I.e. per 16 codes, shared memory gets 8 packed bytes (two codes per byte, low
+//                   nibble = even code, as in global) and then an 8-byte gap: 128 codes of a row = 128 bytes,
+//                   and code k of an MMA's 32-byte K run sits at byte 16 (k / 16) + (k % 16) / 2, nibble
+//                   k % 2 (the mxf8f6f4 E2M1 operand format; tests/sm100_model/interp.py reads it so).
+//                   UNVERIFIED ON HARDWARE: that the MMA reads exactly this padded layout, that the gap
+//                   bytes are never read, and that the TMA counts 16 transaction bytes per 16 codes
+//                   (kStageBytes assumes so) -- the model and this plan share one reading of the docs.
+//                   TMA box {128 elements, 128 rows}, SW128
 //   kTensorSFA = 1  weight scales, bytes [E, N / 128, KB / 4, 512]: 512-byte atoms (sf_atom_byte), atom
 //                   (e, rt, j) holds rows rt * 128 + [0, 128) and scale blocks 4 j + [0, 4); bulk copies
 //   kTensorB   = 2  tokens.  NVFP4: uint8 [T, K / 2]; FP8: E4M3 [T, K].  TMA box {128, kBlockN}, SW128
@@ -125,7 +135,7 @@ struct RecipeTraits<Recipe::MXFP4_FP8> {
     static constexpr int kStageK = 128;       // 128 bytes: FP8 tokens, unpacked FP4 weights
     static constexpr int kMmaK = 32;
     static constexpr int kMmaKBytes = 32;
-    static constexpr int kBoxK = 128;         // elements: 4-bit codes (A, 16U4_ALIGN16B) / FP8 bytes (B)
+    static constexpr int kBoxK = 128;         // elements: 4-bit codes (A, 16U4_ALIGN16B: 128 smem bytes) / FP8 bytes (B)
 };
 
 // One tile of work (the fields of GroupedTiles::Tile).
