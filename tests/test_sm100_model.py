@@ -10,10 +10,13 @@ values (exact sums, deep_gemm.reference_recipes.exact_rows_matmul) to 1e-5 relat
 bit float32 of the exact sum -- with every output written once and nothing else written.
 Deliberately broken plans (tests/sm100_model/mutate.py) must fail.
 
-Not covered here (see tests/sm100_model/INTERFACE-REQUESTS.md): the epilogue math after the
-accumulator (alpha, SwiGLU, BF16), the kernel's GroupedTiles (the emit program rebuilds its tile list
-with tile_order.cuh's expert_tile_coord), asynchrony beyond the barrier protocol (copies and MMAs
-complete when issued in the model).
+Tiles come from the kernel's scheduler (GroupedTiles::get on the host) and registers are placed by the
+kernel's index maps (GemmPlan::plain_out / swiglu_out); altered maps and a broken barrier protocol
+(deadlock) must fail.  The epilogue math after the accumulator (alpha, SwiGLU, BF16, the SwiGLUQuant
+L2-input quantization) runs the kernel's callbacks (epilogue/sm100_epilogue.cuh) in
+tests/cpp/sm100_epilogue_check.cpp on exact accumulators, against deep_gemm.reference_recipes
+(tests/sm100_model/epilogue.py).  Not covered (tests/sm100_model/INTERFACE-REQUESTS.md, "Left open"):
+asynchrony beyond the barrier protocol (copies and MMAs complete when issued in the model).
 """
 import pytest
 

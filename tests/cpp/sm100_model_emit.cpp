@@ -18,7 +18,8 @@
 // Lines: {"op":"problem",...} first (tiles, row starts, tensor shapes), then per CTA the ops of the Ops
 // interface with "cta", and the epilogue's stores: {"op":"store","cta","warp","lane","tensor","reg":[],
 // "row":[],"col":[]} placing registers of the thread's last tcgen05.ld (tensor 4 = D [T, N] for the plain
-// epilogue; 10 / 11 = gate / up accumulators [T, N / 2] of the SwiGLU epilogue, before any math).
+// epilogue; 10 / 11 = gate / up accumulators [T, N / 2] of the SwiGLU epilogues, before any math: the
+// math is checked by tests/cpp/sm100_epilogue_check.cpp).
 // Tiles are the kernel's scheduler's (scheduler/grouped_tiles.cuh, GroupedTiles::get on the host); the
 // epilogue callbacks place registers with the kernel's own index maps (GemmPlan::plain_out / swiglu_out,
 // the functions impls/sm100_fp4_grouped_gemm.cuh's callbacks call).  Negative controls (tests only): built
