@@ -16,8 +16,12 @@ the transform only
   byte ``16 (m % 32) + 4 (m // 32) + b`` (``sm100_umma.cuh`` ``sf_atom_byte``).
 
 Codes: uint8 ``[E, N, K/2]`` (two E2M1 per byte, low nibble = even k), rows in kernel order.  MXFP4
-codes are read by TMA as ``16U4_ALIGN16B`` (one code per byte in shared memory) from the same packed
-bytes.  Scales: uint8 ``[E, N/128, K/(4 g), 512]``.  Global scales stay FP32 in ``alpha`` (``[E, 2]``
+codes are read by TMA as ``16U4_ALIGN16B`` from the same packed bytes; in shared memory that type is
+*not* one code per byte: per cuda.h (CUDA 13.0, ``cuTensorMapEncodeTiled``) it "copies '16 x U4' packed
+values to memory aligned as 16 bytes. There are 8 byte gaps between every 8 byte chunk of packed
+values", i.e. per 16 codes 8 packed bytes (low nibble = even code) then an 8-byte gap, so 128 codes
+still fill the 128 bytes of a stage row.  This reading (and that the mxf8f6f4 MMA reads E2M1 in exactly
+that padded format) is unverified on hardware; the CPU model (tests/sm100_model) shares it.  Scales: uint8 ``[E, N/128, K/(4 g), 512]``.  Global scales stay FP32 in ``alpha`` (``[E, 2]``
 gate/up for L1, ``[E, 1]`` for L2; MXFP4: ones), applied in the epilogue.
 
 :func:`untransform_sm100` inverts the transform bit for bit (back to the ModelOpt / upstream tensors).
@@ -38,7 +42,8 @@ __all__ = ['Sm100ExpertWeights', 'transform_nvfp4_weights_for_sm100', 'transform
            'from_sm100_sf_layout', 'dequantize_sm100', 'SM100_BLOCK_M', 'SM100_STAGE_K', 'SF_ATOM_BYTES']
 
 SM100_BLOCK_M = 128
-#: K per pipeline stage (128 bytes of one row in shared memory): NVFP4 packed, MXFP4 one code per byte
+#: K per pipeline stage (128 bytes of one row in shared memory): NVFP4 packed (2 codes per byte), MXFP4
+#: 16U4_ALIGN16B (16 bytes per 16 codes: 8 packed bytes and an 8-byte gap; unverified on hardware)
 SM100_STAGE_K = {'nvfp4': 256, 'mxfp4': 128}
 SCALE_GRAN = {'nvfp4': 16, 'mxfp4': 32}
 SF_ATOM_BYTES = 512

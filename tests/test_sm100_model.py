@@ -10,15 +10,19 @@ values (exact sums, deep_gemm.reference_recipes.exact_rows_matmul) to 1e-5 relat
 bit float32 of the exact sum -- with every output written once and nothing else written.
 Deliberately broken plans (tests/sm100_model/mutate.py) must fail.
 
-Not covered here (see tests/sm100_model/INTERFACE-REQUESTS.md): the epilogue math after the
-accumulator (alpha, SwiGLU, BF16), the kernel's GroupedTiles (the emit program rebuilds its tile list
-with tile_order.cuh's expert_tile_coord), asynchrony beyond the barrier protocol (copies and MMAs
-complete when issued in the model).
+Tiles come from the kernel's scheduler (GroupedTiles::get on the host) and registers are placed by the
+kernel's index maps (GemmPlan::plain_out / swiglu_out); altered maps and a broken barrier protocol
+(deadlock) must fail.  The epilogue math after the accumulator (alpha, SwiGLU, BF16, the SwiGLUQuant
+L2-input quantization) runs the kernel's callbacks (epilogue/sm100_epilogue.cuh) in
+tests/cpp/sm100_epilogue_check.cpp on exact accumulators, against deep_gemm.reference_recipes
+(tests/sm100_model/epilogue.py).  Not covered (tests/sm100_model/INTERFACE-REQUESTS.md, "Left open"):
+asynchrony beyond the barrier protocol (copies and MMAs complete when issued in the model).
 """
 import pytest
 
 from tests.sm100_model import interp, mutate
-from tests.sm100_model.problem import Problem, compare, run_model
+from tests.sm100_model.build import build
+from tests.sm100_model.problem import EMIT_SRC, Problem, compare, run_model
 
 CONFIGS = {
     'nvfp4-plain-contig': dict(recipe='nvfp4', block_n=64, stages=2, epilogue='plain', mode='contiguous', n=256, k=512,
@@ -136,3 +140,94 @@ def test_model_rejects_overwrite_under_an_uncommitted_mma():
     bad = ops[:c] + ops[c + 1:refill] + ops[refill:refill + 1] + [commit] + ops[refill + 1:]
     with pytest.raises(interp.ModelError, match='uncommitted MMA|cannot have completed'):
         run_model(p, bad)
+
+
+# ------------------------------------------------------------------ negative controls of the emit program
+def _fault_exe():
+    return build(EMIT_SRC, cute=False, defines=['DG_EMIT_FAULTS'], name='sm100_model_emit_faults')
+
+
+def _emit_with_fault(monkeypatch, name, fault):
+    """The op stream of CONFIGS[name] with one fault of the emit program (tests/cpp/sm100_model_emit.cpp,
+    -DDG_EMIT_FAULTS) applied to the kernel functions' results; the data of the clean problem."""
+    base, _ = _problem(name)
+    monkeypatch.setenv('DG_EMIT_FAULT', fault)
+    p = Problem(**CONFIGS[name])
+    ops = p.emit(_fault_exe())
+    p.tensors, p.w_dq, p.x_dq = base.tensors, base.w_dq, base.x_dq
+    return p, ops
+
+
+def test_fault_build_without_fault_passes(monkeypatch):
+    """The fault build with no fault selected is the clean model (the controls below differ by the fault only)."""
+    p, ops = _emit_with_fault(monkeypatch, 'nvfp4-swiglu-contig', 'none')
+    compare(p, run_model(p, ops)[0])
+
+
+@pytest.mark.parametrize('name,fault', [('nvfp4-plain-contig', 'plain'), ('nvfp4-swiglu-contig', 'swiglu'),
+                                        ('mxfp4-swiglu-masked', 'swiglu')])
+def test_altered_kernel_map_fails(monkeypatch, name, fault):
+    """The emit program places registers with the kernel's GemmPlan::plain_out / swiglu_out: a map whose
+    output column (channel) is off by one must make the model fail."""
+    p, ops = _emit_with_fault(monkeypatch, name, fault)
+    with pytest.raises((interp.ModelError, AssertionError)):
+        compare(p, run_model(p, ops)[0])
+
+
+def test_scheduler_reports_deadlock(monkeypatch):
+    """The cooperative scheduler's deadlock detection: with the epilogue's arrivals on tmem_empty dropped,
+    the MMA warp waits forever for an accumulator buffer from the third tile of a CTA on (8 tiles here)."""
+    with pytest.raises(interp.ModelError, match='deadlock'):
+        _emit_with_fault(monkeypatch, 'nvfp4-plain-contig', 'deadlock')
+
+
+def test_token_groups_from_the_kernel_scheduler():
+    """GroupedTiles::get (the kernel's scheduler, host form) with token tiles in groups of 1: row tiles
+    inner; the model result is unchanged and every (expert, row tile, token tile) appears once."""
+    p = Problem(**{**CONFIGS['mxfp4-swiglu-masked']})
+    ops = p.emit(token_group=1)
+    p.build_data()
+    compare(p, run_model(p, ops)[0])
+    tiles = [tuple(t[:3]) for t in ops[0]['tiles']]
+    assert len(set(tiles)) == len(tiles)
+    e0 = [t for t in tiles if t[0] == 0]
+    assert e0[:2] == [(0, 0, 0), (0, 1, 0)], 'groups of one token tile: the row tiles of token tile 0 first'
+
+
+# ------------------------------------------------------------------ the epilogue math (tests/sm100_model/epilogue.py)
+EPI_CASES = {
+    'nvfp4-plain-masked': dict(recipe='nvfp4', epilogue='plain', block_n=64, mode='masked', n=256, counts=[70, 0, 5],
+                               max_rows=128),
+    'mxfp4-swiglu-contig-weighted': dict(recipe='mxfp4_fp8', epilogue='swiglu', block_n=32, mode='contiguous', n=256,
+                                         counts=[128, 0, 256], weighted=True),
+    'nvfp4-swiglu_quant-masked': dict(recipe='nvfp4', epilogue='swiglu_quant', block_n=64, mode='masked', n=256,
+                                      counts=[100, 0, 37], max_rows=128, clamp=641.3),
+    'nvfp4-swiglu_quant-contig': dict(recipe='nvfp4', epilogue='swiglu_quant', block_n=128, mode='contiguous', n=128,
+                                      counts=[128, 128]),
+    'mxfp4-swiglu_quant-masked-weighted': dict(recipe='mxfp4_fp8', epilogue='swiglu_quant', block_n=32, mode='masked',
+                                               n=256, counts=[33, 90], max_rows=128, weighted=True, clamp=641.3),
+    'mxfp4-swiglu_quant-contig': dict(recipe='mxfp4_fp8', epilogue='swiglu_quant', block_n=128, mode='contiguous', n=384,
+                                      counts=[128]),
+}
+
+
+@pytest.mark.parametrize('name', sorted(EPI_CASES))
+def test_epilogue_math_matches_reference(name):
+    from tests.sm100_model.epilogue import Case
+    case = Case(**EPI_CASES[name])
+    case.check(case.run())
+
+
+@pytest.mark.parametrize('name,fault', [('nvfp4-swiglu_quant-masked', 'gate_up'), ('mxfp4-swiglu_quant-masked-weighted', 'gate_up'),
+                                        ('mxfp4-swiglu-contig-weighted', 'gate_up'), ('nvfp4-swiglu_quant-masked', 'block'),
+                                        ('mxfp4-swiglu_quant-masked-weighted', 'block'), ('nvfp4-swiglu_quant-masked', 'none')])
+def test_broken_epilogue_fails(name, fault):
+    """The check program built with its faults (-DDG_EPI_FAULTS): gate and up swapped before the kernel's
+    callbacks, or the L2 block's amax over half the block, must fail; no fault selected must pass."""
+    from tests.sm100_model.epilogue import Case
+    case = Case(**EPI_CASES[name])
+    if fault == 'none':
+        case.check(case.run(fault='none'))
+        return
+    with pytest.raises(AssertionError):
+        case.check(case.run(fault=fault))

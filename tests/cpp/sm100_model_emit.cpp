@@ -8,16 +8,26 @@
 // arrives when it is issued), so the stream is one legal interleaving of producer, MMA warp and the 128
 // epilogue threads of each CTA, and a deadlock of the barrier protocol is an error (exit 3).
 //
-//   sm100_model_emit RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS
+//   sm100_model_emit RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS [TOKEN_GROUP]
 //     RECIPE   nvfp4 | mxfp4_fp8        EPILOGUE plain | swiglu        MODE contiguous | masked
-//     COUNTS   comma-separated tokens per expert (contiguous: experts' rows start at multiples of 128)
+//     COUNTS   comma-separated tokens per expert (contiguous: each expert's rows padded to a multiple of 128,
+//              expert_offsets = their prefix; the kernel computes the padding rows as tokens of the expert,
+//              and the problem line's "counts" are the kernel's, i.e. padded)
+//     TOKEN_GROUP  token tiles per L2 group of the tile order (tile_order.cuh); default: one group
 //
 // Lines: {"op":"problem",...} first (tiles, row starts, tensor shapes), then per CTA the ops of the Ops
 // interface with "cta", and the epilogue's stores: {"op":"store","cta","warp","lane","tensor","reg":[],
 // "row":[],"col":[]} placing registers of the thread's last tcgen05.ld (tensor 4 = D [T, N] for the plain
-// epilogue; 10 / 11 = gate / up accumulators [T, N / 2] of the SwiGLU epilogue, before any math).
-// The epilogue callbacks below follow impls/sm100_fp4_grouped_gemm.cuh's (same formulas: see
-// INTERFACE-REQUESTS.md, item 1).
+// epilogue; 10 / 11 = gate / up accumulators [T, N / 2] of the SwiGLU epilogues, before any math: the
+// math is checked by tests/cpp/sm100_epilogue_check.cpp).
+// Tiles are the kernel's scheduler's (scheduler/grouped_tiles.cuh, GroupedTiles::get on the host); the
+// epilogue callbacks place registers with the kernel's own index maps (GemmPlan::plain_out / swiglu_out,
+// the functions impls/sm100_fp4_grouped_gemm.cuh's callbacks call).  Negative controls (tests only): built
+// with -DDG_EMIT_FAULTS, the environment variable DG_EMIT_FAULT selects one fault:
+//   plain    : GemmPlan::plain_out's output column XOR 1             (the model must fail)
+//   swiglu   : GemmPlan::swiglu_out's channel XOR 1                  (the model must fail)
+//   deadlock : the epilogue threads' arrivals on tmem_empty dropped  (the scheduler must report a deadlock)
+// Without -DDG_EMIT_FAULTS none of this is compiled.
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -29,11 +39,12 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <deep_gemm/common/sm100_umma.cuh>
+#include <deep_gemm/scheduler/grouped_tiles.cuh>
 #include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
-#include <deep_gemm/scheduler/tile_order.cuh>
 
 using namespace deep_gemm;
 using namespace deep_gemm::sm100;
@@ -86,6 +97,15 @@ struct Sched {
         pick_locked();
     }
 };
+
+#if defined(DG_EMIT_FAULTS)
+bool fault(const char* name) {
+    const char* f = std::getenv("DG_EMIT_FAULT");
+    return f != nullptr && std::strcmp(f, name) == 0;
+}
+#else
+constexpr bool fault(const char*) { return false; }
+#endif
 
 std::mutex g_out_mutex;
 void emit(const std::string& s) {
@@ -152,6 +172,7 @@ struct RecOps {
         record(head("wait") + ",\"mbar\":" + std::to_string(id) + ",\"parity\":" + std::to_string(parity) + "}");
     }
     void arrive(int id) {
+        if (fault("deadlock") && warp >= 0) { record(head("arrive_dropped") + ",\"mbar\":" + std::to_string(id) + "}"); return; }
         { std::lock_guard<std::mutex> g(cta->sched->m); Barrier& b = bar(id); --b.pending; settle(b); }
         record(head("arrive") + ",\"mbar\":" + std::to_string(id) + "}");
     }
@@ -228,39 +249,65 @@ struct RecOps {
 // ------------------------------------------------------------------------------ problem
 struct Problem {
     std::string recipe, epilogue, mode;
-    int block_n = 0, stages = 0, n = 0, k = 0, max_rows = 0, ctas = 1;
+    int block_n = 0, stages = 0, n = 0, k = 0, max_rows = 0, ctas = 1, token_group = 1 << 30;
     uint64_t seed = 0;
     std::vector<int> counts, starts;
     int total_rows = 0;
     std::vector<PlanTile> tiles;
 };
 
-// The grouped tile list (scheduler/grouped_tiles.cuh's GroupedTiles::get, host form; see
-// INTERFACE-REQUESTS.md item 2): experts in order, token tiles of BLOCK_N, order inside an expert by
-// tile_order.cuh's expert_tile_coord with one token group.
-void make_tiles(Problem& p) {
-    const int e_num = int(p.counts.size()), rt = p.n / 128;
+// The grouped tile list from the kernel's scheduler (scheduler/grouped_tiles.cuh): the layout the kernel
+// gets (contiguous: expert_offsets [E + 1], each expert's rows padded to a multiple of 128; masked:
+// masked_m [E] with max_rows per expert), GroupedTiles::build_prefix_serial (the host form of the warp
+// scan) and GroupedTiles::get for every tile index.
+template <int kBlockN>
+void make_tiles_n(Problem& p) {
+    const int e_num = int(p.counts.size());
     p.starts.resize(size_t(e_num));
-    int off = 0;
-    for (int e = 0; e < e_num; ++e) {
-        if (p.mode == "contiguous") {
-            p.starts[size_t(e)] = off;
+    std::vector<int> layout;
+    if (p.mode == "contiguous") {
+        int off = 0;
+        layout.push_back(0);
+        for (int e = 0; e < e_num; ++e) {
             off += (p.counts[size_t(e)] + 127) / 128 * 128;
-        } else {
+            layout.push_back(off);
+        }
+        p.total_rows = off;
+    } else {
+        for (int e = 0; e < e_num; ++e) {
             if (p.counts[size_t(e)] > p.max_rows) die("masked count > max_rows");
-            p.starts[size_t(e)] = e * p.max_rows;
+            layout.push_back(p.counts[size_t(e)]);
         }
+        p.total_rows = e_num * p.max_rows;
     }
-    p.total_rows = p.mode == "contiguous" ? off : e_num * p.max_rows;
-    for (int e = 0; e < e_num; ++e) {
-        const int tt = (p.counts[size_t(e)] + p.block_n - 1) / p.block_n;
-        for (int local = 0; local < tt * rt; ++local) {
-            const TileCoord c = expert_tile_coord(local, rt, tt, tt);
-            PlanTile t{e, c.row_tile, c.token_tile, p.starts[size_t(e)] + c.token_tile * p.block_n,
-                       std::min(p.block_n, p.counts[size_t(e)] - c.token_tile * p.block_n)};
-            p.tiles.push_back(t);
+    std::vector<int> prefix(size_t(e_num) + 1);
+    const auto run_mode = [&](auto mode_tag) {
+        constexpr GroupMode kMode = decltype(mode_tag)::value;
+        GroupedTiles<kMode, kBlockN> sched{layout.data(), e_num, p.max_rows, p.n / 128, prefix.data(), p.token_group};
+        sched.build_prefix_serial();
+        for (int e = 0; e < e_num; ++e) {
+            p.starts[size_t(e)] = sched.row_start(e);
+            // contiguous: the kernel has no token counts, every row up to the next offset is the expert's
+            // (the padding rows too); the problem line reports the kernel's counts
+            if (kMode == GroupMode::Masked && sched.count(e) != p.counts[size_t(e)]) die("GroupedTiles::count differs from COUNTS");
+            p.counts[size_t(e)] = sched.count(e);
         }
-    }
+        for (int t = 0; t < sched.num_tiles(); ++t) {
+            const auto x = sched.get(t);
+            p.tiles.push_back(PlanTile{x.expert, x.row_tile, x.token_tile, x.row_start, x.num_tokens});
+        }
+    };
+    if (p.mode == "contiguous")
+        run_mode(std::integral_constant<GroupMode, GroupMode::Contiguous>{});
+    else
+        run_mode(std::integral_constant<GroupMode, GroupMode::Masked>{});
+}
+
+void make_tiles(Problem& p) {
+    if (p.block_n == 32) return make_tiles_n<32>(p);
+    if (p.block_n == 64) return make_tiles_n<64>(p);
+    if (p.block_n == 128) return make_tiles_n<128>(p);
+    die("unsupported BLOCK_N");
 }
 
 template <Recipe kRecipe, int kBlockN, int kStages>
@@ -327,13 +374,12 @@ int run(const Problem& p) {
                     plan.template epilogue<TmemLdShape::K32x32B>(
                         o, tiles, cta, num_tiles, p.ctas, warp, lane,
                         [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::Plain
-                            const int row = tile.row_tile * Plan::kBlockM + int(lane_base) + l;
+                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::Plain: the kernel's map
                             std::vector<int> rg; std::vector<long> rr, cc;
                             for (int j = 0; j < 16; ++j) {
-                                const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K32x32B, uint32_t(l), uint32_t(j));
-                                const int tok = int(col + c2.column);
-                                if (tok < tile.num_tokens) { rg.push_back(int(regs[j])); rr.push_back(tile.row_start + tok); cc.push_back(row); }
+                                auto m = Plan::plain_out(tile, lane_base, col, l, j);
+                                if (fault("plain")) m.out_col ^= 1;
+                                if (m.valid) { rg.push_back(int(regs[j])); rr.push_back(m.token_row); cc.push_back(m.out_col); }
                             }
                             o.store(kTensorD, rg, rr, cc);
                         });
@@ -341,17 +387,14 @@ int run(const Problem& p) {
                     plan.template epilogue<TmemLdShape::K16x256B>(
                         o, tiles, cta, num_tiles, p.ctas, warp, lane,
                         [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::SwiGLU (gate = register j, up = j + 2)
+                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::SwiGLU / SwiGLUQuant: the kernel's map
                             std::vector<int> gr, ur; std::vector<long> rr, cc;
                             for (int j = 0; j < 16; ++j) {
-                                if ((j % 4) >= 2) continue;
-                                const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(l), uint32_t(j));
-                                const int tok = int(col + c2.column);
-                                const int kernel_row = int(lane_base + c2.lane);
-                                const int chan = tile.row_tile * (Plan::kBlockM / 2) + (kernel_row / 16) * 8 + kernel_row % 8;
-                                if (tok < tile.num_tokens) {
-                                    gr.push_back(int(regs[j])); ur.push_back(int(regs[j + 2]));
-                                    rr.push_back(tile.row_start + tok); cc.push_back(chan);
+                                auto m = Plan::swiglu_out(tile, lane_base, col, l, j);
+                                if (fault("swiglu")) m.chan ^= 1;
+                                if (m.valid) {
+                                    gr.push_back(int(regs[m.gate_reg])); ur.push_back(int(regs[m.up_reg]));
+                                    rr.push_back(m.token_row); cc.push_back(m.chan);
                                 }
                             }
                             o.store(10, gr, rr, cc);
@@ -388,8 +431,8 @@ int dispatch_n(const Problem& p) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 12) {
-        std::fprintf(stderr, "usage: %s RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS\n", argv[0]);
+    if (argc != 12 && argc != 13) {
+        std::fprintf(stderr, "usage: %s RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS [TOKEN_GROUP]\n", argv[0]);
         return 2;
     }
     Problem p;
@@ -398,6 +441,8 @@ int main(int argc, char** argv) {
     p.seed = std::strtoull(argv[10], nullptr, 10);
     std::stringstream ss(argv[11]);
     for (std::string tok; std::getline(ss, tok, ',');) p.counts.push_back(std::atoi(tok.c_str()));
+    if (argc == 13) p.token_group = std::atoi(argv[12]);
+    if (p.token_group < 1) die("TOKEN_GROUP must be >= 1");
     if (p.mode != "contiguous" && p.mode != "masked") die("MODE");
     if (p.epilogue != "plain" && p.epilogue != "swiglu") die("EPILOGUE");
     make_tiles(p);

@@ -61,10 +61,12 @@ class Problem:
     starts: Optional[List[int]] = None
     total_rows: int = 0
 
-    def emit(self, exe: Optional[Path] = None) -> List[dict]:
+    def emit(self, exe: Optional[Path] = None, token_group: Optional[int] = None) -> List[dict]:
         exe = exe or emit_exe()
         args = [self.recipe, self.block_n, self.stages, self.epilogue, self.mode, self.n, self.k, self.max_rows,
                 self.ctas, self.seed, ','.join(map(str, self.counts))]
+        if token_group is not None:
+            args.append(token_group)
         proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise interp.ModelError(f'emit failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}')
@@ -72,6 +74,8 @@ class Problem:
         head = ops[0]
         assert head['op'] == 'problem'
         self.starts, self.total_rows = head['starts'], head['total_rows']
+        # the kernel's rows per expert (contiguous layouts: padded to a multiple of 128, all computed)
+        self.counts = list(head['counts'])
         return ops
 
     # ------------------------------------------------------------------------------ data

@@ -39,6 +39,7 @@
 #include <deep_gemm/common/sm100_tcgen05.cuh>
 #include <deep_gemm/epilogue/moe_l2_input.cuh>
 #include <deep_gemm/epilogue/moe_math.cuh>
+#include <deep_gemm/epilogue/sm100_epilogue.cuh>
 #include <deep_gemm/scheduler/grouped_tiles.cuh>
 #include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
 
@@ -107,85 +108,39 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
     } else if (warp == 1) {
         plan.mma(ops, tiles, first, num_tiles, stride);
     } else if (warp >= 4) {
+        // The callbacks are epilogue/sm100_epilogue.cuh's (index maps GemmPlan::plain_out / swiglu_out /
+        // l2_block_out): host-callable, the CPU model and tests/cpp/sm100_epilogue_check.cpp run the same code.
+        uint16_t* out_bits = reinterpret_cast<uint16_t*>(out);
         if constexpr (kEpilogue == Epilogue::Plain) {
             plan.template epilogue<TmemLdShape::K32x32B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float a = __ldg(alpha + tile.expert * alpha_stride) * b_scale;
-                    const int row = tile.row_tile * Plan::kBlockM + int(lane_base) + l;
-                    #pragma unroll
-                    for (int j = 0; j < 16; ++j) {
-                        const TmemCoord c = tmem_ld_coord(TmemLdShape::K32x32B, uint32_t(l), uint32_t(j));
-                        const int tok = int(col + c.column);
-                        if (tok < tile.num_tokens)
-                            out[size_t(tile.row_start + tok) * size_t(n) + row] = __float2bfloat16_rn(__uint_as_float(regs[j]) * a);
-                    }
+                    const float a = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale);
+                    epi::plain_chunk<Plan>(tile, lane_base, col, l, regs, a, n, [&](size_t i, uint16_t v) { out_bits[i] = v; });
                 });
         } else if constexpr (kEpilogue == Epilogue::SwiGLUQuant) {
-            const float cb = __bfloat162float(__float2bfloat16_rn(clamp));
+            const float cb = epi::clamp_bf16(clamp);
             plan.template epilogue<TmemLdShape::K16x256B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float ag = __ldg(alpha + tile.expert * alpha_stride) * b_scale;
-                    const float au = __ldg(alpha + tile.expert * alpha_stride + 1) * b_scale;
-                    #pragma unroll
-                    for (int j = 0; j < 16; ++j) {
-                        if ((j % 4) >= 2) continue;
-                        const TmemCoord c = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(l), uint32_t(j));
-                        const int tok = int(col + c.column);
-                        const int kernel_row = int(lane_base + c.lane);
-                        const int chan = (kernel_row / 16) * 8 + kernel_row % 8;      // within the tile's 64
-                        if (tok < tile.num_tokens) {
-                            const float g = __bfloat162float(__float2bfloat16_rn(__uint_as_float(regs[j]) * ag));
-                            const float u = __bfloat162float(__float2bfloat16_rn(__uint_as_float(regs[j + 2]) * au));
-                            float a = swiglu<kFastMath>(g, u, cb);
-                            if (route_weights != nullptr) a *= route_weights[size_t(tile.row_start + tok)];
-                            epi_scratch[chan * kBlockN + tok] = a;
-                        }
-                    }
+                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale);
+                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale);
+                    epi::swiglu_quant_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, cb, route_weights, epi_scratch);
                 },
                 [&](const PlanTile& tile) {
                     epilogue_barrier();
-                    constexpr int kGran = kRecipe == Recipe::NVFP4 ? 16 : 32;
-                    constexpr int kBlocks = 64 / kGran;
-                    const int inter = n / 2;
-                    const int tid = int(threadIdx.x) % 128;
-                    for (int p = tid; p < kBlocks * kBlockN; p += 128) {
-                        const int blk = p / kBlockN, tok = p % kBlockN;
-                        if (tok >= tile.num_tokens) continue;
-                        const float* src = epi_scratch + blk * kGran * kBlockN + tok;
-                        float amax = 0.0f;
-                        #pragma unroll
-                        for (int i = 0; i < kGran; ++i) amax = fmaxf(amax, fabsf(src[i * kBlockN]));
-                        const size_t row = size_t(tile.row_start + tok);
-                        const int gblock = tile.row_tile * kBlocks + blk;              // scale block in the row
-                        uint8_t* codes = reinterpret_cast<uint8_t*>(out);
-                        if constexpr (kRecipe == Recipe::NVFP4) {
-                            const l2_input::Nvfp4Block nb = l2_input::nvfp4_block(amax, l2_inv_global);
-                            uint32_t packed[2] = {0u, 0u};
-                            #pragma unroll
-                            for (int i = 0; i < 16; ++i)
-                                packed[i / 8] |= uint32_t(l2_input::nvfp4_code(src[i * kBlockN], nb)) << (4 * (i % 8));
-                            *reinterpret_cast<uint2*>(codes + row * size_t(inter / 2) + size_t(gblock) * 8) =
-                                make_uint2(packed[0], packed[1]);
-                            out_sf[sf_global_offset(row, uint64_t(gblock), uint64_t(inter / 16))] = nb.sf8;
-                        } else {
-                            const l2_input::Fp8Pow2Block fb = l2_input::fp8_pow2_block(amax);
-                            uint32_t packed[8];
-                            #pragma unroll
-                            for (int w = 0; w < 8; ++w) {
-                                packed[w] = 0u;
-                                #pragma unroll
-                                for (int i = 0; i < 4; ++i)
-                                    packed[w] |= uint32_t(l2_input::fp8_pow2_code(src[(4 * w + i) * kBlockN], fb)) << (8 * i);
+                    uint8_t* codes = reinterpret_cast<uint8_t*>(out);
+                    epi::l2_quant_tile<Plan>(tile, int(threadIdx.x) % 128, 128, epi_scratch, n / 2, l2_inv_global,
+                        [&](const typename Plan::L2BlockOut& o, const epi::L2Block<kRecipe>& b) {
+                            if constexpr (kRecipe == Recipe::NVFP4) {
+                                *reinterpret_cast<uint2*>(codes + o.code_byte) = make_uint2(b.words[0], b.words[1]);
+                            } else {
+                                uint4* dst = reinterpret_cast<uint4*>(codes + o.code_byte);
+                                dst[0] = make_uint4(b.words[0], b.words[1], b.words[2], b.words[3]);
+                                dst[1] = make_uint4(b.words[4], b.words[5], b.words[6], b.words[7]);
                             }
-                            uint4* dst = reinterpret_cast<uint4*>(codes + row * size_t(inter) + size_t(gblock) * 32);
-                            dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-                            dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
-                            out_sf[sf_global_offset(row, uint64_t(gblock), uint64_t(inter / 32))] =
-                                uint8_t(l2_input::fp8_pow2_sf_biased(amax));
-                        }
-                    }
+                            out_sf[o.sf_byte] = b.sf;
+                        });
                     epilogue_barrier();
                 });
         } else {
@@ -193,23 +148,10 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
             plan.template epilogue<TmemLdShape::K16x256B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float ag = __ldg(alpha + tile.expert * alpha_stride) * b_scale;
-                    const float au = __ldg(alpha + tile.expert * alpha_stride + 1) * b_scale;
-                    // kernel rows 16 G + [0, 8) are gate rows of channels 8 G + [0, 8), 16 G + [8, 16) their up rows
-                    #pragma unroll
-                    for (int j = 0; j < 16; ++j) {
-                        if ((j % 4) >= 2) continue;                      // registers r = 2, 3: the up rows
-                        const TmemCoord c = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(l), uint32_t(j));
-                        const int tok = int(col + c.column);
-                        const int kernel_row = int(lane_base + c.lane);  // within the tile; a gate row
-                        const int chan = tile.row_tile * (Plan::kBlockM / 2) + (kernel_row / 16) * 8 + kernel_row % 8;
-                        if (tok < tile.num_tokens) {
-                            const size_t row = size_t(tile.row_start + tok);
-                            float h = swiglu<kFastMath>(__uint_as_float(regs[j]) * ag, __uint_as_float(regs[j + 2]) * au, clamp);
-                            if (route_weights != nullptr) h *= route_weights[row];
-                            out[row * size_t(n / 2) + chan] = __float2bfloat16_rn(h);
-                        }
-                    }
+                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale);
+                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale);
+                    epi::swiglu_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, clamp, route_weights, n,
+                                                       [&](size_t i, uint16_t v) { out_bits[i] = v; });
                 });
         }
     }

@@ -6,9 +6,16 @@
 // Experts with no tokens own no tiles, so their weights are never read.  Counts live on the
 // device (no host sync, CUDA-graph friendly): every CTA builds the per-expert tile prefix in
 // shared memory once.
+//
+// Host-callable (DG_HOST_DEVICE; g++ compiles it): everything but build_prefix (a warp scan, device
+// only), whose host counterpart build_prefix_serial writes the same prefix; on the host `__ldg` is a
+// plain load.  tests/cpp/sm100_model_emit.cpp takes its tiles from here.
 #include <cstdint>
 
+#include <deep_gemm/common/host_device.cuh>
+#if defined(__CUDACC__)
 #include <deep_gemm/common/warp_scan.cuh>
+#endif
 #include <deep_gemm/scheduler/tile_order.cuh>
 
 namespace deep_gemm {
@@ -24,26 +31,56 @@ struct GroupedTiles {
     int* smem_prefix;       // [E + 1] token tiles before each expert
     int token_group;        // token tiles per group (>= 1, tile_order.cuh)
 
-    __device__ __forceinline__ int row_start(int e) const {
-        return kMode == GroupMode::Contiguous ? __ldg(layout + e) : e * max_rows;
+    DG_HOST_DEVICE static int load(const int* p) {
+#if defined(__CUDA_ARCH__)
+        return __ldg(p);
+#else
+        return *p;
+#endif
     }
-    __device__ __forceinline__ int count(int e) const {
-        if constexpr (kMode == GroupMode::Contiguous)
-            return __ldg(layout + e + 1) - __ldg(layout + e);
-        else
-            return min(max(__ldg(layout + e), 0), max_rows);
+    DG_HOST_DEVICE static int imin(int a, int b) {
+#if defined(__CUDA_ARCH__)
+        return min(a, b);
+#else
+        return a < b ? a : b;
+#endif
+    }
+    DG_HOST_DEVICE static int imax(int a, int b) {
+#if defined(__CUDA_ARCH__)
+        return max(a, b);
+#else
+        return a > b ? a : b;
+#endif
     }
 
+    DG_HOST_DEVICE int row_start(int e) const {
+        return kMode == GroupMode::Contiguous ? load(layout + e) : e * max_rows;
+    }
+    DG_HOST_DEVICE int count(int e) const {
+        if constexpr (kMode == GroupMode::Contiguous)
+            return load(layout + e + 1) - load(layout + e);
+        else
+            return imin(imax(load(layout + e), 0), max_rows);
+    }
+    DG_HOST_DEVICE int token_tiles(int e) const { return (count(e) + kBlockT - 1) / kBlockT; }
+
+#if defined(__CUDACC__)
     // Called by one full warp; the caller syncs the block afterwards.
     __device__ __forceinline__ void build_prefix(int lane) {
-        warp_exclusive_scan(num_experts, lane, [&](int e) { return (count(e) + kBlockT - 1) / kBlockT; }, smem_prefix);
+        warp_exclusive_scan(num_experts, lane, [&](int e) { return token_tiles(e); }, smem_prefix);
+    }
+#endif
+    // The same prefix by one thread (host programs).
+    DG_HOST_DEVICE void build_prefix_serial() {
+        smem_prefix[0] = 0;
+        for (int e = 0; e < num_experts; ++e) smem_prefix[e + 1] = smem_prefix[e] + token_tiles(e);
     }
 
-    __device__ __forceinline__ int num_tiles() const { return smem_prefix[num_experts] * num_row_tiles; }
+    DG_HOST_DEVICE int num_tiles() const { return smem_prefix[num_experts] * num_row_tiles; }
 
     struct Tile { int expert, row_tile, token_tile, row_start, num_tokens; };
 
-    __device__ __forceinline__ Tile get(int t) const {
+    DG_HOST_DEVICE Tile get(int t) const {
         // largest e with prefix[e] * R <= t (binary search; empty experts have equal prefixes)
         int lo = 0, hi = num_experts - 1;
         while (lo < hi) {
@@ -59,7 +96,7 @@ struct GroupedTiles {
         tile.row_tile = c.row_tile;
         tile.token_tile = c.token_tile;
         tile.row_start = row_start(e) + tile.token_tile * kBlockT;
-        tile.num_tokens = min(kBlockT, count(e) - tile.token_tile * kBlockT);
+        tile.num_tokens = imin(kBlockT, count(e) - tile.token_tile * kBlockT);
         return tile;
     }
 };

@@ -19,8 +19,9 @@
 //   Recipe::NVFP4     : NVFP4 weights x NVFP4 tokens, kind::mxf4nvf4.block_scale.block16, UE4M3 per 16,
 //                       both operands packed E2M1 in shared memory; K = 64 per MMA; 256 K per stage
 //   Recipe::MXFP4_FP8 : MXFP4 weights x FP8 E4M3 tokens, kind::mxf8f6f4.block_scale.block32, UE8M0 per 32;
-//                       the weights one E2M1 per byte in shared memory (TMA dtype 16U4_ALIGN16B: the low
-//                       4 bits? see the notes: unverified); K = 32 per MMA; 128 K per stage
+//                       the weights unpacked E2M1 in shared memory (TMA dtype 16U4_ALIGN16B, see
+//                       kTensorA below: 16 bytes per 16 codes, not one code per byte); K = 32 per MMA;
+//                       128 K per stage
 // Each stage holds 128 bytes of K per row (one SW128 atom column), 4 MMAs per stage.
 //
 // GLOBAL TENSORS (tensor_id; shapes innermost last, strides in bytes; E experts, N weight rows per
@@ -28,7 +29,16 @@
 //   kTensorA   = 0  weight codes, rows in kernel order.  NVFP4: uint8 [E * N, K / 2] (2 codes per byte,
 //                   low nibble first), row stride K / 2; TMA elements = bytes.  MXFP4: E2M1 [E * N, K],
 //                   packed in global (K / 2 bytes per row) but TMA dtype 16U4_ALIGN16B (elements = 4-bit
-//                   codes; shared memory gets one code per byte).  TMA box {128 elements, 128 rows}, SW128
+//                   codes).  cuda.h (CUDA 13.0, cuTensorMapEncodeTiled): it "copies '16 x U4' packed values
+//                   to memory aligned as 16 bytes. There are 8 byte gaps between every 8 byte chunk of packed
+//                   values."  I.e. per 16 codes, shared memory gets 8 packed bytes (two codes per byte, low
+//                   nibble = even code, as in global) and then an 8-byte gap: 128 codes of a row = 128 bytes,
+//                   and code k of an MMA's 32-byte K run sits at byte 16 (k / 16) + (k % 16) / 2, nibble
+//                   k % 2 (the mxf8f6f4 E2M1 operand format; tests/sm100_model/interp.py reads it so).
+//                   UNVERIFIED ON HARDWARE: that the MMA reads exactly this padded layout, that the gap
+//                   bytes are never read, and that the TMA counts 16 transaction bytes per 16 codes
+//                   (kStageBytes assumes so) -- the model and this plan share one reading of the docs.
+//                   TMA box {128 elements, 128 rows}, SW128
 //   kTensorSFA = 1  weight scales, bytes [E, N / 128, KB / 4, 512]: 512-byte atoms (sf_atom_byte), atom
 //                   (e, rt, j) holds rows rt * 128 + [0, 128) and scale blocks 4 j + [0, 4); bulk copies
 //   kTensorB   = 2  tokens.  NVFP4: uint8 [T, K / 2]; FP8: E4M3 [T, K].  TMA box {128, kBlockN}, SW128
@@ -125,7 +135,7 @@ struct RecipeTraits<Recipe::MXFP4_FP8> {
     static constexpr int kStageK = 128;       // 128 bytes: FP8 tokens, unpacked FP4 weights
     static constexpr int kMmaK = 32;
     static constexpr int kMmaKBytes = 32;
-    static constexpr int kBoxK = 128;         // elements: 4-bit codes (A, 16U4_ALIGN16B) / FP8 bytes (B)
+    static constexpr int kBoxK = 128;         // elements: 4-bit codes (A, 16U4_ALIGN16B: 128 smem bytes) / FP8 bytes (B)
 };
 
 // One tile of work (the fields of GroupedTiles::Tile).
@@ -139,6 +149,8 @@ template <Recipe kRecipe, int kBlockN, int kStages>
 struct GemmPlan {
     using R = RecipeTraits<kRecipe>;
     static constexpr int kBlockM = 128;
+    static constexpr int kTileN = kBlockN;                                       // tokens per tile
+    static constexpr Recipe kTileRecipe = kRecipe;
     static constexpr int kMmasPerStage = R::kStageK / R::kMmaK;                  // 4
     static constexpr int kAtoms = R::kStageK / R::kGran / 4;                     // scale atoms per stage
     static constexpr uint32_t kABytes = kBlockM * 128, kBBytes = kBlockN * 128;
@@ -201,6 +213,86 @@ struct GemmPlan {
     DG_HOST_DEVICE static constexpr int mma_sf_id(int kk) { return (kk * R::kMmaK / R::kGran) % 4; }
     DG_HOST_DEVICE static constexpr uint32_t idesc(int kk) {
         return make_idesc_block_scaled(R::kKind, R::kA, R::kB, R::kScale, kBlockM, kBlockN, mma_sf_id(kk), mma_sf_id(kk));
+    }
+
+    // ---------------------------------------------------------------- epilogue index maps
+    // Where register j of this thread's tcgen05.ld at TMEM (lane_base, accumulator column `col`) goes.
+    // The kernel's epilogue callbacks (impls/sm100_fp4_grouped_gemm.cuh) and the host model
+    // (tests/cpp/sm100_model_emit.cpp) both call these, so the model sees the kernel's placement.
+    //
+    // Epilogue::Plain (tcgen05.ld 32x32b): register j holds accumulator (weight row lane_base + c.lane,
+    // token column col + c.column), c = tmem_ld_coord(K32x32B, lane, j); output D[token_row, out_col]
+    // with out_col the weight row of the expert (rows in kernel order = original order for Plain).
+    struct PlainOut {
+        bool valid;         // the token is one of the tile's num_tokens
+        int token_row;      // row of the output / token tensor
+        int out_col;        // output column: weight row within the expert
+    };
+    DG_HOST_DEVICE static PlainOut plain_out(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, int j) {
+        const TmemCoord c = tmem_ld_coord(TmemLdShape::K32x32B, uint32_t(lane), uint32_t(j));
+        const int tok = int(col + c.column);
+        PlainOut o;
+        o.valid = tok < tile.num_tokens;
+        o.token_row = tile.row_start + tok;
+        o.out_col = tile.row_tile * kBlockM + int(lane_base + c.lane);
+        return o;
+    }
+
+    // Epilogue::SwiGLU / SwiGLUQuant (tcgen05.ld 16x256b, L1 rows interleaved by 8 as deep_gemm.weights_sm100):
+    // kernel rows 16 G + [0, 8) are the gate rows of channels 8 G + [0, 8), kernel rows 16 G + [8, 16) their
+    // up rows.  Register j with j % 4 < 2 holds a gate row (lane_base + c.lane, c.lane % 16 < 8) and
+    // register j + 2 the same channel's up row (lane + 8, same column: tmem_ld_coord's 16x256b rule);
+    // registers with j % 4 >= 2 are read through their gate register and give valid = false.
+    struct SwiGLUOut {
+        bool valid;         // j is a gate register and the token one of the tile's num_tokens
+        int tok;            // token column within the tile
+        int token_row;      // row of the output / token tensor
+        int tile_chan;      // channel within the tile's kBlockM / 2
+        int chan;           // output channel (column of the [T, N / 2] activations)
+        int gate_reg, up_reg;
+    };
+    DG_HOST_DEVICE static SwiGLUOut swiglu_out(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, int j) {
+        const TmemCoord c = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(lane), uint32_t(j));
+        const int kernel_row = int(lane_base + c.lane);      // within the tile; a gate row when j % 4 < 2
+        SwiGLUOut o;
+        o.tok = int(col + c.column);
+        o.valid = (j % 4) < 2 && o.tok < tile.num_tokens;
+        o.token_row = tile.row_start + o.tok;
+        o.tile_chan = (kernel_row / 16) * 8 + kernel_row % 8;
+        o.chan = tile.row_tile * (kBlockM / 2) + o.tile_chan;
+        o.gate_reg = j;
+        o.up_reg = j + 2;
+        return o;
+    }
+
+    // Epilogue::SwiGLUQuant, second pass: the activations of a tile staged as float [kBlockM / 2 channels]
+    // [kBlockN tokens] (index tile_chan * kBlockN + tok, SwiGLUOut above); item p in [0, kL2Blocks * kBlockN)
+    // is scale block blk = p / kBlockN of token tok = p % kBlockN: elements src + i * kBlockN, i < kL2Gran
+    // (kL2Gran = the recipe's granularity: the next GEMM's token format), written as the row's scale
+    // block gblock = row_tile * kL2Blocks + blk of an L2 input with `inter` = n / 2 channels:
+    //   NVFP4     : packed E2M1 codes at byte row * inter / 2 + 8 gblock (8 bytes), UE4M3 scale
+    //   MXFP4_FP8 : E4M3 codes at byte row * inter + 32 gblock (32 bytes), UE8M0 scale
+    // the scale at sf_global_offset(row, gblock, inter / kL2Gran) (512-byte atoms over token rows).
+    static constexpr int kL2Gran = R::kGran;
+    static constexpr int kL2Blocks = (kBlockM / 2) / kL2Gran;
+    struct L2BlockOut {
+        bool valid;         // tok is one of the tile's num_tokens
+        int src;            // scratch index of element 0 (stride kBlockN)
+        uint64_t row;       // token row
+        uint64_t code_byte; // byte offset of the block's codes in the L2 token tensor
+        uint64_t sf_byte;   // byte offset of its scale in the L2 scale tensor
+    };
+    DG_HOST_DEVICE static L2BlockOut l2_block_out(const PlanTile& tile, int p, int inter) {
+        const int blk = p / kBlockN, tok = p % kBlockN;
+        L2BlockOut o;
+        o.valid = tok < tile.num_tokens;
+        o.src = blk * kL2Gran * kBlockN + tok;
+        o.row = uint64_t(tile.row_start + tok);
+        const uint64_t gblock = uint64_t(tile.row_tile * kL2Blocks + blk);
+        o.code_byte = kRecipe == Recipe::NVFP4 ? o.row * uint64_t(inter / 2) + gblock * 8u
+                                               : o.row * uint64_t(inter) + gblock * 32u;
+        o.sf_byte = sf_global_offset(o.row, gblock, uint64_t(inter / kL2Gran));
+        return o;
     }
 
     // ---------------------------------------------------------------- set-up (one thread)

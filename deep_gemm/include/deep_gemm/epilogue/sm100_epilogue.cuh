@@ -1,0 +1,174 @@
+#pragma once
+// The per-element and per-block math of the sm100 grouped GEMM's epilogues (impls/sm100_fp4_grouped_gemm.cuh),
+// composed from the arch-neutral epilogue/moe_math.cuh (swiglu) and epilogue/moe_l2_input.cuh (the L2-input
+// quantizations).  DG_HOST_DEVICE: the kernel's epilogue callbacks call these, and so does the host check
+// program tests/cpp/sm100_epilogue_check.cpp (driven by tests/test_sm100_model.py against
+// deep_gemm.reference_recipes), so the rounding points checked on the host are the kernel's.
+// Where the host path differs from the device path (and so is not what the check proves):
+//   * BF16 rounding: software RNE here, __float2bfloat16_rn on the device (the same IEEE rounding; NaN quieted);
+//   * exp: std::exp on the host, expf / __expf (kFastMath) on the device (moe_math.cuh; bit-equal only
+//     where the result does not depend on exp's last bits);
+//   * float -> E4M3: moe_l2_input.cuh's software conversion on the host, cvt.rn.satfinite on sm_89+.
+// Index maps (which accumulator goes where) are GemmPlan's (scheduler/sm100_gemm_plan.cuh).
+#include <cstdint>
+
+#include <deep_gemm/common/host_device.cuh>
+#include <deep_gemm/epilogue/moe_l2_input.cuh>
+#include <deep_gemm/epilogue/moe_math.cuh>
+#include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#endif
+
+namespace deep_gemm::sm100::epi {
+
+// BF16 bits of round-to-nearest-even(x).
+DG_HOST_DEVICE uint16_t bf16_bits(float x) {
+#if defined(__CUDA_ARCH__)
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+#else
+    const uint32_t u = l2_input::float_bits(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);   // NaN: quiet
+    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+#endif
+}
+// bf16(x) as a float32
+DG_HOST_DEVICE float bf16_round(float x) { return l2_input::bits_float(static_cast<uint32_t>(bf16_bits(x)) << 16); }
+
+// Epilogue::Plain: out = bf16(acc * a), a = f32(alpha[e] * b_scale)
+DG_HOST_DEVICE uint16_t plain_bits(float acc, float a) { return bf16_bits(acc * a); }
+
+// Epilogue::SwiGLU: out = bf16(f32(swiglu(acc_g * ag, acc_u * au, clamp)) * *w) (w: the token's route
+// weight, or nullptr: unweighted)
+template <bool kFastMath>
+DG_HOST_DEVICE uint16_t swiglu_bits(float acc_g, float acc_u, float ag, float au, float clamp, const float* w) {
+    float h = swiglu<kFastMath>(acc_g * ag, acc_u * au, clamp);
+    if (w != nullptr) h *= *w;
+    return bf16_bits(h);
+}
+
+// Epilogue::SwiGLUQuant, first pass (sm90 SwiGLUFP8's rounding points): g = bf16(acc_g * ag),
+// u = bf16(acc_u * au), a = f32(swiglu(g, u, cb)) (x *w unless w is nullptr); cb = clamp_bf16(clamp).
+DG_HOST_DEVICE float clamp_bf16(float clamp) { return bf16_round(clamp); }
+template <bool kFastMath>
+DG_HOST_DEVICE float swiglu_quant_value(float acc_g, float acc_u, float ag, float au, float cb, const float* w) {
+    const float g = bf16_round(acc_g * ag);
+    const float u = bf16_round(acc_u * au);
+    float a = swiglu<kFastMath>(g, u, cb);
+    if (w != nullptr) a *= *w;
+    return a;
+}
+
+// Epilogue::SwiGLUQuant, second pass: one scale block of one token (elements src[i * kStride],
+// i < kGran = the recipe's granularity) in the L2 GEMM's token format:
+//   NVFP4     : words[0..1] = 16 packed E2M1 codes (element i in nibble i of the 8 bytes, low nibble first),
+//               sf = l2_input::nvfp4_block(amax, l2_inv_global).sf8 (UE4M3)
+//   MXFP4_FP8 : words[0..7] = 32 E4M3 codes (element i in byte i), sf = fp8_pow2_sf_biased(amax) (UE8M0)
+// amax = max |src| over the block.  kAmaxGran is kGran in the kernel; another value exists only so the
+// tests can show that a wrong block size is caught (tests/cpp/sm100_epilogue_check.cpp).
+template <Recipe kRecipe>
+struct L2Block {
+    static constexpr int kWords = kRecipe == Recipe::NVFP4 ? 2 : 8;
+    uint32_t words[kWords];
+    uint8_t sf;
+};
+
+template <Recipe kRecipe, int kStride, int kAmaxGran = RecipeTraits<kRecipe>::kGran>
+DG_HOST_DEVICE L2Block<kRecipe> quantize_l2_block(const float* src, float l2_inv_global) {
+    constexpr int kGran = RecipeTraits<kRecipe>::kGran;
+    static_assert(kAmaxGran <= kGran, "the amax cannot span more than the block");
+    float amax = 0.0f;
+    #pragma unroll
+    for (int i = 0; i < kAmaxGran; ++i) amax = fmaxf(amax, fabsf(src[i * kStride]));
+    L2Block<kRecipe> b;
+    if constexpr (kRecipe == Recipe::NVFP4) {
+        const l2_input::Nvfp4Block nb = l2_input::nvfp4_block(amax, l2_inv_global);
+        b.words[0] = 0u, b.words[1] = 0u;
+        #pragma unroll
+        for (int i = 0; i < 16; ++i)
+            b.words[i / 8] |= static_cast<uint32_t>(l2_input::nvfp4_code(src[i * kStride], nb)) << (4 * (i % 8));
+        b.sf = nb.sf8;
+    } else {
+        const l2_input::Fp8Pow2Block fb = l2_input::fp8_pow2_block(amax);
+        #pragma unroll
+        for (int w = 0; w < 8; ++w) {
+            b.words[w] = 0u;
+            #pragma unroll
+            for (int i = 0; i < 4; ++i)
+                b.words[w] |= static_cast<uint32_t>(l2_input::fp8_pow2_code(src[(4 * w + i) * kStride], fb)) << (8 * i);
+        }
+        b.sf = static_cast<uint8_t>(l2_input::fp8_pow2_sf_biased(amax));
+    }
+    return b;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// The epilogue callbacks of the kernel, one tcgen05.ld chunk each (GemmPlan::epilogue's `epi`), over a store
+// policy: the kernel stores to global / shared memory, the host check program into arrays.  Index maps:
+// GemmPlan::plain_out / swiglu_out / l2_block_out.
+
+// Non-coherent load of a read-only scalar (alpha); a plain load on the host.
+DG_HOST_DEVICE float ld_nc(const float* p) {
+#if defined(__CUDA_ARCH__)
+    return __ldg(p);
+#else
+    return *p;
+#endif
+}
+// alpha[e * stride + which] * b_scale (which: 0 = gate / the only alpha, 1 = up)
+DG_HOST_DEVICE float tile_alpha(const float* alpha, int stride, int expert, int which, float b_scale) {
+    return ld_nc(alpha + expert * stride + which) * b_scale;
+}
+
+// Epilogue::Plain: store(index into D [T, n], bf16 bits) for every valid register.
+template <class Plan, class Store>
+DG_HOST_DEVICE void plain_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
+                                float a, int n, Store&& store) {
+    #pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const auto o = Plan::plain_out(tile, lane_base, col, lane, j);
+        if (o.valid) store(size_t(o.token_row) * size_t(n) + size_t(o.out_col), plain_bits(l2_input::bits_float(regs[j]), a));
+    }
+}
+
+// Epilogue::SwiGLU: store(index into the activations [T, n / 2], bf16 bits); route_weights [T] or nullptr.
+template <class Plan, bool kFastMath, class Store>
+DG_HOST_DEVICE void swiglu_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
+                                 float ag, float au, float clamp, const float* route_weights, int n, Store&& store) {
+    #pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
+        if (o.valid)
+            store(size_t(o.token_row) * size_t(n / 2) + size_t(o.chan),
+                  swiglu_bits<kFastMath>(l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au,
+                                         clamp, route_weights != nullptr ? route_weights + o.token_row : nullptr));
+    }
+}
+
+// Epilogue::SwiGLUQuant, first pass: the activations into scratch [kBlockM / 2 channels][kTileN tokens].
+template <class Plan, bool kFastMath>
+DG_HOST_DEVICE void swiglu_quant_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
+                                       float ag, float au, float cb, const float* route_weights, float* scratch) {
+    #pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
+        if (o.valid)
+            scratch[o.tile_chan * Plan::kTileN + o.tok] = swiglu_quant_value<kFastMath>(
+                l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au, cb,
+                route_weights != nullptr ? route_weights + o.token_row : nullptr);
+    }
+}
+
+// Epilogue::SwiGLUQuant, second pass (thread tid of nthreads, after the first pass of every thread):
+// store(const L2BlockOut&, const L2Block&) for each valid (scale block, token) of the tile.
+template <class Plan, class Store, int kAmaxGran = Plan::kL2Gran>
+DG_HOST_DEVICE void l2_quant_tile(const PlanTile& tile, int tid, int nthreads, const float* scratch, int inter,
+                                  float l2_inv_global, Store&& store) {
+    for (int p = tid; p < Plan::kL2Blocks * Plan::kTileN; p += nthreads) {
+        const auto o = Plan::l2_block_out(tile, p, inter);
+        if (!o.valid) continue;
+        store(o, quantize_l2_block<Plan::kTileRecipe, Plan::kTileN, kAmaxGran>(scratch + o.src, l2_inv_global));
+    }
+}
+
+}  // namespace deep_gemm::sm100::epi
