@@ -35,7 +35,8 @@ from .weights_sm100 import SM100_STAGE_K, Sm100ExpertWeights, to_sm100_sf_layout
 
 __all__ = ['m_grouped_fp4_gemm_nt_contiguous_sm100', 'm_grouped_fp4_gemm_nt_masked_sm100', 'smem_bytes', 'stages']
 
-_RECIPE = {'nvfp4': 'deep_gemm::sm100::Recipe::NVFP4', 'mxfp4': 'deep_gemm::sm100::Recipe::MXFP4_FP8'}
+_RECIPE = {'nvfp4': 'deep_gemm::sm100::Recipe::NVFP4', 'mxfp4': 'deep_gemm::sm100::Recipe::MXFP4_FP8',
+           'nvfp4_exact': 'deep_gemm::sm100::Recipe::NVFP4_EXACT', 'bf16': 'deep_gemm::sm100::Recipe::BF16'}
 _EPI = {'plain': 'deep_gemm::sm100::Epilogue::Plain', 'swiglu': 'deep_gemm::sm100::Epilogue::SwiGLU',
         'swiglu_quant': 'deep_gemm::sm100::Epilogue::SwiGLUQuant'}
 _L1_EPILOGUES = ('swiglu', 'swiglu_quant')
@@ -84,7 +85,37 @@ GROUPED_GEMM_MXFP4 = registry.register_kernel(registry.KernelSpec(
     ),
 ))
 
-_SPECS = {'nvfp4': GROUPED_GEMM_NVFP4, 'mxfp4': GROUPED_GEMM_MXFP4}
+# NVFP4 weights x BF16 tokens, the per-16 UE4M3 scales applied exactly (issue #27): a dequant warpgroup
+# stores BF16 A into TMEM (tcgen05.st: STTM), tcgen05.mma kind::f16 in its TS form (UTCHMMA)
+GROUPED_GEMM_NVFP4_EXACT = registry.register_kernel(registry.KernelSpec(
+    name='sm100_nvfp4_exact_grouped_gemm',
+    header='sm100_fp4_grouped_gemm.cuh',
+    kernel_expr_fn=_expr('nvfp4_exact'),
+    archs=('sm_100a', 'sm_103a'),
+    required_sass=(r'\bUTCHMMA\b', r'\bSTTM\b') + _COMMON_SASS[1:],
+    forbid_local_memory=True,
+    default_params=(
+        {'block_n': 64, 'stages': 6, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True},
+        {'block_n': 128, 'stages': 4, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True},
+    ),
+))
+
+# BF16 x BF16 (bf16_mega_moe): kind::f16, both operands from shared memory (UTCHMMA), no scales
+GROUPED_GEMM_BF16 = registry.register_kernel(registry.KernelSpec(
+    name='sm100_bf16_grouped_gemm',
+    header='sm100_fp4_grouped_gemm.cuh',
+    kernel_expr_fn=_expr('bf16'),
+    archs=('sm_100a', 'sm_103a'),
+    required_sass=(r'\bUTCHMMA\b', r'\bLDTM\b', r'\bUTCBAR\b', r'\bUTMALDG\b'),
+    forbid_local_memory=True,
+    default_params=(
+        {'block_n': 64, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True},
+        {'block_n': 128, 'stages': 6, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True},
+    ),
+))
+
+_SPECS = {'nvfp4': GROUPED_GEMM_NVFP4, 'mxfp4': GROUPED_GEMM_MXFP4, 'nvfp4_exact': GROUPED_GEMM_NVFP4_EXACT,
+          'bf16': GROUPED_GEMM_BF16}
 
 
 # ------------------------------------------------------------------ shared memory (GemmPlan's numbers)
