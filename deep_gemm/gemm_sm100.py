@@ -19,6 +19,17 @@ NVFP4 recipe ``d`` uint8 ``[rows, N/4]`` packed E2M1 + ``d_sf`` UE4M3 atoms with
 MXFP4 recipe ``d`` float8_e4m3fn ``[rows, N/2]`` + ``d_sf`` UE8M0 atoms; ``d_sf`` uint8
 ``[ceil(rows/128), N/2/g/4, 512]``).
 
+Two kind::f16 recipes (BF16 x BF16 -> FP32, tcgen05.mma kind::f16), for ``fp8_nvfp4_mega_moe`` /
+``bf16_mega_moe`` (issue #27):
+
+* ``'nvfp4_exact'`` weights (:func:`deep_gemm.weights_sm100.to_sm100_exact` of NVFP4 weights): the
+  per-16 UE4M3 scales applied exactly (a dequant warpgroup writes BF16 A into TMEM; the TS form);
+  ``a`` = BF16 tokens ``[rows, K]``, or ``(x float8_e4m3fn, x_sf uint8 UE8M0 per 32)`` converted
+  exactly by :func:`fp8_tokens_to_bf16`;
+* ``'bf16'`` weights (:func:`deep_gemm.weights_sm100.transform_bf16_weights_for_sm100`): BF16 x BF16,
+  both from shared memory (the SS form); ``a`` as for ``'nvfp4_exact'``.
+Epilogues 'plain' and 'swiglu' only.
+
 Not run on a GPU: no Blackwell GPU was available.  The kernels compile for sm_100a and sm_103a and
 their SASS is checked (tests/test_sm100_build.py); docs/sm100-draft.md says what is verified.
 """
@@ -34,9 +45,11 @@ from .gemm import _check, _check_cuda_tensor
 from .jit import registry, runtime
 from .weights_sm100 import SM100_STAGE_K, Sm100ExpertWeights, to_sm100_sf_layout
 
-__all__ = ['m_grouped_fp4_gemm_nt_contiguous_sm100', 'm_grouped_fp4_gemm_nt_masked_sm100', 'smem_bytes', 'stages']
+__all__ = ['m_grouped_fp4_gemm_nt_contiguous_sm100', 'm_grouped_fp4_gemm_nt_masked_sm100', 'smem_bytes', 'stages',
+           'fp8_tokens_to_bf16', 'num_threads']
 
-_RECIPE = {'nvfp4': 'deep_gemm::sm100::Recipe::NVFP4', 'mxfp4': 'deep_gemm::sm100::Recipe::MXFP4_FP8'}
+_RECIPE = {'nvfp4': 'deep_gemm::sm100::Recipe::NVFP4', 'mxfp4': 'deep_gemm::sm100::Recipe::MXFP4_FP8',
+           'nvfp4_exact': 'deep_gemm::sm100::Recipe::NVFP4_EXACT', 'bf16': 'deep_gemm::sm100::Recipe::BF16'}
 _EPI = {'plain': 'deep_gemm::sm100::Epilogue::Plain', 'swiglu': 'deep_gemm::sm100::Epilogue::SwiGLU',
         'swiglu_quant': 'deep_gemm::sm100::Epilogue::SwiGLUQuant'}
 _L1_EPILOGUES = ('swiglu', 'swiglu_quant')
@@ -85,17 +98,61 @@ GROUPED_GEMM_MXFP4 = registry.register_kernel(registry.KernelSpec(
     ),
 ))
 
-_SPECS = {'nvfp4': GROUPED_GEMM_NVFP4, 'mxfp4': GROUPED_GEMM_MXFP4}
+# NVFP4 weights x BF16 tokens, the per-16 UE4M3 scales applied exactly (issue #27): a dequant warpgroup
+# stores BF16 A into TMEM (tcgen05.st: STTM), tcgen05.mma kind::f16 in its TS form (UTCHMMA)
+GROUPED_GEMM_NVFP4_EXACT = registry.register_kernel(registry.KernelSpec(
+    name='sm100_nvfp4_exact_grouped_gemm',
+    header='sm100_fp4_grouped_gemm.cuh',
+    kernel_expr_fn=_expr('nvfp4_exact'),
+    archs=('sm_100a', 'sm_103a'),
+    required_sass=(r'\bUTCHMMA\b', r'\bSTTM\b') + _COMMON_SASS[1:],
+    forbid_local_memory=True,
+    default_params=(   # stages = stages('nvfp4_exact', block_n, 384, epilogue): what the launcher picks
+        {'block_n': 32, 'stages': 6, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True},
+        {'block_n': 64, 'stages': 4, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True},
+        {'block_n': 128, 'stages': 2, 'epilogue': _EPI['swiglu'], 'mode': _MODE['contiguous'], 'fast_math': True},
+    ),
+))
+
+# BF16 x BF16 (bf16_mega_moe): kind::f16, both operands from shared memory (UTCHMMA), no scales
+GROUPED_GEMM_BF16 = registry.register_kernel(registry.KernelSpec(
+    name='sm100_bf16_grouped_gemm',
+    header='sm100_fp4_grouped_gemm.cuh',
+    kernel_expr_fn=_expr('bf16'),
+    archs=('sm_100a', 'sm_103a'),
+    required_sass=(r'\bUTCHMMA\b', r'\bLDTM\b', r'\bUTCBAR\b', r'\bUTMALDG\b'),
+    forbid_local_memory=True,
+    default_params=(
+        {'block_n': 64, 'stages': 8, 'epilogue': _EPI['swiglu'], 'mode': _MODE['masked'], 'fast_math': True},
+        {'block_n': 128, 'stages': 7, 'epilogue': _EPI['plain'], 'mode': _MODE['contiguous'], 'fast_math': True},
+    ),
+))
+
+_SPECS = {'nvfp4': GROUPED_GEMM_NVFP4, 'mxfp4': GROUPED_GEMM_MXFP4, 'nvfp4_exact': GROUPED_GEMM_NVFP4_EXACT,
+          'bf16': GROUPED_GEMM_BF16}
 
 
 # ------------------------------------------------------------------ shared memory (GemmPlan's numbers)
+_F16_RECIPES = ('nvfp4_exact', 'bf16')
+
+
 def _atoms(fmt: str) -> int:
-    return SM100_STAGE_K[fmt] // (16 if fmt == 'nvfp4' else 32) // 4
+    if fmt == 'bf16':
+        return 0
+    return SM100_STAGE_K[fmt] // (32 if fmt == 'mxfp4' else 16) // 4
 
 
 def _stage_bytes(fmt: str, block_n: int) -> int:
-    """GemmPlan::kStageBytes: A (128 x 128 B), B (block_n x 128 B), SFA and SFB atoms."""
-    return 128 * 128 + block_n * 128 + 2 * 512 * _atoms(fmt)
+    """GemmPlan::kStageBytes: A (128 x 128 B), B (block_n x 128 B per box: 4 boxes for nvfp4_exact), SFA
+    and SFB atoms (nvfp4_exact: SFA only; bf16: none)."""
+    boxes = 4 if fmt == 'nvfp4_exact' else 1
+    sf_tensors = 1 if fmt == 'nvfp4_exact' else 0 if fmt == 'bf16' else 2
+    return 128 * 128 + block_n * 128 * boxes + sf_tensors * 512 * _atoms(fmt)
+
+
+def num_threads(fmt: str) -> int:
+    """GemmPlan::kNumThreads: 256, 384 with the exact recipe's dequant warpgroup."""
+    return 384 if fmt == 'nvfp4_exact' else 256
 
 
 def _scratch_bytes(epilogue: str, block_n: int) -> int:
@@ -106,7 +163,8 @@ def _scratch_bytes(epilogue: str, block_n: int) -> int:
 def smem_bytes(fmt: str, block_n: int, num_stages: int, num_experts: int, epilogue: str = 'plain') -> int:
     """Dynamic shared memory of one launch: 1024 for the alignment, GemmPlan::kSmemBytes (stages,
     2 S + 4 barriers, the TMEM slot), the epilogue's scratch, the tile prefix (int [E + 1])."""
-    plan = num_stages * _stage_bytes(fmt, block_n) + 8 * (2 * num_stages + 4) + 16
+    barriers = 2 * num_stages + 4 + (4 if fmt == 'nvfp4_exact' else 0)
+    plan = num_stages * _stage_bytes(fmt, block_n) + 8 * barriers + 16
     return 1024 + plan + _scratch_bytes(epilogue, block_n) + 4 * (num_experts + 1)
 
 
@@ -146,8 +204,31 @@ def _check_epilogue(epilogue, b, route_weights, rows, device):
                f'route_weights: expected [{rows}], got {tuple(route_weights.shape)}')
 
 
+def fp8_tokens_to_bf16(x: torch.Tensor, x_sf: torch.Tensor, gran: int = 32) -> torch.Tensor:
+    """FP8 E4M3 tokens ``[..., K]`` with UE8M0 scales (uint8 ``[..., K / gran]``) -> BF16, exactly: an E4M3
+    value (4 significant bits) times a power of two is a BF16 (8 bits) while the result stays in BF16's
+    normal range (checked).  The token side of the kind::f16 recipes (the Hopper gather's conversion)."""
+    _check(x.dtype == torch.float8_e4m3fn and x_sf.dtype == torch.uint8, TypeError,
+           'x / x_sf: expected float8_e4m3fn tokens and uint8 UE8M0 scales')
+    _check(tuple(x_sf.shape) == tuple(x.shape[:-1]) + (x.shape[-1] // gran,), ValueError,
+           f'x_sf: expected {tuple(x.shape[:-1]) + (x.shape[-1] // gran,)}, got {tuple(x_sf.shape)}')
+    v = x.to(torch.float32) * torch.exp2(x_sf.to(torch.float32) - 127.0).repeat_interleave(gran, dim=-1)
+    out = v.to(torch.bfloat16)
+    _check(bool((out.to(torch.float32) == v).all()), ValueError, 'fp8_tokens_to_bf16: a value is not exact in BF16')
+    return out
+
+
 def _split_tokens(a, b: Sm100ExpertWeights, rows_dims: int):
     """``a`` -> (tokens 2-D, scales in the atom layout, global scale); every check named after ``a``."""
+    if b.fmt in _F16_RECIPES:   # BF16 tokens (or FP8 + UE8M0, converted exactly); no token scales
+        if isinstance(a, (tuple, list)):
+            x = a[0] if len(a) == 1 else fp8_tokens_to_bf16(a[0], a[1])
+        else:
+            x = a
+        _check_cuda_tensor('a', x, torch.bfloat16, rows_dims, b.device)
+        _check(x.shape[-1] == b.k, ValueError, f'a: K = {x.shape[-1]} does not match the weights (K = {b.k})')
+        rows = math.prod(x.shape[:-1])
+        return x.reshape(rows, b.k), None, 1.0
     want = 3 if b.fmt == 'nvfp4' else 2
     _check(isinstance(a, (tuple, list)) and len(a) == want, TypeError,
            f'a: expected {"(x uint8, x_sf float8_e4m3fn, x_global_scale)" if want == 3 else "(x float8_e4m3fn, x_sf uint8)"} '
@@ -176,9 +257,10 @@ def _split_tokens(a, b: Sm100ExpertWeights, rows_dims: int):
 
 
 # ------------------------------------------------------------------ TMA descriptors
-def _tma(tensor: torch.Tensor, rows: int, cols_elems: int, row_bytes: int, box_rows: int, dtype_name: str):
+def _tma(tensor: torch.Tensor, rows: int, cols_elems: int, row_bytes: int, box_rows: int, dtype_name: str,
+         box_inner: int = 128):
     """2-D tensor map over a row-major byte buffer: (cols_elems x rows) elements of `dtype_name`,
-    box (128 elements, box_rows), SWIZZLE_128B, out-of-bounds rows read as zero."""
+    box (box_inner elements: 128 bytes, box_rows), SWIZZLE_128B, out-of-bounds rows read as zero."""
     d = runtime.driver()
     _check(tensor.data_ptr() % 16 == 0, ValueError, 'TMA base address must be 16-byte aligned')
     _check(row_bytes % 16 == 0, ValueError, f'TMA row stride must be a multiple of 16 bytes, got {row_bytes}')
@@ -187,7 +269,7 @@ def _tma(tensor: torch.Tensor, rows: int, cols_elems: int, row_bytes: int, box_r
         raise RuntimeError(f'this cuda-bindings has no {dtype_name} (needs CUDA >= 12.8)')
     u32, u64 = d.cuuint32_t, d.cuuint64_t
     return runtime.check(d.cuTensorMapEncodeTiled(
-        dtype, u32(2), tensor.data_ptr(), [u64(cols_elems), u64(rows)], [u64(row_bytes)], [u32(128), u32(box_rows)],
+        dtype, u32(2), tensor.data_ptr(), [u64(cols_elems), u64(rows)], [u64(row_bytes)], [u32(box_inner), u32(box_rows)],
         [u32(1), u32(1)], d.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         d.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B, d.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE))
@@ -195,8 +277,10 @@ def _tma(tensor: torch.Tensor, rows: int, cols_elems: int, row_bytes: int, box_r
 
 def _weight_map(b: Sm100ExpertWeights):
     rows = b.num_experts * b.n
-    if b.fmt == 'nvfp4':   # packed bytes are the elements
+    if b.fmt in ('nvfp4', 'nvfp4_exact'):   # packed bytes are the elements
         return _tma(b.codes, rows, b.k // 2, b.k // 2, 128, 'CU_TENSOR_MAP_DATA_TYPE_UINT8')
+    if b.fmt == 'bf16':
+        return _tma(b.codes, rows, b.k, 2 * b.k, 128, 'CU_TENSOR_MAP_DATA_TYPE_BFLOAT16', 64)
     # MXFP4: 4-bit elements, unpacked to one per byte in shared memory (the mxf8f6f4 operand format)
     return _tma(b.codes, rows, b.k, b.k // 2, 128, 'CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN16B')
 
@@ -212,6 +296,7 @@ def _check_out(epilogue, b, d, lead, d_sf, l2_global_scale):
         _check(tuple(d.shape) == tuple(lead) + (n_out,), ValueError,
                f'd: expected shape {tuple(lead) + (n_out,)}, got {tuple(d.shape)}')
         return d, None, 1.0
+    _check(b.fmt not in _F16_RECIPES, ValueError, f"epilogue: 'swiglu_quant' is not built for {b.fmt} weights")
     inter = b.n // 2
     if b.fmt == 'nvfp4':   # the L2 GEMM's NVFP4 tokens: packed E2M1, UE4M3 per 16, a global scale
         width, gran, ddt = inter // 2, 16, torch.uint8
@@ -243,9 +328,13 @@ def _launch(x2, sfb, gs, b, d, layout, mode, max_rows, per_expert, epilogue, rou
     kernel.ensure_dynamic_smem(smem)
     k_bytes = x2.shape[1]
     a_map = _weight_map(b)
-    b_map = _tma(x2, x2.shape[0], k_bytes, k_bytes, block_n, 'CU_TENSOR_MAP_DATA_TYPE_UINT8')
+    if b.fmt in _F16_RECIPES:   # BF16 tokens: boxes of 64 elements (128 bytes)
+        k_bytes = 2 * x2.shape[1]
+        b_map = _tma(x2, x2.shape[0], x2.shape[1], k_bytes, block_n, 'CU_TENSOR_MAP_DATA_TYPE_BFLOAT16', 64)
+    else:
+        b_map = _tma(x2, x2.shape[0], k_bytes, k_bytes, block_n, 'CU_TENSOR_MAP_DATA_TYPE_UINT8')
     clamp_v = math.inf if clamp is None else float(clamp)
-    runtime.launch(kernel, get_num_sms(), 256, smem,
+    runtime.launch(kernel, get_num_sms(), num_threads(b.fmt), smem,
                    [a_map, b_map, b.scales, sfb, b.alpha, runtime.f32(gs), layout, d, route_weights, runtime.f32(clamp_v),
                     runtime.i32(b.num_experts), runtime.i32(b.n), runtime.i32(b.k), runtime.i32(max_rows),
                     runtime.i32(b.alpha.shape[1]), runtime.i32(_token_group(block_n, k_bytes)), d_sf, runtime.f32(inv_g)])
@@ -287,6 +376,8 @@ def m_grouped_fp4_gemm_nt_masked_sm100(a, b: Sm100ExpertWeights, d: torch.Tensor
                                        l2_global_scale: Optional[float] = None) -> torch.Tensor:
     """``d[e, i] = a[e, i] @ W_e^T * alpha_e * x_global_scale`` for ``i < masked_m[e]`` (other rows untouched)."""
     _check_weights(b)
+    if b.fmt in _F16_RECIPES and isinstance(a, torch.Tensor):
+        a = (a,)     # BF16 tokens [E, max_m, K]
     _check(isinstance(a, (tuple, list)) and len(a) >= 1 and isinstance(a[0], torch.Tensor), TypeError,
            'a: expected a tuple of token tensors')
     _check(a[0].dim() == 3, ValueError, f'a[0]: expected [E, max_m, K(/2)], got shape {tuple(a[0].shape)}')

@@ -35,17 +35,20 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .weights import _check, _check_pair, _l1_kernel_row_order, _parse, _Parsed
+from .weights import _CODE_WORD_PERM, _check, _check_pair, _l1_kernel_row_order, _parse, _Parsed, _permute_word_bits
 
 __all__ = ['Sm100ExpertWeights', 'transform_nvfp4_weights_for_sm100', 'transform_mxfp4_weights_for_sm100',
            'transform_nvfp4_weights_for_sm100_mega_moe', 'untransform_sm100', 'to_sm100_sf_layout',
-           'from_sm100_sf_layout', 'dequantize_sm100', 'SM100_BLOCK_M', 'SM100_STAGE_K', 'SF_ATOM_BYTES']
+           'from_sm100_sf_layout', 'dequantize_sm100', 'to_sm100_exact', 'transform_bf16_weights_for_sm100',
+           'SM100_BLOCK_M', 'SM100_STAGE_K',
+           'SF_ATOM_BYTES']
 
 SM100_BLOCK_M = 128
 #: K per pipeline stage (128 bytes of one row in shared memory): NVFP4 packed (2 codes per byte), MXFP4
-#: 16U4_ALIGN16B (16 bytes per 16 codes: 8 packed bytes and an 8-byte gap; unverified on hardware)
-SM100_STAGE_K = {'nvfp4': 256, 'mxfp4': 128}
-SCALE_GRAN = {'nvfp4': 16, 'mxfp4': 32}
+#: 16U4_ALIGN16B (16 bytes per 16 codes: 8 packed bytes and an 8-byte gap; unverified on hardware),
+#: the exact recipe's NVFP4 packed, BF16 two bytes per weight
+SM100_STAGE_K = {'nvfp4': 256, 'mxfp4': 128, 'nvfp4_exact': 256, 'bf16': 64}
+SCALE_GRAN = {'nvfp4': 16, 'mxfp4': 32, 'nvfp4_exact': 16, 'bf16': 0}
 SF_ATOM_BYTES = 512
 
 
@@ -87,7 +90,7 @@ def from_sm100_sf_layout(atoms: torch.Tensor, rows: int, blocks: int) -> torch.T
 @dataclass
 class Sm100ExpertWeights:
     """One MoE projection for the local experts in the sm100 kernel layout (module docstring)."""
-    fmt: str                 # 'nvfp4' or 'mxfp4'
+    fmt: str                 # 'nvfp4', 'mxfp4' or 'nvfp4_exact' (NVFP4, code bits permuted: to_sm100_exact)
     kind: str                # 'l1' (gate/up interleaved) or 'l2'
     codes: torch.Tensor      # uint8 [E, N, K/2], rows in kernel order
     scales: torch.Tensor     # uint8 [E, N/128, K/(4 g), 512]
@@ -143,6 +146,37 @@ def transform_nvfp4_weights_for_sm100_mega_moe(l1, l2) -> Tuple[Sm100ExpertWeigh
     return _permute_sm100(p1), _permute_sm100(p2)
 
 
+def to_sm100_exact(w: Sm100ExpertWeights) -> Sm100ExpertWeights:
+    """NVFP4 sm100 weights -> the exact recipe's (``Recipe::NVFP4_EXACT``, FP8/BF16 tokens x NVFP4
+    weights with the UE4M3 scales applied exactly by a dequant to BF16): the same rows and scale atoms;
+    inside every little-endian 32-bit word of a row's codes (8 consecutive k, nibble ``n`` = k ``8 w + n``)
+    the bits are permuted by the Hopper map ``_CODE_WORD_PERM`` (nibble ``n`` = code ``(o, h) = (n // 2,
+    n % 2)``), so that ``common/fp4_bits.cuh``'s ``e2m1x8_to_bf16x8_bits`` yields register ``o`` = (k
+    ``2 o``, ``2 o + 1``) of the word.  A pure bit permutation: :func:`untransform_sm100` inverts it."""
+    _check(isinstance(w, Sm100ExpertWeights) and w.fmt == 'nvfp4', ValueError,
+           'w: expected NVFP4 Sm100ExpertWeights (transform_nvfp4_weights_for_sm100)')
+    codes = _permute_word_bits(w.codes, _CODE_WORD_PERM).view(torch.uint8).reshape(w.codes.shape)
+    return Sm100ExpertWeights(fmt='nvfp4_exact', kind=w.kind, codes=codes.contiguous(), scales=w.scales, alpha=w.alpha,
+                              num_experts=w.num_experts, n=w.n, k=w.k)
+
+
+def transform_bf16_weights_for_sm100(weight: torch.Tensor, kind: str = 'l2') -> Sm100ExpertWeights:
+    """BF16 expert weights ``[E, N, K]`` (``bf16_mega_moe``, ``Recipe::BF16``) -> the sm100 layout: rows in
+    kernel order (L1 gate/up interleaved by 8 as the other recipes), values untouched, no block scales,
+    ``alpha`` ones.  The kernel reads 64 K per stage (one 128-byte SW128 row)."""
+    _check(kind in ('l1', 'l2'), ValueError, f"kind: expected 'l1' or 'l2', got {kind!r}")
+    _check(isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 and weight.dim() == 3, TypeError,
+           f'weight: expected a bfloat16 [E, N, K] tensor, got {getattr(weight, "dtype", type(weight))}')
+    e, n, k = weight.shape
+    _check(n % SM100_BLOCK_M == 0 and k % SM100_STAGE_K['bf16'] == 0, ValueError,
+           f'weight: N = {n} must be a multiple of 128 and K = {k} of {SM100_STAGE_K["bf16"]}')
+    rows = (_l1_kernel_row_order(n) if kind == 'l1' else torch.arange(n)).to(weight.device)
+    codes = weight.index_select(1, rows).contiguous()
+    alpha = torch.ones(e, 2 if kind == 'l1' else 1, dtype=torch.float32, device=weight.device)
+    return Sm100ExpertWeights(fmt='bf16', kind=kind, codes=codes, scales=torch.zeros(0, dtype=torch.uint8, device=weight.device),
+                              alpha=alpha, num_experts=e, n=n, k=k)
+
+
 def untransform_sm100(w: Sm100ExpertWeights):
     """The original tensors, bit for bit: NVFP4 -> ``(weight, weight_scale (float8_e4m3fn), alpha)``,
     MXFP4 -> ``(weight, weight_scale (uint8), alpha)`` (alpha ``[E, 2]`` / ``[E, 1]``)."""
@@ -150,9 +184,12 @@ def untransform_sm100(w: Sm100ExpertWeights):
     order = w.row_order().to(w.device)
     inv = torch.empty_like(order)
     inv[order] = torch.arange(w.n, device=w.device)
-    weight = w.codes.index_select(1, inv).contiguous()
+    codes = w.codes
+    if w.fmt == 'nvfp4_exact':
+        codes = _permute_word_bits(codes, _CODE_WORD_PERM, inverse=True).view(torch.uint8).reshape(codes.shape)
+    weight = codes.index_select(1, inv).contiguous()
     s = _sf_unatoms(w.scales)[:, :, : w.k // w.gran].index_select(1, inv).contiguous()
-    if w.fmt == 'nvfp4':
+    if w.fmt in ('nvfp4', 'nvfp4_exact'):
         s = s.view(torch.float8_e4m3fn)
     return weight, s, w.alpha
 
@@ -168,6 +205,6 @@ def dequantize_sm100(w: Sm100ExpertWeights, experts: Optional[Sequence[int]] = N
     for e in idx:
         b = weight[e].to(torch.int64)
         vals = torch.stack([e2m1[b & 0xF], e2m1[b >> 4]], dim=-1).reshape(w.n, w.k)
-        sc = s[e].to(torch.float32) if w.fmt == 'nvfp4' else torch.exp2(s[e].to(torch.float32) - 127.0)
+        sc = s[e].to(torch.float32) if w.fmt != 'mxfp4' else torch.exp2(s[e].to(torch.float32) - 127.0)
         out.append(vals * sc.repeat_interleave(w.gran, dim=1))
     return torch.stack(out) if out else torch.empty(0, w.n, w.k, dtype=torch.float32, device=w.device)

@@ -5,6 +5,9 @@
 //   tcgen05.mma kind::mxf4nvf4 .block16 cute::SM100_MMA_MXF4_SS<..., VS = 16, ...> (spells .block16 with nvcc >= 12.9)
 //   tcgen05.cp 32x128b.warpx4           cute::SM100::TMEM::UTCCP::SM100_UTCCP_4x32dp128bit_1cta
 //   tcgen05.ld                          cute::SM100::TMEM::LOAD::SM100_TMEM_LOAD_32dp32b16x / SM100_TMEM_LOAD_16dp256b4x
+//   tcgen05.st (exact recipe)           cute::SM100::TMEM::STORE::SM100_TMEM_STORE_32dp32b16x
+//   tcgen05.wait::st                    cutlass::arch::fence_view_async_tmem_store
+//   tcgen05.mma kind::f16 TS / SS       cute::SM100_MMA_F16BF16_TS / SM100_MMA_F16BF16_SS (BF16 x BF16 -> F32)
 //   tcgen05.wait::ld                    cutlass::arch::fence_view_async_tmem_load
 //   tcgen05.commit                      cutlass::arch::umma_arrive
 //   TMA / bulk copies, mbarriers        cute::SM90_TMA_LOAD_2D, cute::SM90_BULK_COPY_G2S, cutlass::arch barriers
@@ -21,6 +24,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
 
+#include <deep_gemm/common/sm100_dequant.cuh>
 #include <deep_gemm/common/sm100_umma.cuh>
 #include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
 
@@ -101,10 +105,46 @@ struct DeviceOps {
             cute::SM100_MMA_MXF4_SS<cutlass::float_e2m1_t, cutlass::float_e2m1_t, float, cutlass::float_ue4m3_t,
                                     128, kBlockN, 16, cute::UMMA::Major::K, cute::UMMA::Major::K>::
                 fma(adesc, bdesc, d_taddr, uint32_t(accumulate), uint64_t(idesc) << 32, sfa_taddr, sfb_taddr);
+        } else if (kind == MmaKind::F16) {
+            // kind::f16 SS (Recipe::BF16): BF16 x BF16 -> FP32, both operands K-major in shared memory;
+            // elects one lane itself
+            cute::SM100_MMA_F16BF16_SS<cutlass::bfloat16_t, cutlass::bfloat16_t, float, 128, kBlockN, cute::UMMA::Major::K,
+                                       cute::UMMA::Major::K>::fma(adesc, bdesc, d_taddr, uint32_t(accumulate), uint64_t(idesc) << 32);
         } else {
             if (cute::elect_one_sync()) umma_mxf8f6f4_block32(adesc, bdesc, d_taddr, idesc, sfa_taddr, sfb_taddr, accumulate);
         }
     }
+    // kind::f16 TS (Recipe::NVFP4_EXACT): A (BF16, K-major) from TMEM at a_taddr, B by descriptor
+    __device__ __forceinline__ void mma_ts(uint32_t idesc, uint32_t a_taddr, uint64_t bdesc, uint32_t d_taddr,
+                                           bool accumulate) const {
+        cute::SM100_MMA_F16BF16_TS<cutlass::bfloat16_t, cutlass::bfloat16_t, float, 128, kBlockN, cute::UMMA::Major::K,
+                                   cute::UMMA::Major::K>::fma(a_taddr, bdesc, d_taddr, uint32_t(accumulate), uint64_t(idesc) << 32);
+    }
+
+    // Dequant-warpgroup operations (GemmPlan::dequant, Recipe::NVFP4_EXACT): every thread calls them.
+    __device__ __forceinline__ void lds128(uint32_t addr, uint32_t (&v)[4]) const {
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "r"(addr));
+    }
+    __device__ __forceinline__ uint32_t lds32(uint32_t addr) const {
+        uint32_t v;
+        asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+        return v;
+    }
+    __device__ __forceinline__ void warp_arrive(int id, int lane) const {
+        __syncwarp();
+        if (lane == 0) arrive(id);
+    }
+    __device__ __forceinline__ void dequant_chunk(const uint32_t (&codes)[4], uint32_t scale_word, int first_byte,
+                                                  uint32_t (&regs)[16]) const {
+        dequant_chunk_nvfp4(codes, scale_word, first_byte, regs);
+    }
+    template <int kNum>
+    __device__ __forceinline__ void tmem_st(int, int, uint32_t taddr, const uint32_t (&r)[kNum]) const {
+        static_assert(kNum == 16, "only .x16 of 32x32b is wired");
+        cute::SM100::TMEM::STORE::SM100_TMEM_STORE_32dp32b16x::copy(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                                                                   r[10], r[11], r[12], r[13], r[14], r[15], taddr);
+    }
+    __device__ __forceinline__ void tmem_st_wait() const { cutlass::arch::fence_view_async_tmem_store(); }
     __device__ __forceinline__ void commit(int mbar_id) const { cutlass::arch::umma_arrive(bars + mbar_id); }
 
     template <TmemLdShape kShape, int kNum>

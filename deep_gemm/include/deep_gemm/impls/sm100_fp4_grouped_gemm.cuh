@@ -8,6 +8,10 @@
 // .block_scale.block16, UE4M3 per 16), or MXFP4 weights x FP8 E4M3 tokens (kind::mxf8f6f4
 // .block_scale.block32, UE8M0 per 32).  Block scales are staged through shared memory into TMEM by
 // tcgen05.cp 32x128b.warpx4 and applied by the MMA; the global scales (alpha, b_scale) in the epilogue.
+// Two kind::f16 recipes (BF16 x BF16 -> FP32; scheduler/sm100_gemm_plan.cuh "THE kind::f16 RECIPES"):
+// NVFP4_EXACT (NVFP4 weights dequantized exactly to BF16 by a dequant warpgroup, warps 8-11, into TMEM:
+// the TS form, tokens BF16 in shared memory; the 2^7 of the dequant's bias and the global scales in the
+// epilogue) and BF16 (both operands BF16 in shared memory: the SS form).
 //
 // All addressing and issue order is scheduler/sm100_gemm_plan.cuh's GemmPlan (host-checkable, plain
 // C++), run here with the device policy sm100::DeviceOps (common/sm100_tcgen05.cuh).  Warp roles
@@ -54,8 +58,15 @@ constexpr int kBarEpilogue = 1;   // named barrier of the 128 epilogue threads
 
 __device__ __forceinline__ void epilogue_barrier() { asm volatile("bar.sync %0, 128;" :: "n"(kBarEpilogue) : "memory"); }
 
+// Threads per CTA: 256; the exact recipe adds a dequant warpgroup (warps 8-11): 384.
+template <Recipe kRecipe>
+constexpr int kGemmThreads = GemmPlan<kRecipe, 64, 2>::kNumThreads;
+// The epilogue's factor on top of alpha * b_scale: the exact recipe's A is code * scale * 2^-7.
+template <Recipe kRecipe>
+constexpr float kAccumCompensation = kRecipe == Recipe::NVFP4_EXACT ? fp4::kNvfp4Compensation : 1.0f;
+
 template <Recipe kRecipe, int kBlockN, int kStages, Epilogue kEpilogue, GroupMode kMode, bool kFastMath>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(kGemmThreads<kRecipe>, 1)
 sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap b_map,
                        const uint8_t* sfa, const uint8_t* sfb, const float* alpha, float b_scale, const int* layout,
                        __nv_bfloat16* out, const float* route_weights, float clamp,
@@ -107,6 +118,8 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
         if (lane == 0) plan.producer(ops, tiles, first, num_tiles, stride);
     } else if (warp == 1) {
         plan.mma(ops, tiles, first, num_tiles, stride);
+    } else if (warp >= 8) {
+        if constexpr (Plan::kATmem) plan.dequant(ops, tiles, first, num_tiles, stride, warp, lane);
     } else if (warp >= 4) {
         // The callbacks are epilogue/sm100_epilogue.cuh's (index maps GemmPlan::plain_out / swiglu_out /
         // l2_block_out): host-callable, the CPU model and tests/cpp/sm100_epilogue_check.cpp run the same code.
@@ -115,7 +128,7 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
             plan.template epilogue<TmemLdShape::K32x32B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float a = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale);
+                    const float a = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale * kAccumCompensation<kRecipe>);
                     epi::plain_chunk<Plan>(tile, lane_base, col, l, regs, a, n, [&](size_t i, uint16_t v) { out_bits[i] = v; });
                 });
         } else if constexpr (kEpilogue == Epilogue::SwiGLUQuant) {
@@ -123,8 +136,8 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
             plan.template epilogue<TmemLdShape::K16x256B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale);
-                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale);
+                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale * kAccumCompensation<kRecipe>);
+                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale * kAccumCompensation<kRecipe>);
                     epi::swiglu_quant_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, cb, route_weights, epi_scratch);
                 },
                 [&](const PlanTile& tile) {
@@ -148,8 +161,8 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
             plan.template epilogue<TmemLdShape::K16x256B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale);
-                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale);
+                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale * kAccumCompensation<kRecipe>);
+                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale * kAccumCompensation<kRecipe>);
                     epi::swiglu_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, clamp, route_weights, n,
                                                        [&](size_t i, uint16_t v) { out_bits[i] = v; });
                 });

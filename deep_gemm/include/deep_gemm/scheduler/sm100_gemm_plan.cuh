@@ -100,13 +100,16 @@
 // 128 epilogue threads (the recorder runs it per (warp, lane)).
 // =====================================================================================================
 #include <cstdint>
+#include <type_traits>
 
 #include <deep_gemm/common/host_device.cuh>
 #include <deep_gemm/common/sm100_umma.cuh>
 
 namespace deep_gemm::sm100 {
 
-enum class Recipe : int { NVFP4 = 0, MXFP4_FP8 = 1 };
+// NVFP4_EXACT and BF16 are kind::f16 recipes (BF16 x BF16 -> FP32, no block-scaled MMA): see
+// "THE kind::f16 RECIPES" below.
+enum class Recipe : int { NVFP4 = 0, MXFP4_FP8 = 1, NVFP4_EXACT = 2, BF16 = 3 };
 enum class UtccpShape : int { K32x128B_WARPX4 = 0 };
 
 enum TensorId : int { kTensorA = 0, kTensorSFA = 1, kTensorB = 2, kTensorSFB = 3, kTensorD = 4 };
@@ -124,6 +127,10 @@ struct RecipeTraits<Recipe::NVFP4> {
     static constexpr int kMmaK = 64;
     static constexpr int kMmaKBytes = 32;     // shared-memory bytes of one MMA's K, both operands
     static constexpr int kBoxK = 128;         // TMA box inner extent, elements of the tensor maps (bytes)
+    static constexpr int kBoxKB = 128;        // the token map's box inner extent (elements)
+    static constexpr int kBBoxes = 1;         // token boxes per stage (consecutive 128-byte K columns)
+    static constexpr bool kSFA = true, kSFB = true;   // scale atoms of the stage (bulk copies)
+    static constexpr bool kATmem = false;     // A operand dequantized into TMEM (TS form)
 };
 
 template <>
@@ -136,6 +143,76 @@ struct RecipeTraits<Recipe::MXFP4_FP8> {
     static constexpr int kMmaK = 32;
     static constexpr int kMmaKBytes = 32;
     static constexpr int kBoxK = 128;         // elements: 4-bit codes (A, 16U4_ALIGN16B: 128 smem bytes) / FP8 bytes (B)
+    static constexpr int kBoxKB = 128;
+    static constexpr int kBBoxes = 1;
+    static constexpr bool kSFA = true, kSFB = true;
+    static constexpr bool kATmem = false;
+};
+
+// =====================================================================================================
+// THE kind::f16 RECIPES (tcgen05.mma.cta_group::1.kind::f16, BF16 x BF16 -> FP32, K = 16 per MMA)
+//   Recipe::NVFP4_EXACT : NVFP4 weights, BF16 tokens (FP8 E4M3 tokens times a power-of-two scale are
+//       exact in BF16: the gather converts them).  The weights' per-16 UE4M3 scales are applied
+//       exactly: a dequant warpgroup (GemmPlan::dequant, 128 threads, thread = weight row) reads the
+//       stage's packed E2M1 codes (TMA, SW128, as the NVFP4 recipe; code bits permuted inside each
+//       32-bit word for the common/fp4_bits.cuh trick, deep_gemm.weights_sm100 exact=True) and the
+//       scale atoms (bulk copy, as NVFP4) from shared memory, forms code * scale * 2^-7 in BF16 (exact),
+//       and stores it with tcgen05.st 32x32b into a TMEM A slot: row m -> lane m, k -> 32-bit column
+//       k / 2, half k % 2 (CuTe's tmem_frg_1sm<bf16>, tests/cpp/sm100_f16_conformance.cpp).  The MMA
+//       reads A from TMEM (the TS form) and B (tokens, SW128 BF16 in shared memory, 4 boxes of 64
+//       elements per stage of K = 256) by descriptor.  The 2^7 goes back in the FP32 epilogue.
+//   Recipe::BF16 : BF16 weights x BF16 tokens (upstream's bf16_mega_moe), both in shared memory (the
+//       SS form), K = 64 per stage (one SW128 column of each), no scales.
+// Extra barriers of NVFP4_EXACT (after the 2 S + 4 above): a_full(slot) = 2 S + 4 + slot (128: every
+// dequant thread after tcgen05.wait::st + fence::before_thread_sync), a_empty(slot) = 2 S + 6 + slot
+// (1: tcgen05.commit after the MMAs that read the slot); empty(s) counts 1 + 4 (the commit, and one
+// arrive per dequant warp once the warp has read the stage's codes and scales).
+// =====================================================================================================
+template <>
+struct RecipeTraits<Recipe::NVFP4_EXACT> {
+    static constexpr MmaKind kKind = MmaKind::F16;
+    static constexpr ElemFmt kA = ElemFmt::BF16, kB = ElemFmt::BF16;
+    static constexpr ScaleFmt kScale = ScaleFmt::UE4M3;   // the weights' (applied by the dequant)
+    static constexpr int kGran = 16;
+    static constexpr int kStageK = 256;       // 128 bytes of packed weight codes per row
+    static constexpr int kMmaK = 16;
+    static constexpr int kMmaKBytes = 32;     // B bytes of one MMA's K inside a 128-byte column
+    static constexpr int kBoxK = 128;         // weight map: bytes (as NVFP4)
+    static constexpr int kBoxKB = 64;         // token map: BF16 elements (128 bytes)
+    static constexpr int kBBoxes = 4;
+    static constexpr bool kSFA = true, kSFB = false;
+    static constexpr bool kATmem = true;
+};
+
+template <>
+struct RecipeTraits<Recipe::BF16> {
+    static constexpr MmaKind kKind = MmaKind::F16;
+    static constexpr ElemFmt kA = ElemFmt::BF16, kB = ElemFmt::BF16;
+    static constexpr ScaleFmt kScale = ScaleFmt::UE8M0;   // unused (no scales)
+    static constexpr int kGran = 64;          // unused; keeps kAtoms = 0 arithmetic defined
+    static constexpr int kStageK = 64;
+    static constexpr int kMmaK = 16;
+    static constexpr int kMmaKBytes = 32;
+    static constexpr int kBoxK = 64;          // BF16 elements
+    static constexpr int kBoxKB = 64;
+    static constexpr int kBBoxes = 1;
+    static constexpr bool kSFA = false, kSFB = false;
+    static constexpr bool kATmem = false;
+};
+
+// TMEM columns of NVFP4_EXACT: the double-buffered accumulator, then two A slots of kStageK / 2
+// columns (BF16 pairs; MMA kk of a stage reads columns 8 kk .. 8 kk + 7 of its slot).
+template <int kBlockN, int kACols>
+struct TmemLayoutA {
+    static constexpr uint32_t kAccumCols = 2 * kBlockN;
+    static constexpr uint32_t kACol = kAccumCols;
+    static constexpr uint32_t kUsed = kAccumCols + 2 * kACols;
+    static constexpr uint32_t kAlloc = tmem_alloc_columns(kUsed);
+    static_assert(kUsed <= 512, "TMEM has 512 columns");
+    DG_HOST_DEVICE static constexpr uint32_t accum(uint32_t buf) { return buf * kBlockN; }
+    DG_HOST_DEVICE static constexpr uint32_t a(uint32_t slot) { return kACol + slot * uint32_t(kACols); }
+    DG_HOST_DEVICE static constexpr uint32_t sfa(uint32_t) { return 0; }
+    DG_HOST_DEVICE static constexpr uint32_t sfb(uint32_t) { return 0; }
 };
 
 // One tile of work (the fields of GroupedTiles::Tile).
@@ -151,26 +228,34 @@ struct GemmPlan {
     static constexpr int kBlockM = 128;
     static constexpr int kTileN = kBlockN;                                       // tokens per tile
     static constexpr Recipe kTileRecipe = kRecipe;
-    static constexpr int kMmasPerStage = R::kStageK / R::kMmaK;                  // 4
-    static constexpr int kAtoms = R::kStageK / R::kGran / 4;                     // scale atoms per stage
-    static constexpr uint32_t kABytes = kBlockM * 128, kBBytes = kBlockN * 128;
+    static constexpr int kMmasPerStage = R::kStageK / R::kMmaK;                  // 4 (NVFP4_EXACT 16)
+    static constexpr int kAtoms = (R::kSFA || R::kSFB) ? R::kStageK / R::kGran / 4 : 0;   // scale atoms per stage
+    static constexpr uint32_t kABytes = kBlockM * 128, kBBytes = kBlockN * 128 * R::kBBoxes;
+    static constexpr uint32_t kBBoxBytes = kBlockN * 128;                       // one 128-byte K column of B
     static constexpr uint32_t kSFBytes = kAtoms * kSFAtomBytes;
-    static constexpr uint32_t kStageBytes = kABytes + kBBytes + 2 * kSFBytes;   // TMA tx bytes per stage
+    static constexpr uint32_t kSFABytes = R::kSFA ? kSFBytes : 0, kSFBBytes = R::kSFB ? kSFBytes : 0;
+    static constexpr uint32_t kStageBytes = kABytes + kBBytes + kSFABytes + kSFBBytes;   // TMA tx bytes per stage
     static constexpr uint32_t kAOff = 0;
     static constexpr uint32_t kBOff = kAOff + kStages * kABytes;
     static constexpr uint32_t kSFAOff = kBOff + kStages * kBBytes;
-    static constexpr uint32_t kSFBOff = kSFAOff + kStages * kSFBytes;
-    static constexpr uint32_t kBarOff = kSFBOff + kStages * kSFBytes;
-    static constexpr int kNumBarriers = 2 * kStages + 4;
+    static constexpr uint32_t kSFBOff = kSFAOff + kStages * kSFABytes;
+    static constexpr uint32_t kBarOff = kSFBOff + kStages * kSFBBytes;
+    static constexpr bool kATmem = R::kATmem;
+    static constexpr bool kBlockScaledMma = R::kKind != MmaKind::F16;            // scales through TMEM (tcgen05.cp)
+    static constexpr int kNumBarriers = 2 * kStages + 4 + (kATmem ? 4 : 0);
+    static constexpr int kDequantWarps = kATmem ? 4 : 0;                        // warps 8..11
+    static constexpr int kNumThreads = kATmem ? 384 : 256;
+    static constexpr int kEmptyCount = 1 + kDequantWarps;
     static constexpr uint32_t kTmemSlotOff = kBarOff + 8 * kNumBarriers;
     static constexpr uint32_t kSmemBytes = kTmemSlotOff + 16;                  // from the aligned base
     static constexpr int kEpilogueThreads = 128;
-    using Tmem = TmemLayout<kBlockN, kAtoms>;
+    using Tmem = typename std::conditional<kATmem, TmemLayoutA<kBlockN, R::kStageK / 2>,
+                                           TmemLayout<kBlockN, (R::kSFA || R::kSFB) ? kAtoms : 0>>::type;
 
     static_assert(kBlockN == 32 || kBlockN == 64 || kBlockN == 128, "kBlockN must divide 128 and be >= 32");
     static_assert(is_legal_shape(R::kKind, kBlockM, kBlockN), "illegal UMMA shape");
     static_assert(is_legal_combo(R::kKind, R::kA, R::kB, R::kScale), "illegal element / scale combination");
-    static_assert(kMmasPerStage * R::kMmaKBytes == 128, "a stage is one 128-byte SW128 column");
+    static_assert(kMmasPerStage * R::kMmaKBytes == 128 * R::kBBoxes, "a stage is kBBoxes 128-byte SW128 columns of B");
     static_assert(kBBytes % 1024 == 0, "B stages must stay 1024-aligned");
     static_assert(kStages >= 2, "at least two stages");
 
@@ -185,13 +270,15 @@ struct GemmPlan {
     DG_HOST_DEVICE static constexpr int empty(int s) { return kStages + s; }
     DG_HOST_DEVICE static constexpr int tmem_full(int b) { return 2 * kStages + b; }
     DG_HOST_DEVICE static constexpr int tmem_empty(int b) { return 2 * kStages + 2 + b; }
+    DG_HOST_DEVICE static constexpr int a_full(int slot) { return 2 * kStages + 4 + slot; }    // NVFP4_EXACT
+    DG_HOST_DEVICE static constexpr int a_empty(int slot) { return 2 * kStages + 6 + slot; }   // NVFP4_EXACT
 
     DG_HOST_DEVICE int num_k_blocks() const { return k / R::kStageK; }
     DG_HOST_DEVICE int scale_blocks() const { return k / R::kGran; }
     DG_HOST_DEVICE uint32_t a_smem(int s) const { return smem_base + kAOff + uint32_t(s) * kABytes; }
     DG_HOST_DEVICE uint32_t b_smem(int s) const { return smem_base + kBOff + uint32_t(s) * kBBytes; }
-    DG_HOST_DEVICE uint32_t sfa_smem(int s) const { return smem_base + kSFAOff + uint32_t(s) * kSFBytes; }
-    DG_HOST_DEVICE uint32_t sfb_smem(int s) const { return smem_base + kSFBOff + uint32_t(s) * kSFBytes; }
+    DG_HOST_DEVICE uint32_t sfa_smem(int s) const { return smem_base + kSFAOff + uint32_t(s) * kSFABytes; }
+    DG_HOST_DEVICE uint32_t sfb_smem(int s) const { return smem_base + kSFBOff + uint32_t(s) * kSFBBytes; }
 
     // Byte offsets of a stage's scale atoms in kTensorSFA / kTensorSFB
     DG_HOST_DEVICE uint64_t sfa_offset(const PlanTile& t, int kb) const {
@@ -212,7 +299,9 @@ struct GemmPlan {
     DG_HOST_DEVICE static constexpr int mma_atom(int kk) { return kk * R::kMmaK / (4 * R::kGran); }
     DG_HOST_DEVICE static constexpr int mma_sf_id(int kk) { return (kk * R::kMmaK / R::kGran) % 4; }
     DG_HOST_DEVICE static constexpr uint32_t idesc(int kk) {
-        return make_idesc_block_scaled(R::kKind, R::kA, R::kB, R::kScale, kBlockM, kBlockN, mma_sf_id(kk), mma_sf_id(kk));
+        return kBlockScaledMma
+            ? make_idesc_block_scaled(R::kKind, R::kA, R::kB, R::kScale, kBlockM, kBlockN, mma_sf_id(kk), mma_sf_id(kk))
+            : make_idesc_f16(R::kA, R::kB, kBlockM, kBlockN);   // A and B K-major (TS: A from TMEM is K-major)
     }
 
     // ---------------------------------------------------------------- epilogue index maps
@@ -300,11 +389,17 @@ struct GemmPlan {
     DG_HOST_DEVICE void init_barriers(Ops& ops) const {
         for (int s = 0; s < kStages; ++s) {
             ops.init_barrier(full(s), 1);
-            ops.init_barrier(empty(s), 1);
+            ops.init_barrier(empty(s), kEmptyCount);
         }
         for (int b = 0; b < 2; ++b) {
             ops.init_barrier(tmem_full(b), 1);
             ops.init_barrier(tmem_empty(b), kEpilogueThreads);
+        }
+        if constexpr (kATmem) {
+            for (int slot = 0; slot < 2; ++slot) {
+                ops.init_barrier(a_full(slot), 32 * kDequantWarps);
+                ops.init_barrier(a_empty(slot), 1);
+            }
         }
     }
 
@@ -325,11 +420,15 @@ struct GemmPlan {
                 const int32_t a_coords[2] = {int32_t(kb * R::kBoxK), a_row};
                 const uint32_t a_box[2] = {uint32_t(R::kBoxK), uint32_t(kBlockM)};
                 ops.tma_load(kTensorA, a_coords, a_box, a_smem(stage), 128, full(stage));
-                const int32_t b_coords[2] = {int32_t(kb * R::kBoxK), int32_t(tile.row_start)};
-                const uint32_t b_box[2] = {uint32_t(R::kBoxK), uint32_t(kBlockN)};
-                ops.tma_load(kTensorB, b_coords, b_box, b_smem(stage), 128, full(stage));
-                ops.bulk_copy(kTensorSFA, sfa_offset(tile, kb), kSFBytes, sfa_smem(stage), full(stage));
-                ops.bulk_copy(kTensorSFB, sfb_offset(tile, kb), kSFBytes, sfb_smem(stage), full(stage));
+                for (int i = 0; i < R::kBBoxes; ++i) {
+                    const int32_t b_coords[2] = {int32_t((kb * R::kBBoxes + i) * R::kBoxKB), int32_t(tile.row_start)};
+                    const uint32_t b_box[2] = {uint32_t(R::kBoxKB), uint32_t(kBlockN)};
+                    ops.tma_load(kTensorB, b_coords, b_box, b_smem(stage) + uint32_t(i) * kBBoxBytes, 128, full(stage));
+                }
+                if constexpr (R::kSFA)
+                    ops.bulk_copy(kTensorSFA, sfa_offset(tile, kb), kSFBytes, sfa_smem(stage), full(stage));
+                if constexpr (R::kSFB)
+                    ops.bulk_copy(kTensorSFB, sfb_offset(tile, kb), kSFBytes, sfb_smem(stage), full(stage));
                 if (++stage == kStages) stage = 0, phase ^= 1u;
             }
         }
@@ -352,8 +451,30 @@ struct GemmPlan {
             const uint32_t d_taddr = tmem_base + Tmem::accum(buf);
             for (int kb = 0; kb < nkb; ++kb, ++kcount) {
                 ops.wait(full(stage), phase);
-                ops.fence_after_sync();
                 const uint32_t slot = kcount % 2;
+                if constexpr (kATmem) {
+                    // the dequant warpgroup's BF16 A of this k block is in TMEM slot `slot`
+                    ops.wait(a_full(int(slot)), (kcount / 2) % 2);
+                }
+                ops.fence_after_sync();
+                if constexpr (!kBlockScaledMma) {
+                    for (int kk = 0; kk < kMmasPerStage; ++kk) {
+                        const uint64_t bdesc = advance_smem_desc_k(
+                            make_smem_desc_sw128_kmajor(b_smem(stage) + uint32_t(kk / 4) * kBBoxBytes), uint32_t((kk % 4) * R::kMmaKBytes));
+                        if constexpr (kATmem) {
+                            ops.mma_ts(idesc(kk), tmem_base + Tmem::a(slot) + uint32_t(kk * R::kMmaK / 2), bdesc, d_taddr,
+                                       kb > 0 || kk > 0);
+                        } else {
+                            const uint64_t adesc = advance_smem_desc_k(make_smem_desc_sw128_kmajor(a_smem(stage)),
+                                                                       uint32_t(kk * R::kMmaKBytes));
+                            ops.mma(R::kKind, idesc(kk), adesc, bdesc, d_taddr, 0u, 0u, kb > 0 || kk > 0);
+                        }
+                    }
+                    ops.commit(empty(stage));
+                    if constexpr (kATmem) ops.commit(a_empty(int(slot)));
+                    if (++stage == kStages) stage = 0, phase ^= 1u;
+                    continue;
+                }
                 for (int i = 0; i < kAtoms; ++i) {
                     ops.utccp(make_sf_atom_desc(sfa_smem(stage) + uint32_t(i) * kSFAtomBytes),
                               tmem_base + Tmem::sfa(slot) + 4u * uint32_t(i), UtccpShape::K32x128B_WARPX4);
@@ -373,6 +494,60 @@ struct GemmPlan {
                 if (++stage == kStages) stage = 0, phase ^= 1u;
             }
             ops.commit(tmem_full(int(buf)));
+        }
+    }
+
+    // ---------------------------------------------------------------- dequant (NVFP4_EXACT; 128 threads)
+    // Thread (warp, lane) of the dequant warps (warp % 4 = its TMEM lane quarter) owns weight row
+    // m = 32 (warp % 4) + lane of every tile.  Per k block: wait full(stage); read the row's 8 16-byte
+    // code chunks (SW128: sw128_offset) and its kAtoms scale words (atom j, word sf_atom_byte(m, 0): the
+    // UE4M3 of blocks 4 j .. 4 j + 3 as bytes 0..3); release the stage (one arrive per warp); wait for A
+    // slot kcount % 2 to be free (the MMAs that read it committed); per chunk c (K 32 c .. 32 c + 31, scale
+    // blocks 2 c, 2 c + 1): 16 BF16 pairs (dequant_chunk: register 4 w + i = k 8 w + 2 i, + 1 of the chunk)
+    // -> tcgen05.st 32x32b.x16 at (lane 32 (warp % 4), column Tmem::a(slot) + 16 c); then wait::st,
+    // fence::before_thread_sync, arrive a_full(slot).  Ops additions (only this role uses them):
+    //   void lds128(uint32_t smem_addr, uint32_t (&v)[4]);  uint32_t lds32(uint32_t smem_addr);
+    //   void warp_arrive(int mbar_id, int lane);   // __syncwarp, then one mbarrier.arrive by lane 0
+    //   void dequant_chunk(const uint32_t (&codes)[4], uint32_t scale_word, int first_byte, uint32_t (&regs)[16]);
+    //   template <int kNum> void tmem_st(int warp, int lane, uint32_t taddr, const uint32_t (&regs)[kNum]);
+    //                                              // tcgen05.st.sync.aligned.32x32b.x<kNum>.b32: thread t,
+    //                                              // register j -> lane base + t, column col + j
+    //   void tmem_st_wait();                       // tcgen05.wait::st
+    //   void mma_ts(uint32_t idesc, uint32_t a_taddr, uint64_t bdesc, uint32_t d_taddr, bool accumulate);
+    //                                              // tcgen05.mma.cta_group::1.kind::f16 [d], [a], bdesc (MMA warp)
+    static constexpr int kDequantChunks = R::kStageK / 32;
+    static constexpr int kChunkRegs = 16;
+    template <class Ops, class Tiles>
+    DG_HOST_DEVICE void dequant(Ops& ops, Tiles&& tiles, int first, int num_tiles, int stride, int warp, int lane) const {
+        static_assert(kATmem, "only the NVFP4_EXACT recipe dequantizes into TMEM");
+        (void)tiles;    // the rows of a tile are whatever the producer put in the stage
+        int stage = 0;
+        uint32_t phase = 0, kcount = 0;
+        const uint32_t quarter = uint32_t(warp % 4);
+        const uint32_t m = 32u * quarter + uint32_t(lane);
+        const int nkb = num_k_blocks();
+        for (int t = first; t < num_tiles; t += stride) {
+            for (int kb = 0; kb < nkb; ++kb, ++kcount) {
+                ops.wait(full(stage), phase);
+                uint32_t codes[kDequantChunks][4];
+                uint32_t scales[kAtoms];
+                for (int c = 0; c < kDequantChunks; ++c) ops.lds128(sw128_offset(a_smem(stage), m, 16u * uint32_t(c)), codes[c]);
+                for (int j = 0; j < kAtoms; ++j) scales[j] = ops.lds32(sfa_smem(stage) + uint32_t(j) * kSFAtomBytes + sf_atom_byte(m, 0));
+                ops.warp_arrive(empty(stage), lane);
+                const uint32_t slot = kcount % 2;
+                ops.wait(a_empty(int(slot)), ((kcount / 2) % 2) ^ 1u);
+                ops.fence_after_sync();
+                for (int c = 0; c < kDequantChunks; ++c) {
+                    uint32_t regs[kChunkRegs];
+                    ops.dequant_chunk(codes[c], scales[(2 * c) / 4], (2 * c) % 4, regs);
+                    ops.template tmem_st<kChunkRegs>(warp, lane,
+                                                     tmem_base + tmem_addr(32u * quarter, Tmem::a(slot) + uint32_t(kChunkRegs * c)), regs);
+                }
+                ops.tmem_st_wait();
+                ops.fence_before_sync();
+                ops.arrive(a_full(int(slot)));
+                if (++stage == kStages) stage = 0, phase ^= 1u;
+            }
         }
     }
 

@@ -1,0 +1,236 @@
+// Op stream of the sm100 grouped GEMM's kind::f16 recipes (Recipe::NVFP4_EXACT, Recipe::BF16) for the
+// functional model (tests/sm100_model/f16.py, on top of interp.py).
+//
+// Reuses tests/cpp/sm100_model_emit.cpp as it is (its deterministic cooperative scheduler, mbarrier
+// model and recording Ops, included below with its main renamed) and adds what the exact recipe's
+// dequant warpgroup calls (GemmPlan::dequant) and the TS MMA:
+//   lds          {"warp","lane","addr","bytes","tags":[..]}     ld.shared of 16 / 4 bytes; each 32-bit word
+//                                                                gets a fresh tag (a register name)
+//   dequant_chunk{"warp","lane","codes":[4 tags],"scale":tag,"first_byte":b,"out":[16 tags]}
+//   tmem_st      {"warp","lane","shape":"32x32b","num":16,"taddr","regs":[16 tags]}
+//   tmem_st_wait {"warp","lane"}
+//   mma_ts       {"kind":"f16","idesc","a":a_taddr,"bdesc","d","acc"}
+// warp_arrive is modelled as __syncwarp (the 32 lanes of the warp meet on a private barrier, not
+// recorded) followed by lane 0's recorded "arrive".  The roles: producer, MMA warp, 128 epilogue
+// threads (warps 4-7) and, for NVFP4_EXACT, 128 dequant threads (warps 8-11).
+//
+//   sm100_f16_model_emit RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS
+//     RECIPE nvfp4_exact | bf16; the rest as sm100_model_emit.
+#define main sm100_model_emit_main
+#include "sm100_model_emit.cpp"
+#undef main
+
+namespace {
+
+uint32_t g_tag = 1;   // register tags: the baton serialises every thread, so a plain counter is safe
+
+struct F16Ops : RecOps {
+    int syncs = 0;    // __syncwarp calls of this lane (the parity of its private warp barrier)
+
+    std::string who() const { return ",\"warp\":" + std::to_string(warp) + ",\"lane\":" + std::to_string(lane); }
+    static std::string tags(const uint32_t* t, int n) {
+        std::string s = "[";
+        for (int i = 0; i < n; ++i) s += (i ? "," : "") + std::to_string(t[i]);
+        return s + "]";
+    }
+
+    void lds128(uint32_t addr, uint32_t (&v)[4]) {
+        for (auto& x : v) x = g_tag++;
+        record(head("lds") + who() + ",\"addr\":" + std::to_string(addr) + ",\"bytes\":16,\"tags\":" + tags(v, 4) + "}");
+    }
+    uint32_t lds32(uint32_t addr) {
+        const uint32_t t = g_tag++;
+        record(head("lds") + who() + ",\"addr\":" + std::to_string(addr) + ",\"bytes\":4,\"tags\":[" + std::to_string(t) + "]}");
+        return t;
+    }
+    // __syncwarp on a private barrier (id 1000 + warp, count 32), then one arrive by lane 0
+    void warp_arrive(int id, int l) {
+        const int wb = 1000 + warp;
+        {
+            std::unique_lock<std::mutex> lk(cta->sched->m);
+            auto& bars = cta->sched->bars;
+            if (size_t(wb) >= bars.size()) bars.resize(size_t(wb) + 1);
+            Barrier& b = bars[size_t(wb)];
+            if (!b.init) b.init = true, b.count = 32, b.pending = 32;
+            --b.pending;
+            settle(b);
+            const uint32_t parity = uint32_t(syncs++ & 1);
+            cta->sched->wait_bar[size_t(me)] = wb;
+            cta->sched->wait_parity[size_t(me)] = int(parity);
+            while ((bars[size_t(wb)].phases & 1u) == parity) cta->sched->yield_locked(lk, me);
+            cta->sched->wait_bar[size_t(me)] = -1;
+        }
+        if (l == 0) arrive(id);
+    }
+    void dequant_chunk(const uint32_t (&codes)[4], uint32_t scale_word, int first_byte, uint32_t (&regs)[16]) {
+        for (auto& x : regs) x = g_tag++;
+        record(head("dequant_chunk") + who() + ",\"codes\":" + tags(codes, 4) + ",\"scale\":" + std::to_string(scale_word) +
+               ",\"first_byte\":" + std::to_string(first_byte) + ",\"out\":" + tags(regs, 16) + "}");
+    }
+    template <int kNum>
+    void tmem_st(int w, int l, uint32_t taddr, const uint32_t (&regs)[kNum]) {
+        record(head("tmem_st") + ",\"warp\":" + std::to_string(w) + ",\"lane\":" + std::to_string(l) +
+               ",\"shape\":\"32x32b\",\"num\":" + std::to_string(kNum) + ",\"taddr\":" + std::to_string(taddr) +
+               ",\"regs\":" + tags(regs, kNum) + "}");
+    }
+    void tmem_st_wait() { record(head("tmem_st_wait") + who() + "}"); }
+    void mma_ts(uint32_t idesc, uint32_t a_taddr, uint64_t bdesc, uint32_t d, bool acc) {
+        std::ostringstream o;
+        o << head("mma_ts") << ",\"kind\":\"f16\",\"idesc\":" << idesc << ",\"a\":" << a_taddr << ",\"bdesc\":" << bdesc
+          << ",\"d\":" << d << ",\"acc\":" << (acc ? 1 : 0) << "}";
+        record(o.str());
+    }
+};
+
+template <Recipe kRecipe, int kBlockN, int kStages>
+int run_f16(const Problem& p) {
+    using Plan = GemmPlan<kRecipe, kBlockN, kStages>;
+    const int num_tiles = int(p.tiles.size());
+    {
+        std::ostringstream o;
+        o << "{\"op\":\"problem\",\"recipe\":\"" << p.recipe << "\",\"block_n\":" << kBlockN << ",\"stages\":" << kStages
+          << ",\"epilogue\":\"" << p.epilogue << "\",\"mode\":\"" << p.mode << "\",\"n\":" << p.n << ",\"k\":" << p.k
+          << ",\"max_rows\":" << p.max_rows << ",\"ctas\":" << p.ctas << ",\"total_rows\":" << p.total_rows
+          << ",\"smem_bytes\":" << Plan::kSmemBytes << ",\"tmem_cols\":" << Plan::Tmem::kAlloc
+          << ",\"threads\":" << Plan::kNumThreads << ",\"counts\":[";
+        for (size_t e = 0; e < p.counts.size(); ++e) o << (e ? "," : "") << p.counts[e];
+        o << "],\"starts\":[";
+        for (size_t e = 0; e < p.starts.size(); ++e) o << (e ? "," : "") << p.starts[e];
+        o << "],\"tiles\":[";
+        for (int t = 0; t < num_tiles; ++t) {
+            const PlanTile& x = p.tiles[size_t(t)];
+            o << (t ? "," : "") << "[" << x.expert << "," << x.row_tile << "," << x.token_tile << "," << x.row_start << "," << x.num_tokens << "]";
+        }
+        o << "]}";
+        emit(o.str());
+    }
+    const auto tiles = [&](int t) { return p.tiles[size_t(t)]; };
+
+    for (int cta = 0; cta < p.ctas; ++cta) {
+        const int kEpi = Plan::kEpilogueThreads, kDq = 32 * Plan::kDequantWarps;
+        const int nthreads = 2 + kEpi + kDq;
+        Sched sched(p.seed * 1000003ull + uint64_t(cta), nthreads);
+        // bytes per TMA box element: BF16 tokens (and BF16 weights) 2
+        Cta c{cta, &sched, {kRecipe == Recipe::BF16 ? 2u : 1u, 1u, 2u, 1u, 1u}};
+        const Plan plan{p.n, p.k, 1024u, 0u};
+        if (Plan::kSmemBytes + plan.smem_base > 232448u) die("shared memory plan exceeds 227 KiB");
+        std::vector<F16Ops> ops(static_cast<size_t>(nthreads));
+        for (int i = 0; i < nthreads; ++i) {
+            ops[size_t(i)].cta = &c;
+            ops[size_t(i)].me = i;
+        }
+        sched.alive = {0};
+        sched.running = 0;
+        plan.init_barriers(ops[0]);
+        std::vector<std::thread> th;
+        {
+            std::lock_guard<std::mutex> g(sched.m);
+            sched.alive.clear();
+            for (int i = 0; i < nthreads; ++i) sched.alive.push_back(i);
+            sched.running = -1;
+        }
+        auto body = [&](int me, std::function<void()> fn) {
+            {
+                std::unique_lock<std::mutex> lk(sched.m);
+                sched.cvs[size_t(me)].wait(lk, [&] { return sched.running == me; });
+            }
+            fn();
+            std::unique_lock<std::mutex> lk(sched.m);
+            sched.finish_locked(me);
+        };
+        th.emplace_back(body, 0, [&] { plan.producer(ops[0], tiles, cta, num_tiles, p.ctas); });
+        th.emplace_back(body, 1, [&] { plan.mma(ops[1], tiles, cta, num_tiles, p.ctas); });
+        for (int i = 0; i < kEpi; ++i) {
+            const int warp = 4 + i / 32, lane = i % 32, me = 2 + i;
+            ops[size_t(me)].warp = warp, ops[size_t(me)].lane = lane;
+            th.emplace_back(body, me, [&, warp, lane, me] {
+                F16Ops& o = ops[size_t(me)];
+                if (p.epilogue == "plain") {
+                    plan.template epilogue<TmemLdShape::K32x32B>(
+                        o, tiles, cta, num_tiles, p.ctas, warp, lane,
+                        [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::Plain (raw accumulators)
+                            const int row = tile.row_tile * Plan::kBlockM + int(lane_base) + l;
+                            std::vector<int> rg; std::vector<long> rr, cc;
+                            for (int j = 0; j < 16; ++j) {
+                                const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K32x32B, uint32_t(l), uint32_t(j));
+                                const int tok = int(col + c2.column);
+                                if (tok < tile.num_tokens) { rg.push_back(int(regs[j])); rr.push_back(tile.row_start + tok); cc.push_back(row); }
+                            }
+                            o.store(kTensorD, rg, rr, cc);
+                        });
+                } else {
+                    plan.template epilogue<TmemLdShape::K16x256B>(
+                        o, tiles, cta, num_tiles, p.ctas, warp, lane,
+                        [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::SwiGLU (gate = register j, up = j + 2)
+                            std::vector<int> gr, ur; std::vector<long> rr, cc;
+                            for (int j = 0; j < 16; ++j) {
+                                if ((j % 4) >= 2) continue;
+                                const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(l), uint32_t(j));
+                                const int tok = int(col + c2.column);
+                                const int kernel_row = int(lane_base + c2.lane);
+                                const int chan = tile.row_tile * (Plan::kBlockM / 2) + (kernel_row / 16) * 8 + kernel_row % 8;
+                                if (tok < tile.num_tokens) {
+                                    gr.push_back(int(regs[j])); ur.push_back(int(regs[j + 2]));
+                                    rr.push_back(tile.row_start + tok); cc.push_back(chan);
+                                }
+                            }
+                            o.store(10, gr, rr, cc);
+                            o.store(11, ur, rr, cc);
+                        });
+                }
+            });
+        }
+        if constexpr (Plan::kATmem) {
+            for (int i = 0; i < kDq; ++i) {
+                const int warp = 8 + i / 32, lane = i % 32, me = 2 + kEpi + i;
+                ops[size_t(me)].warp = warp, ops[size_t(me)].lane = lane;
+                th.emplace_back(body, me, [&, warp, lane, me] {
+                    plan.dequant(ops[size_t(me)], tiles, cta, num_tiles, p.ctas, warp, lane);
+                });
+            }
+        }
+        {
+            std::lock_guard<std::mutex> g(sched.m);
+            sched.pick_locked();
+        }
+        for (auto& t : th) t.join();
+        for (size_t b = 0; b < sched.bars.size(); ++b)
+            if (sched.bars[b].tx != 0) die("an mbarrier ends with outstanding transaction bytes");
+    }
+    return 0;
+}
+
+template <Recipe kRecipe>
+int dispatch_f16(const Problem& p) {
+    if (p.stages == 2) {
+        if (p.block_n == 32) return run_f16<kRecipe, 32, 2>(p);
+        if (p.block_n == 64) return run_f16<kRecipe, 64, 2>(p);
+    } else if (p.stages == 3) {
+        if (p.block_n == 32) return run_f16<kRecipe, 32, 3>(p);
+        if (p.block_n == 64) return run_f16<kRecipe, 64, 3>(p);
+    }
+    die("unsupported BLOCK_N / STAGES");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 12) {
+        std::fprintf(stderr, "usage: %s RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS\n", argv[0]);
+        return 2;
+    }
+    Problem p;
+    p.recipe = argv[1], p.block_n = std::atoi(argv[2]), p.stages = std::atoi(argv[3]), p.epilogue = argv[4], p.mode = argv[5];
+    p.n = std::atoi(argv[6]), p.k = std::atoi(argv[7]), p.max_rows = std::atoi(argv[8]), p.ctas = std::atoi(argv[9]);
+    p.seed = std::strtoull(argv[10], nullptr, 10);
+    std::stringstream ss(argv[11]);
+    for (std::string tok; std::getline(ss, tok, ',');) p.counts.push_back(std::atoi(tok.c_str()));
+    if (p.mode != "contiguous" && p.mode != "masked") die("MODE");
+    if (p.epilogue != "plain" && p.epilogue != "swiglu") die("EPILOGUE");
+    make_tiles(p);
+    if (p.recipe == "nvfp4_exact") return dispatch_f16<Recipe::NVFP4_EXACT>(p);
+    if (p.recipe == "bf16") return dispatch_f16<Recipe::BF16>(p);
+    die("RECIPE");
+}
