@@ -39,6 +39,7 @@
 #include <deep_gemm/common/sm100_tcgen05.cuh>
 #include <deep_gemm/epilogue/moe_l2_input.cuh>
 #include <deep_gemm/epilogue/moe_math.cuh>
+#include <deep_gemm/epilogue/sm100_moe_epilogue.cuh>
 #include <deep_gemm/scheduler/grouped_tiles.cuh>
 #include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
 
@@ -112,14 +113,8 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
                     const float a = __ldg(alpha + tile.expert * alpha_stride) * b_scale;
-                    const int row = tile.row_tile * Plan::kBlockM + int(lane_base) + l;
-                    #pragma unroll
-                    for (int j = 0; j < 16; ++j) {
-                        const TmemCoord c = tmem_ld_coord(TmemLdShape::K32x32B, uint32_t(l), uint32_t(j));
-                        const int tok = int(col + c.column);
-                        if (tok < tile.num_tokens)
-                            out[size_t(tile.row_start + tok) * size_t(n) + row] = __float2bfloat16_rn(__uint_as_float(regs[j]) * a);
-                    }
+                    store_rows_chunk<false>(regs, col, l, tile.num_tokens, a, nullptr, out, size_t(tile.row_start),
+                                            size_t(n), tile.row_tile * Plan::kBlockM + int(lane_base) + l);
                 });
         } else if constexpr (kEpilogue == Epilogue::SwiGLUQuant) {
             const float cb = __bfloat162float(__float2bfloat16_rn(clamp));
@@ -128,64 +123,15 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
                     const float ag = __ldg(alpha + tile.expert * alpha_stride) * b_scale;
                     const float au = __ldg(alpha + tile.expert * alpha_stride + 1) * b_scale;
-                    #pragma unroll
-                    for (int j = 0; j < 16; ++j) {
-                        if ((j % 4) >= 2) continue;
-                        const TmemCoord c = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(l), uint32_t(j));
-                        const int tok = int(col + c.column);
-                        const int kernel_row = int(lane_base + c.lane);
-                        const int chan = (kernel_row / 16) * 8 + kernel_row % 8;      // within the tile's 64
-                        if (tok < tile.num_tokens) {
-                            const float g = __bfloat162float(__float2bfloat16_rn(__uint_as_float(regs[j]) * ag));
-                            const float u = __bfloat162float(__float2bfloat16_rn(__uint_as_float(regs[j + 2]) * au));
-                            float a = swiglu<kFastMath>(g, u, cb);
-                            if (route_weights != nullptr) a *= route_weights[size_t(tile.row_start + tok)];
-                            epi_scratch[chan * kBlockN + tok] = a;
-                        }
-                    }
+                    swiglu_stage_chunk<kBlockN, kFastMath>(
+                        regs, lane_base, col, l, tile.num_tokens, ag, au, cb,
+                        route_weights != nullptr ? route_weights + tile.row_start : nullptr, epi_scratch);
                 },
                 [&](const PlanTile& tile) {
                     epilogue_barrier();
-                    constexpr int kGran = kRecipe == Recipe::NVFP4 ? 16 : 32;
-                    constexpr int kBlocks = 64 / kGran;
-                    const int inter = n / 2;
-                    const int tid = int(threadIdx.x) % 128;
-                    for (int p = tid; p < kBlocks * kBlockN; p += 128) {
-                        const int blk = p / kBlockN, tok = p % kBlockN;
-                        if (tok >= tile.num_tokens) continue;
-                        const float* src = epi_scratch + blk * kGran * kBlockN + tok;
-                        float amax = 0.0f;
-                        #pragma unroll
-                        for (int i = 0; i < kGran; ++i) amax = fmaxf(amax, fabsf(src[i * kBlockN]));
-                        const size_t row = size_t(tile.row_start + tok);
-                        const int gblock = tile.row_tile * kBlocks + blk;              // scale block in the row
-                        uint8_t* codes = reinterpret_cast<uint8_t*>(out);
-                        if constexpr (kRecipe == Recipe::NVFP4) {
-                            const l2_input::Nvfp4Block nb = l2_input::nvfp4_block(amax, l2_inv_global);
-                            uint32_t packed[2] = {0u, 0u};
-                            #pragma unroll
-                            for (int i = 0; i < 16; ++i)
-                                packed[i / 8] |= uint32_t(l2_input::nvfp4_code(src[i * kBlockN], nb)) << (4 * (i % 8));
-                            *reinterpret_cast<uint2*>(codes + row * size_t(inter / 2) + size_t(gblock) * 8) =
-                                make_uint2(packed[0], packed[1]);
-                            out_sf[sf_global_offset(row, uint64_t(gblock), uint64_t(inter / 16))] = nb.sf8;
-                        } else {
-                            const l2_input::Fp8Pow2Block fb = l2_input::fp8_pow2_block(amax);
-                            uint32_t packed[8];
-                            #pragma unroll
-                            for (int w = 0; w < 8; ++w) {
-                                packed[w] = 0u;
-                                #pragma unroll
-                                for (int i = 0; i < 4; ++i)
-                                    packed[w] |= uint32_t(l2_input::fp8_pow2_code(src[(4 * w + i) * kBlockN], fb)) << (8 * i);
-                            }
-                            uint4* dst = reinterpret_cast<uint4*>(codes + row * size_t(inter) + size_t(gblock) * 32);
-                            dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-                            dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
-                            out_sf[sf_global_offset(row, uint64_t(gblock), uint64_t(inter / 32))] =
-                                uint8_t(l2_input::fp8_pow2_sf_biased(amax));
-                        }
-                    }
+                    quantize_l2_input<kRecipe, kBlockN>(epi_scratch, tile.num_tokens, size_t(tile.row_start),
+                                                        tile.row_tile, n / 2, reinterpret_cast<uint8_t*>(out), out_sf,
+                                                        l2_inv_global, int(threadIdx.x) % 128);
                     epilogue_barrier();
                 });
         } else {
