@@ -196,6 +196,12 @@ def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, back
         warnings.warn(f"backend='auto': deep_gemm.mega.{backend} runs one rank only; using the reference backend "
                       f"for this {buffer.num_ranks}-rank buffer")
         backend = 'reference'
+    if requested == 'auto' and backend != 'reference':
+        # a backend module may decline a call it has no kernel for (deep_gemm.mega.sm100.unsupported)
+        why = getattr(_backend_module(backend), 'unsupported', lambda *_: None)(buffer, l1, l2)
+        if why:
+            warnings.warn(f"backend='auto': {why}; using the reference backend")
+            backend = 'reference'
     if backend == 'reference':
         if buffer.num_ranks > 1 and buffer.group is None:
             raise ValueError(f'buffer: an emulated {buffer.num_ranks}-rank group has no process group; '

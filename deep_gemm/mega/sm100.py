@@ -154,10 +154,6 @@ def _recipe_fmt(buffer) -> str:
 
 
 def _check_args(y, l1, l2, buffer, fmt: str):
-    _check(buffer.device.type == 'cuda', ValueError,
-           f'buffer: the sm100 backend needs a CUDA buffer (symmetric memory), got one on {buffer.device}')
-    _check(buffer.peer_bases is not None, ValueError,
-           'buffer: a multi-rank buffer without peer mappings; sm100 needs symmetric memory')
     _check(buffer.num_ranks <= _MAX_RANKS, ValueError,
            f'buffer: {buffer.num_ranks} ranks > {_MAX_RANKS}, the most the fused kernel takes')
     _check(isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and y.dim() == 2, TypeError,
@@ -179,6 +175,11 @@ def _check_args(y, l1, l2, buffer, fmt: str):
     _check(buffer.hidden % 128 == 0 and buffer.intermediate_hidden % 128 == 0, ValueError,
            f'buffer: hidden {buffer.hidden} and intermediate {buffer.intermediate_hidden} must be multiples of 128 '
            f'(weight-row tiles; K of a stage)')
+    # last, so that the checks above also run (and are tested) on a CPU buffer
+    _check(buffer.device.type == 'cuda', ValueError,
+           f'buffer: the sm100 backend needs a CUDA buffer (symmetric memory), got one on {buffer.device}')
+    _check(buffer.peer_bases is not None, ValueError,
+           'buffer: a multi-rank buffer without peer mappings; sm100 needs symmetric memory')
 
 
 def _alphas(l1, l2, recipe):
@@ -219,11 +220,11 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
     / ``l2_alphas`` / ``a2_scales``: fp4_fp4_mega_moe's (``sm90.upstream_recipe`` forms the alphas
     the same way: device arithmetic only)."""
     fmt = _recipe_fmt(buffer)
-    _check_args(y, l1, l2, buffer, fmt)
     if routed_scaling_factor != 1.0:
         raise NotImplementedError('routed_scaling_factor: the sm100 fused kernel takes 1.0 only for now')
     if buffer.num_shared_experts:
         raise NotImplementedError('buffer: shared experts are not in the sm100 fused kernel yet')
+    _check_args(y, l1, l2, buffer, fmt)
     t = y.shape[0]
     if t == 0 and buffer.num_ranks == 1:
         return y
@@ -267,8 +268,16 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
     return y
 
 
+def unsupported(buffer, l1, l2) -> Optional[str]:
+    """Why ``run`` (``deep_gemm.mega.api``'s backend entry, i.e. ``fp8_nvfp4_mega_moe``) cannot take
+    this call, or None.  That entry's numerics (the exact BF16 intermediate, docs/design.md) are not a
+    block-scaled recipe of the tcgen05 core, so every call gets a reason: with ``backend='auto'`` the
+    api then runs the reference (with a warning); upstream's recipes run through ``run_fused``."""
+    return ("fp8_nvfp4_mega_moe's exact BF16-intermediate numerics have no sm100 kernel; the sm100 fused "
+            "kernel runs upstream's fp4_fp4 / fp8_fp4 recipes (deep_gemm.mega.sm100.run_fused)")
+
+
 def run(y: torch.Tensor, l1, l2, buffer, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
         activation_clamp: Optional[float] = None, fast_math: bool = True) -> torch.Tensor:
-    """``deep_gemm.mega.api``'s backend entry (``select_backend('auto')`` on CC 10.x): the buffer's
-    kind picks the recipe (RECIPES), with the recipe's default alphas."""
-    return run_fused(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math)
+    """``deep_gemm.mega.api``'s backend entry (``backend='sm100'`` by name): see ``unsupported``."""
+    raise NotImplementedError(f"backend='sm100': {unsupported(buffer, l1, l2)}; use backend='reference' or 'auto'")
