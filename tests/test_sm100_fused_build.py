@@ -21,16 +21,7 @@ ARCHS = ('sm_100a', 'sm_103a')
 SPECS = (sm100.FUSED_NVFP4, sm100.FUSED_MXFP4)
 
 
-@pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-    import os
-    old = os.environ.get('DG_JIT_CACHE_DIR')
-    os.environ['DG_JIT_CACHE_DIR'] = str(tmp_path_factory.mktemp('dg_sm100_fused_cache'))
-    yield
-    if old is None:
-        os.environ.pop('DG_JIT_CACHE_DIR')
-    else:
-        os.environ['DG_JIT_CACHE_DIR'] = old
+from test_sm100_build import cache  # noqa: E402,F401  (the module's fresh JIT cache fixture)
 
 
 def test_registration():
