@@ -164,13 +164,12 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
     __syncthreads();
     sm100::tcgen05_fence_after_thread_sync();
     const uint32_t tmem_base = *tmem_slot;
+    const int l1_row_tiles = 2 * inter / Plan::kBlockM, l2_row_tiles = hidden / Plan::kBlockM;
     const int epoch0 = sh.epoch0, epoch1 = sh.epoch1;
     const mega::Call call = mega::open_call(sh, peers, off, ws, meta, error, timeout_ns, rank, num_ranks);
     const mega::Pairs pairs = mega::prologue<kThreads, kBlockT, false>(
         sh, call, flags, epoch0, num_tokens, max_tokens, topk, num_experts, max_rows, expert_offsets, stats, grid, tid,
         warp, lane, nullptr);
-
-    const int l1_row_tiles = 2 * inter / Plan::kBlockM, l2_row_tiles = hidden / Plan::kBlockM;
     const mega::Barrier1 barrier1 = mega::barrier1_of<kParts>(call, sh, l2_row_tiles, grid, epoch1);
     const mega::Units<kParts> units{call, barrier1};
     const Plan l1p{2 * inter, hidden, smem_base, tmem_base};
