@@ -147,3 +147,30 @@ def test_compile_all_lists_the_fused_kernels():
     specs = {s.name: s for s in registry.all_specs()}
     for spec in SPECS:
         assert specs[spec.name] is spec
+
+
+@pytest.mark.parametrize('mma_type,fmt', [('fp4xfp4', 'nvfp4'), ('fp8xfp4', 'mxfp4')])
+def test_upstream_entries_reach_sm100(mma_type, fmt):
+    """fp4_fp4_mega_moe / fp8_fp4_mega_moe with sm100-layout weights: backend='sm100' reaches
+    sm100.run_fused (which refuses the CPU buffer, naming it); the reference backend takes the same
+    weights (Sm100ExpertWeights.dequantize) and computes the layer."""
+    e, h, i, t = 8, 512, 512, 4
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e, 16, 2, h, i, mma_type=mma_type, device='cpu')
+    gen = torch.Generator().manual_seed(0)
+    if mma_type == 'fp4xfp4':
+        buf.x[:t].copy_(torch.randint(0, 256, (t, h // 2), dtype=torch.uint8, generator=gen))
+        buf.x_sf[:t].copy_(torch.full((t, h // 16), 0x38, dtype=torch.uint8).view(torch.int32))
+    else:
+        buf.x[:t].copy_(torch.randn(t, h, generator=gen).to(torch.float8_e4m3fn))
+        buf.x_sf[:t].copy_(torch.full((t, h // 32), 127, dtype=torch.uint8).view(torch.int32))
+    buf.topk_idx[:t].copy_(torch.randint(0, e, (t, 2), generator=gen))
+    buf.topk_weights[:t].copy_(torch.rand(t, 2, generator=gen))
+    l1, l2 = _weights(fmt, e, 2 * i, h, 'l1'), _weights(fmt, e, h, i, 'l2')
+    fn = deep_gemm.fp4_fp4_mega_moe if mma_type == 'fp4xfp4' else deep_gemm.fp8_fp4_mega_moe
+    y = torch.empty(t, h, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match='CUDA buffer'):
+        fn(y, l1, l2, buf, backend='sm100')
+    assert api._sm100_runs(buf, l1, None, 1.0) and not api._sm90_runs(buf, l1, None)
+    assert not api._sm100_runs(buf, l1, None, 0.5)
+    fn(y, l1, l2, buf, backend='reference')
+    assert torch.isfinite(y.float()).all()
