@@ -30,7 +30,7 @@ import torch
 
 from .. import gemm_sm100
 from ..jit import registry, runtime
-from ..weights_sm100 import Sm100ExpertWeights
+from ..weights_sm100 import SM100_STAGE_K, Sm100ExpertWeights
 from . import sm90
 from .sm90 import _LOOKAHEAD_EXPERTS, _MAX_RANKS, _expected_m, _fused_shared_bytes, fused_grid, push_enabled
 
@@ -172,9 +172,10 @@ def _check_args(y, l1, l2, buffer, fmt: str):
         _check((w.num_experts, w.n, w.k) == (e, n, k), ValueError,
                f'{name}: expected {e} experts of [{n}, {k}], got {w.num_experts} of [{w.n}, {w.k}]')
         _check(w.device == buffer.device, ValueError, f'{name}: on {w.device}, the buffer is on {buffer.device}')
-    _check(buffer.hidden % 128 == 0 and buffer.intermediate_hidden % 128 == 0, ValueError,
-           f'buffer: hidden {buffer.hidden} and intermediate {buffer.intermediate_hidden} must be multiples of 128 '
-           f'(weight-row tiles; K of a stage)')
+    stage_k = max(128, SM100_STAGE_K[fmt])   # weight-row tiles of 128; K of a pipeline stage
+    _check(buffer.hidden % stage_k == 0 and buffer.intermediate_hidden % stage_k == 0, ValueError,
+           f'buffer: hidden {buffer.hidden} and intermediate {buffer.intermediate_hidden} must be multiples of '
+           f'{stage_k} for the {fmt} kernel (128-row weight tiles, {SM100_STAGE_K[fmt]} K per stage)')
     # last, so that the checks above also run (and are tested) on a CPU buffer
     _check(buffer.device.type == 'cuda', ValueError,
            f'buffer: the sm100 backend needs a CUDA buffer (symmetric memory), got one on {buffer.device}')
