@@ -107,6 +107,11 @@ class Sm100ExpertWeights:
     def gran(self) -> int:
         return SCALE_GRAN[self.fmt]
 
+    def dequantize(self, experts: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``dequantize_sm100(self, experts)``: float32 ``[E', N, K]``, original row order, no global scale
+        (the interface of ``ExpertWeights.dequantize``, which the reference backend calls)."""
+        return dequantize_sm100(self, experts)
+
     def row_order(self) -> torch.Tensor:
         """Original row of each kernel row."""
         return _l1_kernel_row_order(self.n) if self.kind == 'l1' else torch.arange(self.n)

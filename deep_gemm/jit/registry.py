@@ -11,7 +11,7 @@ from . import compiler
 
 # Modules that register kernels when imported
 KERNEL_MODULES = ['deep_gemm.jit.smoke', 'deep_gemm.gemm', 'deep_gemm.mega.kernels', 'deep_gemm.mega.sm90',
-                  'deep_gemm.gemm_sm100']
+                  'deep_gemm.gemm_sm100', 'deep_gemm.mega.sm100']
 
 Params = Mapping[str, object]
 SassPatterns = Union[Sequence[str], Mapping[str, Sequence[str]]]

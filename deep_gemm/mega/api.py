@@ -196,6 +196,12 @@ def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, back
         warnings.warn(f"backend='auto': deep_gemm.mega.{backend} runs one rank only; using the reference backend "
                       f"for this {buffer.num_ranks}-rank buffer")
         backend = 'reference'
+    if requested == 'auto' and backend != 'reference':
+        # a backend module may decline a call it has no kernel for (deep_gemm.mega.sm100.unsupported)
+        why = getattr(_backend_module(backend), 'unsupported', lambda *_: None)(buffer, l1, l2)
+        if why:
+            warnings.warn(f"backend='auto': {why}; using the reference backend")
+            backend = 'reference'
     if backend == 'reference':
         if buffer.num_ranks > 1 and buffer.group is None:
             raise ValueError(f'buffer: an emulated {buffer.num_ranks}-rank group has no process group; '
@@ -313,9 +319,10 @@ def _check_vector(name: str, v, shape, device) -> None:
         check_tensor(name, v, dtype=torch.float32, shape=shape, device=device)
 
 
-def _upstream_backend(backend: str, buffer: SymmBuffer, entry: str, sm90_kernel: bool = False) -> str:
+def _upstream_backend(backend: str, buffer: SymmBuffer, entry: str, sm90_kernel: bool = False,
+                      sm100_kernel: bool = False) -> str:
     chosen = select_backend(backend, buffer.device)
-    if chosen == 'reference' or (chosen == 'sm90' and sm90_kernel):
+    if chosen == 'reference' or (chosen == 'sm90' and sm90_kernel) or (chosen == 'sm100' and sm100_kernel):
         return chosen
     if backend == 'auto':  # no GPU kernel of these numerics yet: the reference runs them on the device
         if (entry, chosen) not in _warned_no_kernel:
@@ -334,7 +341,21 @@ _SM90_FORMAT = {'fp8xfp4': 'mxfp4', 'bf16xbf16': 'bf16', 'fp4xfp4': 'nvfp4'}
 def _sm90_runs(buffer: SymmBuffer, l1, shared_l1) -> bool:
     """Whether sm90 has kernels for this call: MXFP4 / BF16 / NVFP4 routed weights of the buffer's kind,
     and BF16 shared experts or none (FP8 weights, routed or shared, run the reference)."""
-    return _SM90_FORMAT.get(buffer.mma_type) == l1.fmt and (shared_l1 is None or shared_l1.fmt == 'bf16')
+    return _SM90_FORMAT.get(buffer.mma_type) == l1.fmt and (shared_l1 is None or shared_l1.fmt == 'bf16') and \
+        not _is_sm100_weights(l1)
+
+
+def _is_sm100_weights(w) -> bool:
+    from ..weights_sm100 import Sm100ExpertWeights
+    return isinstance(w, Sm100ExpertWeights)
+
+
+def _sm100_runs(buffer: SymmBuffer, l1, shared_l1, routed_scaling_factor: float) -> bool:
+    """Whether the sm100 fused kernel takes this call (deep_gemm.mega.sm100.run_fused): sm100-layout
+    weights (deep_gemm.weights_sm100) of the buffer's recipe, no shared experts, no routed scaling."""
+    mod = _backend_module('sm100')
+    return mod is not None and _is_sm100_weights(l1) and mod.RECIPES.get(buffer.mma_type) == l1.fmt and \
+        shared_l1 is None and float(routed_scaling_factor) == 1.0
 
 
 def _shared_input(buffer: SymmBuffer, t: int, x_bf16) -> torch.Tensor:
@@ -373,7 +394,13 @@ def _upstream_call(entry: str, y, l1, l2, buffer, shared_l1, shared_l2, stats, a
         _check_values(buffer, 0, 'sym_buffer', [('l1_alphas', l1_alphas), ('l2_alphas', l2_alphas),
                                                 ('a2_scales', a2_scales)])
     buffer.check_comm(synchronize=False)
-    if _upstream_backend(backend, buffer, entry, _sm90_runs(buffer, l1, shared_l1)) == 'sm90':
+    chosen = _upstream_backend(backend, buffer, entry, _sm90_runs(buffer, l1, shared_l1),
+                               _sm100_runs(buffer, l1, shared_l1, routed_scaling_factor))
+    if chosen == 'sm100':
+        _backend_module('sm100').run_fused(y, l1, l2, buffer, stats, activation_clamp, fast_math, l1_alphas, l2_alphas,
+                                           a2_scales, float(routed_scaling_factor))
+        return y
+    if chosen == 'sm90':
         if buffer.device.type != 'cuda':
             raise ValueError(f"sym_buffer: backend 'sm90' needs a CUDA buffer, got one on {buffer.device}")
         _stage_packed_scales(buffer, t)

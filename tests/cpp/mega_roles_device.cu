@@ -42,14 +42,13 @@ stub_mega_moe(const uint64_t* bases, mega::Regions off, __nv_bfloat16* l1_x, com
     for (int e = tid; e < num_experts; e += kThreads) sh.count[e] = 0;
     __syncthreads();
     const int epoch0 = sh.epoch0, epoch1 = sh.epoch1;
-    const mega::Call call{peers, off, ws, comm::Waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, epoch0},
-                          rank, num_ranks};
+    const mega::Call call = mega::open_call(sh, peers, off, ws, meta, error, timeout_ns, rank, num_ranks);
     const mega::Pairs pairs = mega::prologue<kThreads, kBlockT, true>(
         sh, call, flags, epoch0, num_tokens, max_tokens, topk, num_experts, max_rows, expert_offsets, stats, grid, tid,
         warp, lane, trace);
 
     const int l1_row_tiles = 2 * inter / 128, l2_row_tiles = hidden / 128;
-    const mega::Barrier1 barrier1{call, mega::barrier1_target<kParts>(sh.token_tiles, l2_row_tiles, grid), epoch1};
+    const mega::Barrier1 barrier1 = mega::barrier1_of<kParts>(call, sh, l2_row_tiles, grid, epoch1);
     const mega::Units<kParts> units{call, barrier1};
     if (warp == 0) {
         mega::build_work_order<kBlockT, true>(sh, num_experts, l1_row_tiles, l2_row_tiles, 2, 2 * grid, 1 << 30,

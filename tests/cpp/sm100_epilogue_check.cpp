@@ -163,10 +163,11 @@ int run(const Args& a) {
                                 if (j % 4 < 2) std::swap(regs[j], regs[j + 2]);
                         const float ag = epi::tile_alpha(alpha.data(), stride, tl.expert, 0, a.b_scale);
                         const float au = epi::tile_alpha(alpha.data(), stride, tl.expert, 1, a.b_scale);
+                        const float* trw = rw != nullptr ? rw + tl.row_start : nullptr;   // the tile's route weights
                         if (quant)
-                            epi::swiglu_quant_chunk<Plan, false>(tl, lane_base, col, l, regs, ag, au, cb, rw, scratch.data());
+                            epi::swiglu_quant_chunk<Plan, false>(tl, lane_base, col, l, regs, ag, au, cb, trw, scratch.data());
                         else
-                            epi::swiglu_chunk<Plan, false>(tl, lane_base, col, l, regs, ag, au, a.clamp, rw, n,
+                            epi::swiglu_chunk<Plan, false>(tl, lane_base, col, l, regs, ag, au, a.clamp, trw, n,
                                                            [&](size_t k, uint16_t v) { out16.at(k) = v; });
                     });
             }

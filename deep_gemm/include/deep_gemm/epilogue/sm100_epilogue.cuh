@@ -1,6 +1,8 @@
 #pragma once
-// The per-element and per-block math of the sm100 grouped GEMM's epilogues (impls/sm100_fp4_grouped_gemm.cuh),
-// composed from the arch-neutral epilogue/moe_math.cuh (swiglu) and epilogue/moe_l2_input.cuh (the L2-input
+// The per-element and per-block math of the sm100 TMEM epilogues, one home for both kernels that use them:
+// the grouped GEMM (impls/sm100_fp4_grouped_gemm.cuh) and the fused Mega MoE kernel
+// (impls/sm100_fp8_nvfp4_mega_moe.cuh: L1 swiglu_quant_chunk + quantize_l2_input into the L2 input,
+// L2 plain_rows_chunk with the post-L2 top-k weight into the combine rows), composed from the arch-neutral epilogue/moe_math.cuh (swiglu) and epilogue/moe_l2_input.cuh (the L2-input
 // quantizations).  DG_HOST_DEVICE: the kernel's epilogue callbacks call these, and so does the host check
 // program tests/cpp/sm100_epilogue_check.cpp (driven by tests/test_sm100_model.py against
 // deep_gemm.reference_recipes), so the rounding points checked on the host are the kernel's.
@@ -37,6 +39,9 @@ DG_HOST_DEVICE float bf16_round(float x) { return l2_input::bits_float(static_ca
 
 // Epilogue::Plain: out = bf16(acc * a), a = f32(alpha[e] * b_scale)
 DG_HOST_DEVICE uint16_t plain_bits(float acc, float a) { return bf16_bits(acc * a); }
+// The same with the top-k weight after it (the fused fp4 x fp4 kernel's L2; sm90 epilogue_weighted's
+// roundings): out = bf16(f32(bf16(acc * a)) * w)
+DG_HOST_DEVICE uint16_t weighted_bits(float acc, float a, float w) { return bf16_bits(bf16_round(acc * a) * w); }
 
 // Epilogue::SwiGLU: out = bf16(f32(swiglu(acc_g * ag, acc_u * au, clamp)) * *w) (w: the token's route
 // weight, or nullptr: unweighted)
@@ -120,42 +125,60 @@ DG_HOST_DEVICE float tile_alpha(const float* alpha, int stride, int expert, int 
     return ld_nc(alpha + expert * stride + which) * b_scale;
 }
 
+// Route weights: `w` below is the tile's, w[tok] for token tok of the tile (tile.row_start + tok in the
+// grouped GEMM; the fused kernel's routing weights keep the unit's unpadded rows), or nullptr: unweighted.
+
+// Epilogue::Plain, rows form: store(tok, out_col, bf16 bits) for every valid register (tok: the tile's
+// token, out_col: the weight row of the expert); kWeighted: weighted_bits with w[tok], else plain_bits.
+template <class Plan, bool kWeighted, class Store>
+DG_HOST_DEVICE void plain_rows_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane,
+                                     const uint32_t (&regs)[16], float a, const float* w, Store&& store) {
+    #pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const auto o = Plan::plain_out(tile, lane_base, col, lane, j);
+        if (o.valid) {
+            const float acc = l2_input::bits_float(regs[j]);
+            if constexpr (kWeighted) store(o.tok, o.out_col, weighted_bits(acc, a, w[o.tok]));
+            else store(o.tok, o.out_col, plain_bits(acc, a));
+        }
+    }
+}
+
 // Epilogue::Plain: store(index into D [T, n], bf16 bits) for every valid register.
 template <class Plan, class Store>
 DG_HOST_DEVICE void plain_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
                                 float a, int n, Store&& store) {
-    #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        const auto o = Plan::plain_out(tile, lane_base, col, lane, j);
-        if (o.valid) store(size_t(o.token_row) * size_t(n) + size_t(o.out_col), plain_bits(l2_input::bits_float(regs[j]), a));
-    }
+    plain_rows_chunk<Plan, false>(tile, lane_base, col, lane, regs, a, nullptr, [&](int tok, int out_col, uint16_t v) {
+        store(size_t(tile.row_start + tok) * size_t(n) + size_t(out_col), v);
+    });
 }
 
-// Epilogue::SwiGLU: store(index into the activations [T, n / 2], bf16 bits); route_weights [T] or nullptr.
+// Epilogue::SwiGLU: store(index into the activations [T, n / 2], bf16 bits); w: the tile's route weights.
 template <class Plan, bool kFastMath, class Store>
 DG_HOST_DEVICE void swiglu_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
-                                 float ag, float au, float clamp, const float* route_weights, int n, Store&& store) {
+                                 float ag, float au, float clamp, const float* w, int n, Store&& store) {
     #pragma unroll
     for (int j = 0; j < 16; ++j) {
         const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
         if (o.valid)
             store(size_t(o.token_row) * size_t(n / 2) + size_t(o.chan),
                   swiglu_bits<kFastMath>(l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au,
-                                         clamp, route_weights != nullptr ? route_weights + o.token_row : nullptr));
+                                         clamp, w != nullptr ? w + o.tok : nullptr));
     }
 }
 
-// Epilogue::SwiGLUQuant, first pass: the activations into scratch [kBlockM / 2 channels][kTileN tokens].
+// Epilogue::SwiGLUQuant, first pass: the activations into scratch [kBlockM / 2 channels][kTileN tokens];
+// w: the tile's route weights.
 template <class Plan, bool kFastMath>
 DG_HOST_DEVICE void swiglu_quant_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
-                                       float ag, float au, float cb, const float* route_weights, float* scratch) {
+                                       float ag, float au, float cb, const float* w, float* scratch) {
     #pragma unroll
     for (int j = 0; j < 16; ++j) {
         const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
         if (o.valid)
             scratch[o.tile_chan * Plan::kTileN + o.tok] = swiglu_quant_value<kFastMath>(
                 l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au, cb,
-                route_weights != nullptr ? route_weights + o.token_row : nullptr);
+                w != nullptr ? w + o.tok : nullptr);
     }
 }
 
@@ -170,5 +193,26 @@ DG_HOST_DEVICE void l2_quant_tile(const PlanTile& tile, int tid, int nthreads, c
         store(o, quantize_l2_block<Plan::kTileRecipe, Plan::kTileN, kAmaxGran>(scratch + o.src, l2_inv_global));
     }
 }
+
+#if defined(__CUDACC__)
+// The second pass into the L2 GEMM's token tensors (its kTensorB codes and kTensorSFB scales; rows
+// tile.row_start + tok): one 8-byte (NVFP4) or two 16-byte (MXFP4_FP8) stores of codes per block, one
+// scale byte.  The grouped GEMM's SwiGLUQuant epilogue and the fused kernel's L1 epilogue.
+template <class Plan>
+DG_HOST_DEVICE void quantize_l2_input(const PlanTile& tile, int tid, int nthreads, const float* scratch, int inter,
+                                      float l2_inv_global, uint8_t* codes, uint8_t* sf) {
+    l2_quant_tile<Plan>(tile, tid, nthreads, scratch, inter, l2_inv_global,
+        [&](const typename Plan::L2BlockOut& o, const L2Block<Plan::kTileRecipe>& b) {
+            if constexpr (Plan::kTileRecipe == Recipe::NVFP4) {
+                *reinterpret_cast<uint2*>(codes + o.code_byte) = make_uint2(b.words[0], b.words[1]);
+            } else {
+                uint4* dst = reinterpret_cast<uint4*>(codes + o.code_byte);
+                dst[0] = make_uint4(b.words[0], b.words[1], b.words[2], b.words[3]);
+                dst[1] = make_uint4(b.words[4], b.words[5], b.words[6], b.words[7]);
+            }
+            sf[o.sf_byte] = b.sf;
+        });
+}
+#endif
 
 }  // namespace deep_gemm::sm100::epi

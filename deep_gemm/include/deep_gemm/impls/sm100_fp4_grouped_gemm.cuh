@@ -138,22 +138,14 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
                     const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale * kAccumCompensation<kRecipe>);
                     const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale * kAccumCompensation<kRecipe>);
-                    epi::swiglu_quant_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, cb, route_weights, epi_scratch);
+                    epi::swiglu_quant_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, cb,
+                                                             route_weights != nullptr ? route_weights + tile.row_start : nullptr,
+                                                             epi_scratch);
                 },
                 [&](const PlanTile& tile) {
                     epilogue_barrier();
-                    uint8_t* codes = reinterpret_cast<uint8_t*>(out);
-                    epi::l2_quant_tile<Plan>(tile, int(threadIdx.x) % 128, 128, epi_scratch, n / 2, l2_inv_global,
-                        [&](const typename Plan::L2BlockOut& o, const epi::L2Block<kRecipe>& b) {
-                            if constexpr (kRecipe == Recipe::NVFP4) {
-                                *reinterpret_cast<uint2*>(codes + o.code_byte) = make_uint2(b.words[0], b.words[1]);
-                            } else {
-                                uint4* dst = reinterpret_cast<uint4*>(codes + o.code_byte);
-                                dst[0] = make_uint4(b.words[0], b.words[1], b.words[2], b.words[3]);
-                                dst[1] = make_uint4(b.words[4], b.words[5], b.words[6], b.words[7]);
-                            }
-                            out_sf[o.sf_byte] = b.sf;
-                        });
+                    epi::quantize_l2_input<Plan>(tile, int(threadIdx.x) % 128, 128, epi_scratch, n / 2, l2_inv_global,
+                                                 reinterpret_cast<uint8_t*>(out), out_sf);
                     epilogue_barrier();
                 });
         } else {
@@ -163,7 +155,8 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
                     const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale * kAccumCompensation<kRecipe>);
                     const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale * kAccumCompensation<kRecipe>);
-                    epi::swiglu_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, clamp, route_weights, n,
+                    epi::swiglu_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, clamp,
+                                                       route_weights != nullptr ? route_weights + tile.row_start : nullptr, n,
                                                        [&](size_t i, uint16_t v) { out_bits[i] = v; });
                 });
         }

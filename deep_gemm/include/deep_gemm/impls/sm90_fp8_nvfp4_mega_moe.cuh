@@ -123,8 +123,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     for (int e = tid; e < num_experts; e += kThreads) sh.count[e] = 0;
     __syncthreads();
     const int epoch0 = sh.epoch0, epoch1 = sh.epoch1;
-    const mega::Call call{peers, off, ws, comm::Waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, epoch0},
-                          rank, num_ranks};
+    const mega::Call call = mega::open_call(sh, peers, off, ws, meta, error, timeout_ns, rank, num_ranks);
     const mega::Pairs pairs = mega::prologue<kThreads, kBlockT, kTrace>(
         sh, call, flags, epoch0, num_tokens, max_tokens, topk, num_experts, max_rows, expert_offsets, stats, grid, tid,
         warp, lane, trace);
@@ -138,7 +137,7 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     // order outside a unit (that reload cost the consumers' main loop instructions under the
     // 80-register cap).
     const int l1_row_tiles = 2 * inter / sm90::kTileRows, l2_row_tiles = hidden / sm90::kTileRows;
-    const mega::Barrier1 barrier1{call, mega::barrier1_target<kParts>(sh.token_tiles, l2_row_tiles, grid), epoch1};
+    const mega::Barrier1 barrier1 = mega::barrier1_of<kParts>(call, sh, l2_row_tiles, grid, epoch1);
     const mega::Units<kParts> units{call, barrier1};
 
     if (warpgroup == 0) {

@@ -70,6 +70,13 @@ struct Barrier1 {
     }
 };
 
+// Barrier 1 of the call, once the prologue's row ranges are known (its target: barrier1_target).
+template <int kParts, int kMaxExperts>
+__device__ __forceinline__ Barrier1 barrier1_of(const Call& call, const Shared<kMaxExperts>& sh, int l2_row_tiles,
+                                                int grid, int epoch1) {
+    return Barrier1{call, barrier1_target<kParts>(sh.token_tiles, l2_row_tiles, grid), epoch1};
+}
+
 // Barrier 1, wait (one warp; lane r acquires peer r's signal and the warp syncs).  Skipped by an
 // aborted buffer.
 __device__ __forceinline__ void wait_barrier1(const Call& call, const int& aborted, const int* flags, int epoch1,

@@ -34,14 +34,14 @@ struct CommWarps {
 };
 
 // cw: this warp's index among the comm warps; leader: one thread of them (the same in every CTA's
-// call of this, e.g. cw 0's lane 0).
-template <class Comm, int kBlockT, int kGranK, int kGatherChunks, int kPushChunks, int kParts, bool kTrace,
-          int kMaxExperts>
-__device__ __forceinline__ void run_comm_warps(Shared<kMaxExperts>& sh, const Call& call, const Pairs& pairs,
-                                               const Barrier1& barrier1, comm::RowSource* row_src, float* row_weight,
-                                               __nv_bfloat16* l1_x, const __nv_bfloat16* combine, int max_rows,
-                                               int topk, int hidden, int l2_row_tiles, int push_combine, int grid,
-                                               int cw, int lane, bool leader, uint64_t* trace) {
+// call of this, e.g. cw 0's lane 0).  copy_row: the kernel's L1-input row format (gather_rows_with).
+template <class Comm, int kBlockT, int kPushChunks, int kParts, bool kTrace, int kMaxExperts, class CopyRow>
+__device__ __forceinline__ void run_comm_warps_with(Shared<kMaxExperts>& sh, const Call& call, const Pairs& pairs,
+                                                    const Barrier1& barrier1, comm::RowSource* row_src,
+                                                    float* row_weight, const __nv_bfloat16* combine, int max_rows,
+                                                    int topk, int hidden, int l2_row_tiles, int push_combine,
+                                                    int grid, int cw, int lane, bool leader, uint64_t* trace,
+                                                    CopyRow&& copy_row) {
     constexpr int kCommWarps = Comm::kNumWarps;
     route_pairs<kCommWarps>(pairs, call, sh.count, sh.first, row_src, row_weight, max_rows, topk, cw, lane);
     Comm::sync();
@@ -53,8 +53,7 @@ __device__ __forceinline__ void run_comm_warps(Shared<kMaxExperts>& sh, const Ca
     cutlass::arch::ClusterBarrier::wait(&sh.work_built, 0);
     const auto& work = sh.work;
     const int num_rows_total = work.row_prefix[work.num_active];
-    gather_rows<kBlockT, kGranK, kCommWarps, kGatherChunks>(work, call, row_src, l1_x, num_rows_total, hidden, grid,
-                                                            cw, lane);
+    gather_rows_with<kBlockT, kCommWarps>(work, call, row_src, num_rows_total, grid, cw, lane, copy_row);
     if (push_combine)
         push_rows<kBlockT, kCommWarps, kPushChunks, kParts>(work, call, row_src, combine, num_rows_total,
                                                             l2_row_tiles, topk, hidden, grid, cw, lane);
@@ -63,6 +62,19 @@ __device__ __forceinline__ void run_comm_warps(Shared<kMaxExperts>& sh, const Ca
         __threadfence_system();   // this CTA's pair_row stores and pushed rows at the sources
         barrier1.contribute(1);
     }
+}
+
+// The same with the sm90 kernel's BF16 L1 input (gather_rows: FP8 x scale -> BF16 at `row` of l1_x).
+template <class Comm, int kBlockT, int kGranK, int kGatherChunks, int kPushChunks, int kParts, bool kTrace,
+          int kMaxExperts>
+__device__ __forceinline__ void run_comm_warps(Shared<kMaxExperts>& sh, const Call& call, const Pairs& pairs,
+                                               const Barrier1& barrier1, comm::RowSource* row_src, float* row_weight,
+                                               __nv_bfloat16* l1_x, const __nv_bfloat16* combine, int max_rows,
+                                               int topk, int hidden, int l2_row_tiles, int push_combine, int grid,
+                                               int cw, int lane, bool leader, uint64_t* trace) {
+    run_comm_warps_with<Comm, kBlockT, kPushChunks, kParts, kTrace>(
+        sh, call, pairs, barrier1, row_src, row_weight, combine, max_rows, topk, hidden, l2_row_tiles, push_combine,
+        grid, cw, lane, leader, trace, Fp8ToBf16Row<kGranK, kGatherChunks>{call, l1_x, hidden, lane});
 }
 
 }  // namespace deep_gemm::mega

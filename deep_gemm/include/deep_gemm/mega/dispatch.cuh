@@ -57,21 +57,18 @@ __device__ __forceinline__ void wait_routed(const Call& call, int grid) {
 
 // Comm warp cw: gather its rows (row = CTA x kCommWarps + cw, stepping over every comm warp of the
 // rank) once every CTA routed and the work order is built; num_rows_total = the order's rows
-// (work.row_prefix[work.num_active]).  kChunks uint4 loads in flight per lane: a register budget
-// (the caller's), not a result.
-template <int kBlockT, int kGranK, int kCommWarps, int kChunks, class Work>
-__device__ __forceinline__ void gather_rows(const Work& work, const Call& call, const comm::RowSource* row_src,
-                                            __nv_bfloat16* l1_x, int num_rows_total, int hidden, int grid, int cw,
-                                            int lane) {
+// (work.row_prefix[work.num_active]).  copy_row(src, row, k) moves one row from its source into the
+// kernel's L1 input (the whole warp; k: the row's active expert in the work order); then the row is
+// proxy-fenced (TMA reads it) and counted in its token tile's `arrived` counter.
+template <int kBlockT, int kCommWarps, class Work, class CopyRow>
+__device__ __forceinline__ void gather_rows_with(const Work& work, const Call& call, const comm::RowSource* row_src,
+                                                 int num_rows_total, int grid, int cw, int lane, CopyRow&& copy_row) {
     int k = 0;
     for (int row = blockIdx.x * kCommWarps + cw; row < num_rows_total; row += grid * kCommWarps) {
         while (row >= work.row_prefix[k + 1]) ++k;
         const int4 packed = load_row_src(row_src, row);   // ordered by the routed counter
         const comm::RowSource src{packed.x, packed.y, packed.z, packed.w};
-        const uint4* x = call.peers.at<const uint4>(src.rank, call.off.x + uint64_t(src.token) * hidden);
-        const float* sf = call.peers.at<const float>(src.rank, call.off.x_sf + uint64_t(src.token) * (hidden / kGranK) * 4);
-        uint4* dst = reinterpret_cast<uint4*>(l1_x + size_t(row) * hidden);
-        comm::gather_fp8_row<kGranK, 32, kChunks>(x, sf, dst, hidden / 16, lane);
+        copy_row(src, row, k);
         fence_proxy_async_global();   // TMA reads the row
         __syncwarp();
         if (lane == 0) {
@@ -79,6 +76,30 @@ __device__ __forceinline__ void gather_rows(const Work& work, const Call& call, 
             atomicAdd(call.ws.arrived() + token_tile<kBlockT>(work, k, row), 1);
         }
     }
+}
+
+// The BF16 L1 input of the sm90 kernel (a copy_row of gather_rows_with): each row's FP8 token and
+// scales from the source, stored as BF16 (exact) at `row` of l1_x.  kChunks uint4 loads in flight
+// per lane: a register budget (the caller's), not a result.
+template <int kGranK, int kChunks>
+struct Fp8ToBf16Row {
+    const Call& call;
+    __nv_bfloat16* l1_x;
+    int hidden, lane;
+    __device__ __forceinline__ void operator()(const comm::RowSource& src, int row, int) const {
+        const uint4* x = call.peers.at<const uint4>(src.rank, call.off.x + uint64_t(src.token) * hidden);
+        const float* sf = call.peers.at<const float>(src.rank, call.off.x_sf + uint64_t(src.token) * (hidden / kGranK) * 4);
+        uint4* dst = reinterpret_cast<uint4*>(l1_x + size_t(row) * hidden);
+        comm::gather_fp8_row<kGranK, 32, kChunks>(x, sf, dst, hidden / 16, lane);
+    }
+};
+
+template <int kBlockT, int kGranK, int kCommWarps, int kChunks, class Work>
+__device__ __forceinline__ void gather_rows(const Work& work, const Call& call, const comm::RowSource* row_src,
+                                            __nv_bfloat16* l1_x, int num_rows_total, int hidden, int grid, int cw,
+                                            int lane) {
+    gather_rows_with<kBlockT, kCommWarps>(work, call, row_src, num_rows_total, grid, cw, lane,
+                                          Fp8ToBf16Row<kGranK, kChunks>{call, l1_x, hidden, lane});
 }
 
 }  // namespace deep_gemm::mega

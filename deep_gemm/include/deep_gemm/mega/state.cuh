@@ -71,6 +71,16 @@ struct Call {
     int rank, num_ranks;
 };
 
+// The call of a launch, built by every thread once begin_call's state is published (after the first
+// __syncthreads): its waits' timeout clock starts here, epoch0 goes into their error records.
+template <int kMaxExperts>
+__device__ __forceinline__ Call open_call(const Shared<kMaxExperts>& sh, const comm::PeerBuffers& peers,
+                                          const Regions& off, const WorkRegion& ws, int* meta,
+                                          comm::CommError* error, uint64_t timeout_ns, int rank, int num_ranks) {
+    return Call{peers, off, ws, comm::Waiter{meta, error, comm::globaltimer_ns(), timeout_ns, rank, sh.epoch0},
+                rank, num_ranks};
+}
+
 // Generic-proxy stores that TMA reads later (rows, h) are followed by this before their release;
 // the TMA issuer fences after its acquire.
 __device__ __forceinline__ void fence_proxy_async_global() {

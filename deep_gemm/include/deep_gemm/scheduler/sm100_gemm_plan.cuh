@@ -314,6 +314,7 @@ struct GemmPlan {
     // with out_col the weight row of the expert (rows in kernel order = original order for Plain).
     struct PlainOut {
         bool valid;         // the token is one of the tile's num_tokens
+        int tok;            // token column within the tile
         int token_row;      // row of the output / token tensor
         int out_col;        // output column: weight row within the expert
     };
@@ -322,6 +323,7 @@ struct GemmPlan {
         const int tok = int(col + c.column);
         PlainOut o;
         o.valid = tok < tile.num_tokens;
+        o.tok = tok;
         o.token_row = tile.row_start + tok;
         o.out_col = tile.row_tile * kBlockM + int(lane_base + c.lane);
         return o;
@@ -408,30 +410,8 @@ struct GemmPlan {
     // free, expect its bytes, then A (TMA), B (TMA), SFA and SFB (bulk copies) into it.
     template <class Ops, class Tiles>
     DG_HOST_DEVICE void producer(Ops& ops, Tiles&& tiles, int first, int num_tiles, int stride) const {
-        int stage = 0;
-        uint32_t phase = 0;
-        const int nkb = num_k_blocks();
-        for (int t = first; t < num_tiles; t += stride) {
-            const PlanTile tile = tiles(t);
-            const int32_t a_row = int32_t(tile.expert * n + tile.row_tile * kBlockM);
-            for (int kb = 0; kb < nkb; ++kb) {
-                ops.wait(empty(stage), phase ^ 1u);
-                ops.arrive_expect_tx(full(stage), kStageBytes);
-                const int32_t a_coords[2] = {int32_t(kb * R::kBoxK), a_row};
-                const uint32_t a_box[2] = {uint32_t(R::kBoxK), uint32_t(kBlockM)};
-                ops.tma_load(kTensorA, a_coords, a_box, a_smem(stage), 128, full(stage));
-                for (int i = 0; i < R::kBBoxes; ++i) {
-                    const int32_t b_coords[2] = {int32_t((kb * R::kBBoxes + i) * R::kBoxKB), int32_t(tile.row_start)};
-                    const uint32_t b_box[2] = {uint32_t(R::kBoxKB), uint32_t(kBlockN)};
-                    ops.tma_load(kTensorB, b_coords, b_box, b_smem(stage) + uint32_t(i) * kBBoxBytes, 128, full(stage));
-                }
-                if constexpr (R::kSFA)
-                    ops.bulk_copy(kTensorSFA, sfa_offset(tile, kb), kSFBytes, sfa_smem(stage), full(stage));
-                if constexpr (R::kSFB)
-                    ops.bulk_copy(kTensorSFB, sfb_offset(tile, kb), kSFBytes, sfb_smem(stage), full(stage));
-                if (++stage == kStages) stage = 0, phase ^= 1u;
-            }
-        }
+        Cursor cur;
+        for (int t = first; t < num_tiles; t += stride) produce_tile(ops, tiles(t), cur, [](int) {});
     }
 
     // ---------------------------------------------------------------- MMA issuer (one warp)
@@ -440,61 +420,8 @@ struct GemmPlan {
     // commit -> empty(stage); after the tile's last k block commit -> tmem_full(b).
     template <class Ops, class Tiles>
     DG_HOST_DEVICE void mma(Ops& ops, Tiles&& tiles, int first, int num_tiles, int stride) const {
-        int stage = 0;
-        uint32_t phase = 0, kcount = 0, tcount = 0;
-        const int nkb = num_k_blocks();
-        for (int t = first; t < num_tiles; t += stride, ++tcount) {
-            const PlanTile tile = tiles(t);
-            const uint32_t buf = tcount % 2, buf_phase = (tcount / 2) % 2;
-            ops.wait(tmem_empty(int(buf)), buf_phase ^ 1u);
-            ops.fence_after_sync();
-            const uint32_t d_taddr = tmem_base + Tmem::accum(buf);
-            for (int kb = 0; kb < nkb; ++kb, ++kcount) {
-                ops.wait(full(stage), phase);
-                const uint32_t slot = kcount % 2;
-                if constexpr (kATmem) {
-                    // the dequant warpgroup's BF16 A of this k block is in TMEM slot `slot`
-                    ops.wait(a_full(int(slot)), (kcount / 2) % 2);
-                }
-                ops.fence_after_sync();
-                if constexpr (!kBlockScaledMma) {
-                    for (int kk = 0; kk < kMmasPerStage; ++kk) {
-                        const uint64_t bdesc = advance_smem_desc_k(
-                            make_smem_desc_sw128_kmajor(b_smem(stage) + uint32_t(kk / 4) * kBBoxBytes), uint32_t((kk % 4) * R::kMmaKBytes));
-                        if constexpr (kATmem) {
-                            ops.mma_ts(idesc(kk), tmem_base + Tmem::a(slot) + uint32_t(kk * R::kMmaK / 2), bdesc, d_taddr,
-                                       kb > 0 || kk > 0);
-                        } else {
-                            const uint64_t adesc = advance_smem_desc_k(make_smem_desc_sw128_kmajor(a_smem(stage)),
-                                                                       uint32_t(kk * R::kMmaKBytes));
-                            ops.mma(R::kKind, idesc(kk), adesc, bdesc, d_taddr, 0u, 0u, kb > 0 || kk > 0);
-                        }
-                    }
-                    ops.commit(empty(stage));
-                    if constexpr (kATmem) ops.commit(a_empty(int(slot)));
-                    if (++stage == kStages) stage = 0, phase ^= 1u;
-                    continue;
-                }
-                for (int i = 0; i < kAtoms; ++i) {
-                    ops.utccp(make_sf_atom_desc(sfa_smem(stage) + uint32_t(i) * kSFAtomBytes),
-                              tmem_base + Tmem::sfa(slot) + 4u * uint32_t(i), UtccpShape::K32x128B_WARPX4);
-                    ops.utccp(make_sf_atom_desc(sfb_smem(stage) + uint32_t(i) * kSFAtomBytes),
-                              tmem_base + Tmem::sfb(slot) + 4u * uint32_t(i), UtccpShape::K32x128B_WARPX4);
-                }
-                const uint64_t adesc = make_smem_desc_sw128_kmajor(a_smem(stage));
-                const uint64_t bdesc = make_smem_desc_sw128_kmajor(b_smem(stage));
-                for (int kk = 0; kk < kMmasPerStage; ++kk) {
-                    const uint32_t kbytes = uint32_t(kk * R::kMmaKBytes);
-                    ops.mma(R::kKind, idesc(kk), advance_smem_desc_k(adesc, kbytes), advance_smem_desc_k(bdesc, kbytes),
-                            d_taddr, tmem_base + Tmem::sfa(slot) + 4u * uint32_t(mma_atom(kk)),
-                            tmem_base + Tmem::sfb(slot) + 4u * uint32_t(mma_atom(kk)) + sfb_column_offset(tile),
-                            kb > 0 || kk > 0);
-                }
-                ops.commit(empty(stage));
-                if (++stage == kStages) stage = 0, phase ^= 1u;
-            }
-            ops.commit(tmem_full(int(buf)));
-        }
+        Cursor cur;
+        for (int t = first; t < num_tiles; t += stride) mma_tile(ops, tiles(t), cur);
     }
 
     // ---------------------------------------------------------------- dequant (NVFP4_EXACT; 128 threads)
@@ -573,30 +500,145 @@ struct GemmPlan {
     template <TmemLdShape kShape, class Ops, class Tiles, class Epi, class EpiEnd>
     DG_HOST_DEVICE void epilogue(Ops& ops, Tiles&& tiles, int first, int num_tiles, int stride, int warp, int lane,
                                  Epi&& epi, EpiEnd&& epi_end) const {
+        Cursor cur;
+        for (int t = first; t < num_tiles; t += stride) epilogue_tile<kShape>(ops, tiles(t), cur, warp, lane, epi, epi_end);
+    }
+
+    // ---------------------------------------------------------------- per-tile steps
+    // The producer, MMA and epilogue loops above, one tile at a time (they are these steps
+    // over the caller's tiles), for a caller that learns its tiles as it goes: the fused Mega MoE kernel
+    // (impls/sm100_fp8_nvfp4_mega_moe.cuh) claims units from a counter and runs L1 and L2 units, two
+    // plans of other n / k, through one pipeline.  The pipeline position travels in a Cursor, one per
+    // issuing role (each role's own copy: the producer's, the MMA warp's, each epilogue thread's).
+    struct Cursor {
+        int stage = 0;
+        uint32_t phase = 0;     // parity of the stage ring
+        uint32_t kcount = 0;    // k blocks issued by the MMA warp (scale slot = kcount % 2)
+        uint32_t tcount = 0;    // tiles through the MMA warp / the epilogue (accumulator buffer = tcount % 2)
+        DG_HOST_DEVICE void next_stage() {
+            if (++stage == kStages) stage = 0, phase ^= 1u;
+        }
+        DG_HOST_DEVICE uint32_t buf() const { return tcount % 2; }
+        DG_HOST_DEVICE uint32_t buf_phase() const { return (tcount / 2) % 2; }
+    };
+
+    // Producer, one tile: per k block wait for the stage to be free, expect its bytes, then A (TMA),
+    // B (TMA, R::kBBoxes boxes), SFA and SFB (bulk copies, where the recipe has them) into it.  first_stage(stage) runs once, after the tile's
+    // first stage is free and before its bytes are expected (the fused kernel tags the stage with
+    // its unit there, and waits for the unit's tokens).
+    template <class Ops, class FirstStage>
+    DG_HOST_DEVICE void produce_tile(Ops& ops, const PlanTile& tile, Cursor& cur, FirstStage&& first_stage) const {
+        const int nkb = num_k_blocks();
+        const int32_t a_row = int32_t(tile.expert * n + tile.row_tile * kBlockM);
+        for (int kb = 0; kb < nkb; ++kb) {
+            const int stage = cur.stage;
+            ops.wait(empty(stage), cur.phase ^ 1u);
+            if (kb == 0) first_stage(stage);
+            ops.arrive_expect_tx(full(stage), kStageBytes);
+            const int32_t a_coords[2] = {int32_t(kb * R::kBoxK), a_row};
+            const uint32_t a_box[2] = {uint32_t(R::kBoxK), uint32_t(kBlockM)};
+            ops.tma_load(kTensorA, a_coords, a_box, a_smem(stage), 128, full(stage));
+            for (int i = 0; i < R::kBBoxes; ++i) {
+                const int32_t b_coords[2] = {int32_t((kb * R::kBBoxes + i) * R::kBoxKB), int32_t(tile.row_start)};
+                const uint32_t b_box[2] = {uint32_t(R::kBoxKB), uint32_t(kBlockN)};
+                ops.tma_load(kTensorB, b_coords, b_box, b_smem(stage) + uint32_t(i) * kBBoxBytes, 128, full(stage));
+            }
+            if constexpr (R::kSFA)
+                ops.bulk_copy(kTensorSFA, sfa_offset(tile, kb), kSFBytes, sfa_smem(stage), full(stage));
+            if constexpr (R::kSFB)
+                ops.bulk_copy(kTensorSFB, sfb_offset(tile, kb), kSFBytes, sfb_smem(stage), full(stage));
+            cur.next_stage();
+        }
+    }
+
+    // MMA warp, one tile: wait for accumulator buffer b to be drained; per k block wait for the stage,
+    // copy its scale atoms to TMEM scale slot (k-block counter % 2), 4 MMAs (the first of a tile
+    // overwrites), commit -> empty(stage); after the tile's last k block commit -> tmem_full(b).
+    // kind::f16 recipes: no scale copies; NVFP4_EXACT waits a_full(slot) and issues TS MMAs (A from
+    // TMEM slot kcount % 2, then commit -> a_empty(slot)), BF16 SS MMAs.
+    template <class Ops>
+    DG_HOST_DEVICE void mma_tile(Ops& ops, const PlanTile& tile, Cursor& cur) const {
+        const int nkb = num_k_blocks();
+        const uint32_t buf = cur.buf();
+        ops.wait(tmem_empty(int(buf)), cur.buf_phase() ^ 1u);
+        ops.fence_after_sync();
+        const uint32_t d_taddr = tmem_base + Tmem::accum(buf);
+        for (int kb = 0; kb < nkb; ++kb, ++cur.kcount) {
+            const int stage = cur.stage;
+            ops.wait(full(stage), cur.phase);
+            const uint32_t slot = cur.kcount % 2;
+            if constexpr (kATmem) {
+                // the dequant warpgroup's BF16 A of this k block is in TMEM slot `slot`
+                ops.wait(a_full(int(slot)), (cur.kcount / 2) % 2);
+            }
+            ops.fence_after_sync();
+            if constexpr (!kBlockScaledMma) {
+                for (int kk = 0; kk < kMmasPerStage; ++kk) {
+                    const uint64_t bdesc = advance_smem_desc_k(
+                        make_smem_desc_sw128_kmajor(b_smem(stage) + uint32_t(kk / 4) * kBBoxBytes), uint32_t((kk % 4) * R::kMmaKBytes));
+                    if constexpr (kATmem) {
+                        ops.mma_ts(idesc(kk), tmem_base + Tmem::a(slot) + uint32_t(kk * R::kMmaK / 2), bdesc, d_taddr,
+                                   kb > 0 || kk > 0);
+                    } else {
+                        const uint64_t adesc = advance_smem_desc_k(make_smem_desc_sw128_kmajor(a_smem(stage)),
+                                                                   uint32_t(kk * R::kMmaKBytes));
+                        ops.mma(R::kKind, idesc(kk), adesc, bdesc, d_taddr, 0u, 0u, kb > 0 || kk > 0);
+                    }
+                }
+                ops.commit(empty(stage));
+                if constexpr (kATmem) ops.commit(a_empty(int(slot)));
+                cur.next_stage();
+                continue;
+            }
+            for (int i = 0; i < kAtoms; ++i) {
+                ops.utccp(make_sf_atom_desc(sfa_smem(stage) + uint32_t(i) * kSFAtomBytes),
+                          tmem_base + Tmem::sfa(slot) + 4u * uint32_t(i), UtccpShape::K32x128B_WARPX4);
+                ops.utccp(make_sf_atom_desc(sfb_smem(stage) + uint32_t(i) * kSFAtomBytes),
+                          tmem_base + Tmem::sfb(slot) + 4u * uint32_t(i), UtccpShape::K32x128B_WARPX4);
+            }
+            const uint64_t adesc = make_smem_desc_sw128_kmajor(a_smem(stage));
+            const uint64_t bdesc = make_smem_desc_sw128_kmajor(b_smem(stage));
+            for (int kk = 0; kk < kMmasPerStage; ++kk) {
+                const uint32_t kbytes = uint32_t(kk * R::kMmaKBytes);
+                ops.mma(R::kKind, idesc(kk), advance_smem_desc_k(adesc, kbytes), advance_smem_desc_k(bdesc, kbytes),
+                        d_taddr, tmem_base + Tmem::sfa(slot) + 4u * uint32_t(mma_atom(kk)),
+                        tmem_base + Tmem::sfb(slot) + 4u * uint32_t(mma_atom(kk)) + sfb_column_offset(tile),
+                        kb > 0 || kk > 0);
+            }
+            ops.commit(empty(stage));
+            cur.next_stage();
+        }
+        ops.commit(tmem_full(int(buf)));
+        ++cur.tcount;
+    }
+
+    // Epilogue thread, one tile (`epilogue` above is this step over the caller's tiles):
+    // wait tmem_full(b), tcgen05.ld the chunks that hold one of the tile's tokens and hand each to
+    // `epi`, release the buffer (fence, arrive tmem_empty(b)), then epi_end(tile).
+    template <TmemLdShape kShape, class Ops, class Epi, class EpiEnd>
+    DG_HOST_DEVICE void epilogue_tile(Ops& ops, const PlanTile& tile, Cursor& cur, int warp, int lane, Epi&& epi,
+                                      EpiEnd&& epi_end) const {
         constexpr int kCols = kChunkCols<kShape>, kNum = kChunkNum<kShape>;
         constexpr int kGroups = kShape == TmemLdShape::K32x32B ? 1 : 2;
-        uint32_t tcount = 0;
-        for (int t = first; t < num_tiles; t += stride, ++tcount) {
-            const PlanTile tile = tiles(t);
-            const uint32_t buf = tcount % 2, buf_phase = (tcount / 2) % 2;
-            ops.wait(tmem_full(int(buf)), buf_phase);
-            ops.fence_after_sync();
-            const int chunks = (tile.num_tokens + kCols - 1) / kCols;
-            for (int g = 0; g < kGroups; ++g) {
-                const uint32_t lane_base = 32u * uint32_t(warp % 4) + 16u * uint32_t(g);
-                for (int c = 0; c < chunks; ++c) {
-                    uint32_t regs[kTmemLdRegs<kShape, kNum>];
-                    const uint32_t col = uint32_t(c * kCols);
-                    ops.template tmem_ld<kShape, kNum>(warp, lane, tmem_base + tmem_addr(lane_base, Tmem::accum(buf) + col),
-                                                       regs);
-                    ops.tmem_ld_wait();
-                    epi(tile, lane_base, col, lane, regs);
-                }
+        const uint32_t buf = cur.buf();
+        ops.wait(tmem_full(int(buf)), cur.buf_phase());
+        ops.fence_after_sync();
+        const int chunks = (tile.num_tokens + kCols - 1) / kCols;
+        for (int g = 0; g < kGroups; ++g) {
+            const uint32_t lane_base = 32u * uint32_t(warp % 4) + 16u * uint32_t(g);
+            for (int c = 0; c < chunks; ++c) {
+                uint32_t regs[kTmemLdRegs<kShape, kNum>];
+                const uint32_t col = uint32_t(c * kCols);
+                ops.template tmem_ld<kShape, kNum>(warp, lane, tmem_base + tmem_addr(lane_base, Tmem::accum(buf) + col),
+                                                   regs);
+                ops.tmem_ld_wait();
+                epi(tile, lane_base, col, lane, regs);
             }
-            ops.fence_before_sync();
-            ops.arrive(tmem_empty(int(buf)));
-            epi_end(tile);
         }
+        ops.fence_before_sync();
+        ops.arrive(tmem_empty(int(buf)));
+        ++cur.tcount;
+        epi_end(tile);
     }
 };
 
