@@ -31,7 +31,7 @@ Two kind::f16 recipes (BF16 x BF16 -> FP32, tcgen05.mma kind::f16), for ``fp8_nv
 Epilogues 'plain' and 'swiglu' only.
 
 Not run on a GPU: no Blackwell GPU was available.  The kernels compile for sm_100a and sm_103a and
-their SASS is checked (tests/test_sm100_build.py); docs/sm100-draft.md says what is verified.
+their SASS is checked (tests/test_sm100_build.py); docs/sm100.md says what is verified.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ buffer's ``l1_x`` / ``l2_x`` regions (``token_layout``).  Weights: ``deep_gemm.w
 :class:`~deep_gemm.weights_sm100.Sm100ExpertWeights` (``kind='l1'`` and ``'l2'``).
 
 Not run on a GPU: no CC 10.x GPU was available.  The kernels compile for sm_100a and sm_103a with
-their SASS checked (tests/test_sm100_fused_build.py); docs/sm100-draft.md, "The fused kernel", says
+their SASS checked (tests/test_sm100_fused_build.py); docs/sm100.md, "The fused kernel", says
 what is verified and what is not.  Not supported yet (NotImplementedError): shared experts,
 ``routed_scaling_factor != 1``, the ``fp8xnvfp4`` / ``fp8xfp8`` / ``bf16xbf16`` kinds.
 """

@@ -1,6 +1,6 @@
 """Blackwell (CC 10.x) tcgen05 grouped GEMM vs a float64 reference on the same quantized inputs.
 
-Never run yet: no Blackwell GPU was available when it was written (docs/sm100-draft.md).  Same method
+Never run yet: no Blackwell GPU was available when it was written (docs/sm100.md).  Same method
 as tests/gpu/test_grouped_gemm.py: output poisoned with NaN, untouched rows checked to stay NaN,
 error = ||out - ref|| / ||ref||.
 """

@@ -2,7 +2,7 @@
 upstream's recipes (deep_gemm.reference_recipes.reference_recipe_moe) on the same quantized inputs.
 
 Needs a CC 10.x GPU (B200 / GB200 / B300); skipped elsewhere.  NEVER RUN YET: no Blackwell GPU was
-available when this was written (docs/sm100-draft.md, "The fused kernel").  Every run: random
+available when this was written (docs/sm100.md, "The fused kernel").  Every run: random
 tokens and weights in the buffer's formats, masked slots, an expert without tokens, ``y`` poisoned
 with NaN first; error = ||y - ref|| / ||ref||; then bitwise stability run to run, the receive
 statistics, waves, one CUDA-graph replay.

@@ -35,7 +35,7 @@
 // lanes 32 (w % 4) ..); warps 2, 3, 8-11 the comm warps; every warp then joins the combine.
 //
 // Not run on a GPU (none with CC 10.x here): compiled for sm_100a and sm_103a, SASS checked
-// (tests/test_sm100_fused_build.py).  docs/sm100-draft.md, "The fused kernel", says what is verified.
+// (tests/test_sm100_fused_build.py).  docs/sm100.md, "The fused kernel", says what is verified.
 #include <cstdint>
 #include <cuda.h>
 #include <cuda_bf16.h>
