@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -63,11 +64,23 @@ def _hash(paths: Sequence[Path], flags: Sequence[str]) -> str:
     return h.hexdigest()[:20]
 
 
+def _local_includes(src: Path, seen: Optional[set] = None) -> list:
+    """``src`` and the files it #includes with quotes (tests/cpp/*.h, an included .cpp), recursively."""
+    seen = set() if seen is None else seen
+    if src in seen or not src.exists():
+        return []
+    seen.add(src)
+    out = [src]
+    for inc in re.findall(r'^\s*#\s*include\s+"([^"]+)"', src.read_text(), flags=re.M):
+        out += _local_includes((src.parent / inc).resolve(), seen)
+    return out
+
+
 def build(src: Path, *, cute: bool = True, defines: Sequence[str] = (), name: Optional[str] = None) -> Path:
     """Compile ``src`` (a tests/cpp program) with g++ -std=c++17; returns the executable."""
     compiler = cxx()
     flags = ['-std=c++17', '-O1', '-w', f'-I{INCLUDE}']
-    deps = [src] + sorted(INCLUDE.rglob('*.cuh'))
+    deps = _local_includes(src) + sorted(INCLUDE.rglob('*.cuh'))
     if cute:
         inc = cutlass_include()
         flags.append(f'-I{inc}')
@@ -98,3 +111,4 @@ def run_lines(exe: Path, *args, timeout: int = 300, check: bool = True):
         raise AssertionError(f'{exe.name} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
     return proc.returncode, lines, proc.stderr
+
