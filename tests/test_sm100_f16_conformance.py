@@ -21,7 +21,7 @@ Negative controls perturb one kernel-side quantity each (argv[1]); the matching 
 """
 import pytest
 
-from tests.sm100_model.build import CPP, build, run_lines
+from tests.sm100_model.build import CPP, assert_check_passes, build, perturbation_mismatches, run_lines
 
 CHECKS = ['idesc', 'plan_idesc', 'smem_desc', 'sw128_bf16', 'a_tmem', 'tmem_st']
 BREAKS = {'idesc_n': 'idesc', 'idesc_m': 'idesc', 'idesc_fmt': 'idesc', 'idesc_major': 'idesc',
@@ -42,17 +42,12 @@ def results(conformance):
 
 @pytest.mark.parametrize('check', CHECKS)
 def test_kernel_matches_cute(results, check):
-    rows = [d for d in results if d.get('check') == check]
-    assert len(rows) == 1, f'check {check} missing from the program output'
-    d = rows[0]
-    assert d['cases'] >= 50, d
-    assert d['mismatches'] == 0, f'{check}: {d["mismatches"]} of {d["cases"]} differ from CuTe, first: {d["first"]}'
+    assert_check_passes(results, check, min_cases=50)
 
 
 @pytest.mark.parametrize('brk', sorted(BREAKS))
 def test_kernel_perturbation_is_detected(conformance, brk):
-    _, lines, _ = run_lines(conformance, brk)
-    bad = {d['check']: d['mismatches'] for d in lines if 'check' in d and d['mismatches']}
+    bad = perturbation_mismatches(conformance, brk)
     assert bad.get(BREAKS[brk], 0) > 0, f'perturbing {brk} went unnoticed ({bad})'
     # a perturbation touches only its own check
     assert set(bad) == {BREAKS[brk]}, bad

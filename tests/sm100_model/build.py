@@ -112,3 +112,21 @@ def run_lines(exe: Path, *args, timeout: int = 300, check: bool = True):
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
     return proc.returncode, lines, proc.stderr
 
+
+# ------------------------------------------------------------------ the conformance programs' output
+# tests/cpp/sm100_conformance.cpp and sm100_f16_conformance.cpp print one {"check", "cases", "mismatches",
+# "first"} line per check; argv[1] names a negative control (one kernel-side quantity perturbed).
+
+def assert_check_passes(lines, check: str, min_cases: int) -> None:
+    """Exactly one line for ``check``, with at least ``min_cases`` cases and no mismatch with CuTe."""
+    rows = [d for d in lines if d.get('check') == check]
+    assert len(rows) == 1, f'check {check} missing from the program output'
+    d = rows[0]
+    assert d['cases'] >= min_cases, d
+    assert d['mismatches'] == 0, f'{check}: {d["mismatches"]} of {d["cases"]} differ from CuTe, first: {d["first"]}'
+
+
+def perturbation_mismatches(exe: Path, brk: str) -> dict:
+    """Run ``exe`` with the negative control ``brk``; returns {check: mismatches} of the checks that failed."""
+    _, lines, _ = run_lines(exe, brk)
+    return {d['check']: d['mismatches'] for d in lines if 'check' in d and d['mismatches']}
