@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from tests.sm100_model import interp
-from tests.sm100_model.build import CPP, assert_check_passes, build, perturbation_mismatches, run_lines
+from tests.sm100_model.build import CPP, assert_check_passes, build, conformance_fixtures, perturbation_mismatches, run_lines
 
 CHECKS = ['idesc', 'smem_desc', 'sw128', 'sf_desc', 'sf_global', 'sf_tmem', 'tmem_acc', 'tmem_ld']
 BREAKS = {'idesc_n': 'idesc', 'idesc_sfid': 'idesc', 'idesc_fmt': 'idesc', 'smem_sbo': 'smem_desc',
@@ -35,15 +35,7 @@ BREAKS = {'idesc_n': 'idesc', 'idesc_sfid': 'idesc', 'idesc_fmt': 'idesc', 'smem
           'acc_col': 'tmem_acc', 'ld16_lane': 'tmem_ld', 'ld32_col': 'tmem_ld'}
 
 
-@pytest.fixture(scope='module')
-def conformance():
-    return build(CPP / 'sm100_conformance.cpp')
-
-
-@pytest.fixture(scope='module')
-def results(conformance):
-    _, lines, _ = run_lines(conformance)
-    return lines
+conformance, results = conformance_fixtures('sm100_conformance.cpp')
 
 
 @pytest.fixture(scope='module')

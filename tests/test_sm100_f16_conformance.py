@@ -21,7 +21,7 @@ Negative controls perturb one kernel-side quantity each (argv[1]); the matching 
 """
 import pytest
 
-from tests.sm100_model.build import CPP, assert_check_passes, build, perturbation_mismatches, run_lines
+from tests.sm100_model.build import assert_check_passes, conformance_fixtures, perturbation_mismatches
 
 CHECKS = ['idesc', 'plan_idesc', 'smem_desc', 'sw128_bf16', 'a_tmem', 'tmem_st']
 BREAKS = {'idesc_n': 'idesc', 'idesc_m': 'idesc', 'idesc_fmt': 'idesc', 'idesc_major': 'idesc',
@@ -29,15 +29,7 @@ BREAKS = {'idesc_n': 'idesc', 'idesc_m': 'idesc', 'idesc_fmt': 'idesc', 'idesc_m
           'sw128_xor': 'sw128_bf16', 'a_col': 'a_tmem', 'a_half': 'a_tmem', 'a_kk': 'a_tmem', 'st_col': 'tmem_st'}
 
 
-@pytest.fixture(scope='module')
-def conformance():
-    return build(CPP / 'sm100_f16_conformance.cpp')
-
-
-@pytest.fixture(scope='module')
-def results(conformance):
-    _, lines, _ = run_lines(conformance)
-    return lines
+conformance, results = conformance_fixtures('sm100_f16_conformance.cpp')
 
 
 @pytest.mark.parametrize('check', CHECKS)

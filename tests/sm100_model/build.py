@@ -130,3 +130,18 @@ def perturbation_mismatches(exe: Path, brk: str) -> dict:
     """Run ``exe`` with the negative control ``brk``; returns {check: mismatches} of the checks that failed."""
     _, lines, _ = run_lines(exe, brk)
     return {d['check']: d['mismatches'] for d in lines if 'check' in d and d['mismatches']}
+
+
+def conformance_fixtures(src_name: str):
+    """Module-scoped fixtures (conformance, results): the program tests/cpp/``src_name`` built, and the
+    lines of its unperturbed run.  Use as ``conformance, results = conformance_fixtures('x.cpp')``."""
+    @pytest.fixture(scope='module')
+    def conformance():
+        return build(CPP / src_name)
+
+    @pytest.fixture(scope='module')
+    def results(conformance):
+        _, lines, _ = run_lines(conformance)
+        return lines
+
+    return conformance, results
