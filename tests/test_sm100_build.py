@@ -4,31 +4,21 @@ PTX spells .block16 / .block32 (never scale_vec); the launcher's shared-memory s
 the launchers' argument checks need no GPU.  No Blackwell GPU runs here: see docs/sm100-draft.md."""
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from deep_gemm import gemm_sm100
-from deep_gemm.jit import compiler, registry, sass
+from deep_gemm.jit import compiler, registry
 from deep_gemm import weights_sm100 as w100
+from tests.sm100_build_common import compile_defaults, jit_cache_fixture, kernel_ptx, plan_program_lines
 
 ARCHS = ('sm_100a', 'sm_103a')
 SPECS = (gemm_sm100.GROUPED_GEMM_NVFP4, gemm_sm100.GROUPED_GEMM_MXFP4)
-INCLUDE = compiler.INCLUDE_DIR
 
 
-@pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-    import os
-    old = os.environ.get('DG_JIT_CACHE_DIR')
-    os.environ['DG_JIT_CACHE_DIR'] = str(tmp_path_factory.mktemp('dg_sm100_cache'))
-    yield
-    if old is None:
-        os.environ.pop('DG_JIT_CACHE_DIR')
-    else:
-        os.environ['DG_JIT_CACHE_DIR'] = old
+cache = jit_cache_fixture('dg_sm100_cache')
 
 
 def test_arch_mapping_and_registration():
@@ -46,16 +36,7 @@ def test_arch_mapping_and_registration():
 @pytest.mark.parametrize('arch', ARCHS)
 @pytest.mark.parametrize('spec', SPECS, ids=lambda s: s.name)
 def test_compile_and_sass(cache, spec, arch):
-    if not sass.sass_available():
-        pytest.skip('cuobjdump/nvdisasm not found')
-    for params in spec.default_params:
-        cubin = spec.build(params, arch)
-        rep = sass.check_cubin(cubin, spec.required_sass_for(arch))
-        assert rep.missing == [], (params, rep.missing)
-        assert rep.local_memory == [] and rep.spills == 0 and rep.stack == 0, params
-        assert rep.ok(spec.forbid_local_memory)
-        instrs = sass.instructions(sass.dump_sass(cubin))
-        ops = {i.split(' ')[0] for i in instrs}
+    for params, rep, ops in compile_defaults(spec, arch):
         # the other recipe's MMA is absent: the kind is the recipe's
         if spec is gemm_sm100.GROUPED_GEMM_NVFP4:
             assert not any(o.startswith('UTCQMMA') for o in ops)
@@ -67,21 +48,11 @@ def test_compile_and_sass(cache, spec, arch):
         assert ldtm == ({'LDTM.16dp256bit.x4'} if 'SwiGLU' in params['epilogue'] else {'LDTM.x16'}), ldtm
 
 
-def _ptx(spec, params, arch, tmp_path):
-    src = tmp_path / 'k.cu'
-    src.write_text(spec.render(params))
-    out = tmp_path / 'k.ptx'
-    flags = [f for f in compiler.BASE_FLAGS if f not in ('-cubin', '-Xptxas=-v')]
-    subprocess.run([compiler.nvcc_path(), str(src), '-ptx', '-o', str(out), *flags,
-                    f'-arch=compute_{arch[3:]}', *compiler.include_flags()], check=True, capture_output=True)
-    return out.read_text()
-
-
 @pytest.mark.parametrize('spec,spelling', [(gemm_sm100.GROUPED_GEMM_NVFP4, 'kind::mxf4nvf4.block_scale.block16'),
                                            (gemm_sm100.GROUPED_GEMM_MXFP4, 'kind::mxf8f6f4.block_scale.block32')],
                          ids=['nvfp4', 'mxfp4'])
 def test_ptx_spells_block_scale(spec, spelling, tmp_path):
-    ptx = _ptx(spec, spec.default_params[0], 'sm_100a', tmp_path)
+    ptx = kernel_ptx(spec, spec.default_params[0], 'sm_100a', tmp_path)
     assert spelling in ptx
     assert 'scale_vec' not in ptx
     assert 'tcgen05.cp.cta_group::1.32x128b.warpx4' in ptx and 'tcgen05.commit' in ptx
@@ -93,12 +64,7 @@ def test_smem_bytes_match_the_plan(tmp_path):
     enum = {'nvfp4': 'NVFP4', 'mxfp4': 'MXFP4_FP8'}
     body = '\n'.join(f'  std::printf("%u %u\\n", GemmPlan<Recipe::{enum[r]}, {bn}, {s}>::kSmemBytes, '
                      f'GemmPlan<Recipe::{enum[r]}, {bn}, {s}>::Tmem::kAlloc);' for r, bn, s in cases)
-    src = tmp_path / 'p.cpp'
-    src.write_text('#include <cstdio>\n#include <deep_gemm/scheduler/sm100_gemm_plan.cuh>\n'
-                   f'using namespace deep_gemm::sm100;\nint main() {{\n{body}\n}}\n')
-    exe = tmp_path / 'p'
-    subprocess.run(['g++', '-std=c++17', '-Wall', '-Werror', '-I', str(INCLUDE), str(src), '-o', str(exe)], check=True)
-    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split('\n')
+    lines = plan_program_lines(tmp_path, body)
     for (r, bn, s), line in zip(cases, lines):
         plan, tmem = map(int, line.split())
         assert gemm_sm100.smem_bytes(r, bn, s, 7) == 1024 + plan + 4 * 8

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from tests.sm100_model import interp
-from tests.sm100_model.build import CPP, build, run_lines
+from tests.sm100_model.build import CPP, assert_check_passes, build, conformance_fixtures, perturbation_mismatches, run_lines
 
 CHECKS = ['idesc', 'smem_desc', 'sw128', 'sf_desc', 'sf_global', 'sf_tmem', 'tmem_acc', 'tmem_ld']
 BREAKS = {'idesc_n': 'idesc', 'idesc_sfid': 'idesc', 'idesc_fmt': 'idesc', 'smem_sbo': 'smem_desc',
@@ -35,15 +35,7 @@ BREAKS = {'idesc_n': 'idesc', 'idesc_sfid': 'idesc', 'idesc_fmt': 'idesc', 'smem
           'acc_col': 'tmem_acc', 'ld16_lane': 'tmem_ld', 'ld32_col': 'tmem_ld'}
 
 
-@pytest.fixture(scope='module')
-def conformance():
-    return build(CPP / 'sm100_conformance.cpp')
-
-
-@pytest.fixture(scope='module')
-def results(conformance):
-    _, lines, _ = run_lines(conformance)
-    return lines
+conformance, results = conformance_fixtures('sm100_conformance.cpp')
 
 
 @pytest.fixture(scope='module')
@@ -59,17 +51,12 @@ def oracle():
 # ------------------------------------------------------------------------ kernel headers vs CuTe
 @pytest.mark.parametrize('check', CHECKS)
 def test_kernel_matches_cute(results, check):
-    rows = [d for d in results if d.get('check') == check]
-    assert len(rows) == 1, f'check {check} missing from the program output'
-    d = rows[0]
-    assert d['cases'] > 100, d
-    assert d['mismatches'] == 0, f'{check}: {d["mismatches"]} of {d["cases"]} differ from CuTe, first: {d["first"]}'
+    assert_check_passes(results, check, min_cases=101)   # more than 100 cases
 
 
 @pytest.mark.parametrize('brk', sorted(BREAKS))
 def test_kernel_perturbation_is_detected(conformance, brk):
-    _, lines, _ = run_lines(conformance, brk)
-    bad = {d['check']: d['mismatches'] for d in lines if 'check' in d and d['mismatches']}
+    bad = perturbation_mismatches(conformance, brk)
     assert bad.get(BREAKS[brk], 0) > 0, f'perturbing {brk} went unnoticed ({bad})'
 
 

@@ -5,33 +5,22 @@ instantiation compiles for sm_100a and sm_103a with the expected SASS (UTCHMMA; 
 recipe; no block-scaled MMA, no UTCCP) and no local memory; the PTX spells the TS / SS forms; the
 launcher's shared-memory sizes, barrier counts and thread counts equal the plan's (g++); the launcher's
 argument checks need no GPU.  No Blackwell GPU runs here (docs/sm100-draft.md)."""
-import collections
 import re
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 from deep_gemm import gemm_sm100
 from deep_gemm import weights_sm100 as w100
-from deep_gemm.jit import compiler, registry, sass
+from deep_gemm.jit import registry
+from tests.sm100_build_common import compile_defaults, jit_cache_fixture, kernel_ptx, plan_program_lines
 
 ARCHS = ('sm_100a', 'sm_103a')
 EXACT, BF16 = gemm_sm100.GROUPED_GEMM_NVFP4_EXACT, gemm_sm100.GROUPED_GEMM_BF16
-INCLUDE = compiler.INCLUDE_DIR
 
 
-@pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-    import os
-    old = os.environ.get('DG_JIT_CACHE_DIR')
-    os.environ['DG_JIT_CACHE_DIR'] = str(tmp_path_factory.mktemp('dg_sm100_f16_cache'))
-    yield
-    if old is None:
-        os.environ.pop('DG_JIT_CACHE_DIR')
-    else:
-        os.environ['DG_JIT_CACHE_DIR'] = old
+cache = jit_cache_fixture('dg_sm100_f16_cache')
 
 
 def test_registration():
@@ -50,16 +39,7 @@ def test_registration():
 @pytest.mark.parametrize('arch', ARCHS)
 @pytest.mark.parametrize('spec', (EXACT, BF16), ids=lambda s: s.name)
 def test_compile_and_sass(cache, spec, arch):
-    if not sass.sass_available():
-        pytest.skip('cuobjdump/nvdisasm not found')
-    for params in spec.default_params:
-        cubin = spec.build(params, arch)
-        rep = sass.check_cubin(cubin, spec.required_sass_for(arch))
-        assert rep.missing == [], (params, rep.missing)
-        assert rep.local_memory == [] and rep.spills == 0 and rep.stack == 0, params
-        assert rep.ok(spec.forbid_local_memory)
-        instrs = sass.instructions(sass.dump_sass(cubin))
-        ops = collections.Counter(i.split(' ')[0] for i in instrs)
+    for params, rep, ops in compile_defaults(spec, arch):
         # kind::f16 only: no block-scaled MMA, no scale copies into TMEM
         assert not any(o.startswith(('UTCOMMA', 'UTCQMMA', 'UTCCP')) for o in ops), params
         if spec is EXACT:
@@ -74,23 +54,13 @@ def test_compile_and_sass(cache, spec, arch):
         assert ldtm == ({'LDTM.16dp256bit.x4'} if 'SwiGLU' in params['epilogue'] else {'LDTM.x16'}), ldtm
 
 
-def _ptx(spec, params, arch, tmp_path):
-    src = tmp_path / 'k.cu'
-    src.write_text(spec.render(params))
-    out = tmp_path / 'k.ptx'
-    flags = [f for f in compiler.BASE_FLAGS if f not in ('-cubin', '-Xptxas=-v')]
-    subprocess.run([compiler.nvcc_path(), str(src), '-ptx', '-o', str(out), *flags,
-                    f'-arch=compute_{arch[3:]}', *compiler.include_flags()], check=True, capture_output=True)
-    return out.read_text()
-
-
 def test_ptx_forms(tmp_path):
-    ptx = _ptx(EXACT, EXACT.default_params[0], 'sm_100a', tmp_path)
+    ptx = kernel_ptx(EXACT, EXACT.default_params[0], 'sm_100a', tmp_path)
     # TS: the A operand is a TMEM address in brackets, B a 64-bit descriptor
     assert re.search(r'tcgen05\.mma\.cta_group::1\.kind::f16 \[%r\d+\], \[%r\d+\], %rd\d+', ptx)
     assert 'tcgen05.st.sync.aligned.32x32b.x16.b32' in ptx and 'tcgen05.wait::st' in ptx
     assert 'block_scale' not in ptx and 'tcgen05.cp' not in ptx
-    ptx = _ptx(BF16, BF16.default_params[0], 'sm_100a', tmp_path)
+    ptx = kernel_ptx(BF16, BF16.default_params[0], 'sm_100a', tmp_path)
     # SS: both operands descriptors
     assert re.search(r'tcgen05\.mma\.cta_group::1\.kind::f16 \[%r\d+\], %rd\d+, %rd\d+', ptx)
     assert 'tcgen05.st' not in ptx and 'block_scale' not in ptx
@@ -104,12 +74,7 @@ def test_plan_numbers_match_the_launcher(tmp_path):
         f'  {{ using P = GemmPlan<Recipe::{enum[r]}, {bn}, {s}>; std::printf("%u %u %d %d %d %d %u\\n", P::kSmemBytes, '
         f'P::Tmem::kAlloc, P::kNumThreads, P::kNumBarriers, P::kEmptyCount, P::kMmasPerStage, P::kStageBytes); }}'
         for r, bn, s in cases)
-    src = tmp_path / 'p.cpp'
-    src.write_text('#include <cstdio>\n#include <deep_gemm/scheduler/sm100_gemm_plan.cuh>\n'
-                   f'using namespace deep_gemm::sm100;\nint main() {{\n{body}\n}}\n')
-    exe = tmp_path / 'p'
-    subprocess.run(['g++', '-std=c++17', '-Wall', '-Werror', '-I', str(INCLUDE), str(src), '-o', str(exe)], check=True)
-    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split('\n')
+    lines = plan_program_lines(tmp_path, body)
     for (r, bn, s), line in zip(cases, lines):
         plan, tmem, threads, bars, empty_count, mmas, stage = map(int, line.split())
         assert gemm_sm100.smem_bytes(r, bn, s, 7) == 1024 + plan + 4 * 8, (r, bn, s)

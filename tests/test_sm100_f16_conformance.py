@@ -21,7 +21,7 @@ Negative controls perturb one kernel-side quantity each (argv[1]); the matching 
 """
 import pytest
 
-from tests.sm100_model.build import CPP, build, run_lines
+from tests.sm100_model.build import assert_check_passes, conformance_fixtures, perturbation_mismatches
 
 CHECKS = ['idesc', 'plan_idesc', 'smem_desc', 'sw128_bf16', 'a_tmem', 'tmem_st']
 BREAKS = {'idesc_n': 'idesc', 'idesc_m': 'idesc', 'idesc_fmt': 'idesc', 'idesc_major': 'idesc',
@@ -29,30 +29,17 @@ BREAKS = {'idesc_n': 'idesc', 'idesc_m': 'idesc', 'idesc_fmt': 'idesc', 'idesc_m
           'sw128_xor': 'sw128_bf16', 'a_col': 'a_tmem', 'a_half': 'a_tmem', 'a_kk': 'a_tmem', 'st_col': 'tmem_st'}
 
 
-@pytest.fixture(scope='module')
-def conformance():
-    return build(CPP / 'sm100_f16_conformance.cpp')
-
-
-@pytest.fixture(scope='module')
-def results(conformance):
-    _, lines, _ = run_lines(conformance)
-    return lines
+conformance, results = conformance_fixtures('sm100_f16_conformance.cpp')
 
 
 @pytest.mark.parametrize('check', CHECKS)
 def test_kernel_matches_cute(results, check):
-    rows = [d for d in results if d.get('check') == check]
-    assert len(rows) == 1, f'check {check} missing from the program output'
-    d = rows[0]
-    assert d['cases'] >= 50, d
-    assert d['mismatches'] == 0, f'{check}: {d["mismatches"]} of {d["cases"]} differ from CuTe, first: {d["first"]}'
+    assert_check_passes(results, check, min_cases=50)
 
 
 @pytest.mark.parametrize('brk', sorted(BREAKS))
 def test_kernel_perturbation_is_detected(conformance, brk):
-    _, lines, _ = run_lines(conformance, brk)
-    bad = {d['check']: d['mismatches'] for d in lines if 'check' in d and d['mismatches']}
+    bad = perturbation_mismatches(conformance, brk)
     assert bad.get(BREAKS[brk], 0) > 0, f'perturbing {brk} went unnoticed ({bad})'
     # a perturbation touches only its own check
     assert set(bad) == {BREAKS[brk]}, bad

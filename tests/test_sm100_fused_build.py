@@ -4,7 +4,6 @@ expected SASS (the recipe's MMA and not the other's, UTCCP, both TMEM load shape
 comm roles' system-scope release / acquire) and no local memory; the launcher's shared-memory and
 token-row budgets; its argument checks and the 'auto' wiring without a GPU.  No Blackwell GPU runs
 here: see docs/sm100-draft.md, "The fused kernel"."""
-import collections
 import re
 import warnings
 
@@ -14,14 +13,14 @@ import torch
 import deep_gemm
 from deep_gemm import gemm_sm100
 from deep_gemm import weights_sm100 as w100
-from deep_gemm.jit import compiler, registry, sass
+from deep_gemm.jit import compiler, registry
 from deep_gemm.mega import api, sm100
+from tests.sm100_build_common import compile_defaults, jit_cache_fixture
 
 ARCHS = ('sm_100a', 'sm_103a')
 SPECS = (sm100.FUSED_NVFP4, sm100.FUSED_MXFP4)
 
-
-from test_sm100_build import cache  # noqa: E402,F401  (the module's fresh JIT cache fixture)
+cache = jit_cache_fixture('dg_sm100_cache')
 
 
 def test_registration():
@@ -40,17 +39,9 @@ def test_registration():
 @pytest.mark.parametrize('arch', ARCHS)
 @pytest.mark.parametrize('spec', SPECS, ids=lambda s: s.name)
 def test_compile_and_sass(cache, spec, arch):
-    if not sass.sass_available():
-        pytest.skip('cuobjdump/nvdisasm not found')
-    for params in spec.default_params:
-        cubin = spec.build(params, arch)
-        rep = sass.check_cubin(cubin, spec.required_sass_for(arch))
-        assert rep.missing == [], (params, rep.missing)
-        assert rep.local_memory == [] and rep.spills == 0 and rep.stack == 0, params
-        assert rep.ok(spec.forbid_local_memory)
+    for params, rep, ops in compile_defaults(spec, arch):
         # the launcher budgets the static shared memory (mega::Shared + the hand-over)
         assert rep.smem <= sm100._fused_shared_bytes(params['max_experts']) + sm100._HANDOVER_BYTES, rep.smem
-        ops = collections.Counter(i.split(' ')[0] for i in sass.instructions(sass.dump_sass(cubin)))
         if spec is sm100.FUSED_NVFP4:
             assert not any(o.startswith('UTCQMMA') for o in ops)
             assert ops['UTCOMMA.4X' if arch == 'sm_100a' else 'UTCOMMA.BLOCK16'] > 0

@@ -24,59 +24,9 @@
 // Output: one {"check", "cases", "mismatches", "first"} line per check.  argv[1] (optional): a negative
 // control perturbing one kernel-side quantity (idesc_n, idesc_m, idesc_fmt, idesc_major, plan_fmt,
 // smem_start, smem_box, smem_sbo, sw128_xor, a_col, a_half, a_kk, st_col); the matching check must fail.
-#include <cstddef>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <string>
-#include <utility>
-
-static char* g_smem_base = nullptr;
-static inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)((const char*)p - g_smem_base); }
-#define CUTE_CVTA_GENERIC_TO_SHARED_ACTIVATED 1
-
-#include <cute/tensor.hpp>
-#include <cute/atom/mma_traits_sm100.hpp>
-#include <cute/atom/copy_traits_sm100.hpp>
-
-#include <deep_gemm/common/sm100_umma.cuh>
-#include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
-
-using namespace cute;
-namespace dg = deep_gemm::sm100;
+#include "sm100_cute_host.h"
 
 alignas(1024) static char g_smem[1 << 19];
-static std::string g_break;
-static bool brk(const char* name) { return g_break == name; }
-
-struct Check {
-    const char* name;
-    long cases = 0, mismatches = 0;
-    std::string first;
-    explicit Check(const char* n) : name(n) {}
-    void eq(unsigned long long kernel, unsigned long long cute, const std::string& what) {
-        ++cases;
-        if (kernel != cute) {
-            if (std::getenv("DG_CONF_VERBOSE")) std::fprintf(stderr, "%s: %s kernel=%#llx cute=%#llx\n", name, what.c_str(), kernel, cute);
-            if (!mismatches) {
-                char buf[160];
-                std::snprintf(buf, sizeof(buf), " kernel=%#llx cute=%#llx", kernel, cute);
-                first = what + buf;
-            }
-            ++mismatches;
-        }
-    }
-    ~Check() {
-        std::printf("{\"check\":\"%s\",\"cases\":%ld,\"mismatches\":%ld,\"first\":\"%s\"}\n", name, cases, mismatches, first.c_str());
-    }
-};
-
-static std::string fmt(const char* f, long a = 0, long b = 0, long c = 0, long d = 0) {
-    char buf[200];
-    std::snprintf(buf, sizeof(buf), f, a, b, c, d);
-    return buf;
-}
 
 // ------------------------------------------------------------------------------------------ idesc
 template <class T, int M, int N, UMMA::Major AM, UMMA::Major BM>

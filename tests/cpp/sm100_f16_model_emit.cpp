@@ -85,120 +85,50 @@ struct F16Ops : RecOps {
 template <Recipe kRecipe, int kBlockN, int kStages>
 int run_f16(const Problem& p) {
     using Plan = GemmPlan<kRecipe, kBlockN, kStages>;
-    const int num_tiles = int(p.tiles.size());
-    {
-        std::ostringstream o;
-        o << "{\"op\":\"problem\",\"recipe\":\"" << p.recipe << "\",\"block_n\":" << kBlockN << ",\"stages\":" << kStages
-          << ",\"epilogue\":\"" << p.epilogue << "\",\"mode\":\"" << p.mode << "\",\"n\":" << p.n << ",\"k\":" << p.k
-          << ",\"max_rows\":" << p.max_rows << ",\"ctas\":" << p.ctas << ",\"total_rows\":" << p.total_rows
-          << ",\"smem_bytes\":" << Plan::kSmemBytes << ",\"tmem_cols\":" << Plan::Tmem::kAlloc
-          << ",\"threads\":" << Plan::kNumThreads << ",\"counts\":[";
-        for (size_t e = 0; e < p.counts.size(); ++e) o << (e ? "," : "") << p.counts[e];
-        o << "],\"starts\":[";
-        for (size_t e = 0; e < p.starts.size(); ++e) o << (e ? "," : "") << p.starts[e];
-        o << "],\"tiles\":[";
-        for (int t = 0; t < num_tiles; ++t) {
-            const PlanTile& x = p.tiles[size_t(t)];
-            o << (t ? "," : "") << "[" << x.expert << "," << x.row_tile << "," << x.token_tile << "," << x.row_start << "," << x.num_tokens << "]";
-        }
-        o << "]}";
-        emit(o.str());
-    }
-    const auto tiles = [&](int t) { return p.tiles[size_t(t)]; };
-
-    for (int cta = 0; cta < p.ctas; ++cta) {
-        const int kEpi = Plan::kEpilogueThreads, kDq = 32 * Plan::kDequantWarps;
-        const int nthreads = 2 + kEpi + kDq;
-        Sched sched(p.seed * 1000003ull + uint64_t(cta), nthreads);
-        // bytes per TMA box element: BF16 tokens (and BF16 weights) 2
-        Cta c{cta, &sched, {kRecipe == Recipe::BF16 ? 2u : 1u, 1u, 2u, 1u, 1u}};
-        const Plan plan{p.n, p.k, 1024u, 0u};
-        if (Plan::kSmemBytes + plan.smem_base > 232448u) die("shared memory plan exceeds 227 KiB");
-        std::vector<F16Ops> ops(static_cast<size_t>(nthreads));
-        for (int i = 0; i < nthreads; ++i) {
-            ops[size_t(i)].cta = &c;
-            ops[size_t(i)].me = i;
-        }
-        sched.alive = {0};
-        sched.running = 0;
-        plan.init_barriers(ops[0]);
-        std::vector<std::thread> th;
-        {
-            std::lock_guard<std::mutex> g(sched.m);
-            sched.alive.clear();
-            for (int i = 0; i < nthreads; ++i) sched.alive.push_back(i);
-            sched.running = -1;
-        }
-        auto body = [&](int me, std::function<void()> fn) {
-            {
-                std::unique_lock<std::mutex> lk(sched.m);
-                sched.cvs[size_t(me)].wait(lk, [&] { return sched.running == me; });
-            }
-            fn();
-            std::unique_lock<std::mutex> lk(sched.m);
-            sched.finish_locked(me);
-        };
-        th.emplace_back(body, 0, [&] { plan.producer(ops[0], tiles, cta, num_tiles, p.ctas); });
-        th.emplace_back(body, 1, [&] { plan.mma(ops[1], tiles, cta, num_tiles, p.ctas); });
-        for (int i = 0; i < kEpi; ++i) {
-            const int warp = 4 + i / 32, lane = i % 32, me = 2 + i;
-            ops[size_t(me)].warp = warp, ops[size_t(me)].lane = lane;
-            th.emplace_back(body, me, [&, warp, lane, me] {
-                F16Ops& o = ops[size_t(me)];
-                if (p.epilogue == "plain") {
-                    plan.template epilogue<TmemLdShape::K32x32B>(
-                        o, tiles, cta, num_tiles, p.ctas, warp, lane,
-                        [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::Plain (raw accumulators)
-                            const int row = tile.row_tile * Plan::kBlockM + int(lane_base) + l;
-                            std::vector<int> rg; std::vector<long> rr, cc;
-                            for (int j = 0; j < 16; ++j) {
-                                const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K32x32B, uint32_t(l), uint32_t(j));
-                                const int tok = int(col + c2.column);
-                                if (tok < tile.num_tokens) { rg.push_back(int(regs[j])); rr.push_back(tile.row_start + tok); cc.push_back(row); }
+    emit_problem(p, kBlockN, kStages, Plan::kSmemBytes, Plan::Tmem::kAlloc, ",\"threads\":" + std::to_string(Plan::kNumThreads));
+    // bytes per TMA box element: BF16 tokens (and BF16 weights) 2; the dequant threads (warps 8..11) for NVFP4_EXACT
+    run_ctas<Plan, F16Ops>(
+        p, {kRecipe == Recipe::BF16 ? 2u : 1u, 1u, 2u, 1u, 1u}, 32 * Plan::kDequantWarps,
+        [&](const Plan& plan, F16Ops& o, const auto& tiles, int cta, int num_tiles, int warp, int lane) {
+            if (p.epilogue == "plain") {
+                plan.template epilogue<TmemLdShape::K32x32B>(
+                    o, tiles, cta, num_tiles, p.ctas, warp, lane,
+                    [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                        // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::Plain (raw accumulators)
+                        const int row = tile.row_tile * Plan::kBlockM + int(lane_base) + l;
+                        std::vector<int> rg; std::vector<long> rr, cc;
+                        for (int j = 0; j < 16; ++j) {
+                            const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K32x32B, uint32_t(l), uint32_t(j));
+                            const int tok = int(col + c2.column);
+                            if (tok < tile.num_tokens) { rg.push_back(int(regs[j])); rr.push_back(tile.row_start + tok); cc.push_back(row); }
+                        }
+                        o.store(kTensorD, rg, rr, cc);
+                    });
+            } else {
+                plan.template epilogue<TmemLdShape::K16x256B>(
+                    o, tiles, cta, num_tiles, p.ctas, warp, lane,
+                    [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                        // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::SwiGLU (gate = register j, up = j + 2)
+                        std::vector<int> gr, ur; std::vector<long> rr, cc;
+                        for (int j = 0; j < 16; ++j) {
+                            if ((j % 4) >= 2) continue;
+                            const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(l), uint32_t(j));
+                            const int tok = int(col + c2.column);
+                            const int kernel_row = int(lane_base + c2.lane);
+                            const int chan = tile.row_tile * (Plan::kBlockM / 2) + (kernel_row / 16) * 8 + kernel_row % 8;
+                            if (tok < tile.num_tokens) {
+                                gr.push_back(int(regs[j])); ur.push_back(int(regs[j + 2]));
+                                rr.push_back(tile.row_start + tok); cc.push_back(chan);
                             }
-                            o.store(kTensorD, rg, rr, cc);
-                        });
-                } else {
-                    plan.template epilogue<TmemLdShape::K16x256B>(
-                        o, tiles, cta, num_tiles, p.ctas, warp, lane,
-                        [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::SwiGLU (gate = register j, up = j + 2)
-                            std::vector<int> gr, ur; std::vector<long> rr, cc;
-                            for (int j = 0; j < 16; ++j) {
-                                if ((j % 4) >= 2) continue;
-                                const TmemCoord c2 = tmem_ld_coord(TmemLdShape::K16x256B, uint32_t(l), uint32_t(j));
-                                const int tok = int(col + c2.column);
-                                const int kernel_row = int(lane_base + c2.lane);
-                                const int chan = tile.row_tile * (Plan::kBlockM / 2) + (kernel_row / 16) * 8 + kernel_row % 8;
-                                if (tok < tile.num_tokens) {
-                                    gr.push_back(int(regs[j])); ur.push_back(int(regs[j + 2]));
-                                    rr.push_back(tile.row_start + tok); cc.push_back(chan);
-                                }
-                            }
-                            o.store(10, gr, rr, cc);
-                            o.store(11, ur, rr, cc);
-                        });
-                }
-            });
-        }
-        if constexpr (Plan::kATmem) {
-            for (int i = 0; i < kDq; ++i) {
-                const int warp = 8 + i / 32, lane = i % 32, me = 2 + kEpi + i;
-                ops[size_t(me)].warp = warp, ops[size_t(me)].lane = lane;
-                th.emplace_back(body, me, [&, warp, lane, me] {
-                    plan.dequant(ops[size_t(me)], tiles, cta, num_tiles, p.ctas, warp, lane);
-                });
+                        }
+                        o.store(10, gr, rr, cc);
+                        o.store(11, ur, rr, cc);
+                    });
             }
-        }
-        {
-            std::lock_guard<std::mutex> g(sched.m);
-            sched.pick_locked();
-        }
-        for (auto& t : th) t.join();
-        for (size_t b = 0; b < sched.bars.size(); ++b)
-            if (sched.bars[b].tx != 0) die("an mbarrier ends with outstanding transaction bytes");
-    }
+        },
+        [&](const Plan& plan, F16Ops& o, const auto& tiles, int cta, int num_tiles, int warp, int lane) {
+            if constexpr (Plan::kATmem) plan.dequant(o, tiles, cta, num_tiles, p.ctas, warp, lane);
+        });
     return 0;
 }
 
@@ -217,19 +147,11 @@ int dispatch_f16(const Problem& p) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 12) {
+    Problem p;
+    if (!parse_problem(argc, argv, false, p)) {
         std::fprintf(stderr, "usage: %s RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS\n", argv[0]);
         return 2;
     }
-    Problem p;
-    p.recipe = argv[1], p.block_n = std::atoi(argv[2]), p.stages = std::atoi(argv[3]), p.epilogue = argv[4], p.mode = argv[5];
-    p.n = std::atoi(argv[6]), p.k = std::atoi(argv[7]), p.max_rows = std::atoi(argv[8]), p.ctas = std::atoi(argv[9]);
-    p.seed = std::strtoull(argv[10], nullptr, 10);
-    std::stringstream ss(argv[11]);
-    for (std::string tok; std::getline(ss, tok, ',');) p.counts.push_back(std::atoi(tok.c_str()));
-    if (p.mode != "contiguous" && p.mode != "masked") die("MODE");
-    if (p.epilogue != "plain" && p.epilogue != "swiglu") die("EPILOGUE");
-    make_tiles(p);
     if (p.recipe == "nvfp4_exact") return dispatch_f16<Recipe::NVFP4_EXACT>(p);
     if (p.recipe == "bf16") return dispatch_f16<Recipe::BF16>(p);
     die("RECIPE");

@@ -310,39 +310,48 @@ void make_tiles(Problem& p) {
     die("unsupported BLOCK_N");
 }
 
-template <Recipe kRecipe, int kBlockN, int kStages>
-int run(const Problem& p) {
-    using Plan = GemmPlan<kRecipe, kBlockN, kStages>;
-    const int num_tiles = int(p.tiles.size());
-    {
-        std::ostringstream o;
-        o << "{\"op\":\"problem\",\"recipe\":\"" << p.recipe << "\",\"block_n\":" << kBlockN << ",\"stages\":" << kStages
-          << ",\"epilogue\":\"" << p.epilogue << "\",\"mode\":\"" << p.mode << "\",\"n\":" << p.n << ",\"k\":" << p.k
-          << ",\"max_rows\":" << p.max_rows << ",\"ctas\":" << p.ctas << ",\"total_rows\":" << p.total_rows
-          << ",\"smem_bytes\":" << Plan::kSmemBytes << ",\"tmem_cols\":" << Plan::Tmem::kAlloc << ",\"counts\":[";
-        for (size_t e = 0; e < p.counts.size(); ++e) o << (e ? "," : "") << p.counts[e];
-        o << "],\"starts\":[";
-        for (size_t e = 0; e < p.starts.size(); ++e) o << (e ? "," : "") << p.starts[e];
-        o << "],\"tiles\":[";
-        for (int t = 0; t < num_tiles; ++t) {
-            const PlanTile& x = p.tiles[size_t(t)];
-            o << (t ? "," : "") << "[" << x.expert << "," << x.row_tile << "," << x.token_tile << "," << x.row_start << "," << x.num_tokens << "]";
-        }
-        o << "]}";
-        emit(o.str());
+// ------------------------------------------------------------------------------ shared with sm100_f16_model_emit.cpp
+// The {"op":"problem"} line; `extra` (fields with their leading commas) goes right after "tmem_cols".
+void emit_problem(const Problem& p, int block_n, int stages, uint32_t smem_bytes, uint32_t tmem_cols, const std::string& extra) {
+    std::ostringstream o;
+    o << "{\"op\":\"problem\",\"recipe\":\"" << p.recipe << "\",\"block_n\":" << block_n << ",\"stages\":" << stages
+      << ",\"epilogue\":\"" << p.epilogue << "\",\"mode\":\"" << p.mode << "\",\"n\":" << p.n << ",\"k\":" << p.k
+      << ",\"max_rows\":" << p.max_rows << ",\"ctas\":" << p.ctas << ",\"total_rows\":" << p.total_rows
+      << ",\"smem_bytes\":" << smem_bytes << ",\"tmem_cols\":" << tmem_cols << extra << ",\"counts\":[";
+    for (size_t e = 0; e < p.counts.size(); ++e) o << (e ? "," : "") << p.counts[e];
+    o << "],\"starts\":[";
+    for (size_t e = 0; e < p.starts.size(); ++e) o << (e ? "," : "") << p.starts[e];
+    o << "],\"tiles\":[";
+    for (size_t t = 0; t < p.tiles.size(); ++t) {
+        const PlanTile& x = p.tiles[t];
+        o << (t ? "," : "") << "[" << x.expert << "," << x.row_tile << "," << x.token_tile << "," << x.row_start << "," << x.num_tokens << "]";
     }
+    o << "]}";
+    emit(o.str());
+}
+
+// Every CTA of the problem under the cooperative scheduler: thread 0 the producer, 1 the MMA warp,
+// 2.. the Plan::kEpilogueThreads epilogue threads (warps 4..) running epi_fn, then extra_threads more
+// (warps 8..) running extra_fn; both called as fn(plan, ops, tiles, cta, num_tiles, warp, lane).
+// OpsT: RecOps or a type derived from it; bytes_per_elem: Cta::a_bytes_per_elem.
+template <class Plan, class OpsT, class EpiFn, class ExtraFn>
+void run_ctas(const Problem& p, const std::vector<uint32_t>& bytes_per_elem, int extra_threads, EpiFn&& epi_fn, ExtraFn&& extra_fn) {
+    const int num_tiles = int(p.tiles.size());
     const auto tiles = [&](int t) { return p.tiles[size_t(t)]; };
 
     for (int cta = 0; cta < p.ctas; ++cta) {
         const int kEpi = Plan::kEpilogueThreads;
-        const int nthreads = 2 + kEpi;
+        const int nthreads = 2 + kEpi + extra_threads;
         Sched sched(p.seed * 1000003ull + uint64_t(cta), nthreads);
-        Cta c{cta, &sched, {1, 1, 1, 1, 1}};
+        Cta c{cta, &sched, bytes_per_elem};
         // a 1024-aligned dynamic shared-memory base past a few static bytes; the TMEM allocation at column 0
         const Plan plan{p.n, p.k, 1024u, 0u};
         if (Plan::kSmemBytes + plan.smem_base > 232448u) die("shared memory plan exceeds 227 KiB");
-        std::vector<RecOps> ops(static_cast<size_t>(nthreads));
-        for (int i = 0; i < nthreads; ++i) ops[size_t(i)] = RecOps{&c, i};
+        std::vector<OpsT> ops(static_cast<size_t>(nthreads));
+        for (int i = 0; i < nthreads; ++i) {
+            ops[size_t(i)].cta = &c;
+            ops[size_t(i)].me = i;
+        }
         // barriers first, by one thread (before the block-wide sync of the kernel)
         sched.alive = {0};
         sched.running = 0;
@@ -368,40 +377,12 @@ int run(const Problem& p) {
         for (int i = 0; i < kEpi; ++i) {
             const int warp = 4 + i / 32, lane = i % 32, me = 2 + i;
             ops[size_t(me)].warp = warp, ops[size_t(me)].lane = lane;
-            th.emplace_back(body, me, [&, warp, lane, me] {
-                RecOps& o = ops[size_t(me)];
-                if (p.epilogue == "plain") {
-                    plan.template epilogue<TmemLdShape::K32x32B>(
-                        o, tiles, cta, num_tiles, p.ctas, warp, lane,
-                        [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::Plain: the kernel's map
-                            std::vector<int> rg; std::vector<long> rr, cc;
-                            for (int j = 0; j < 16; ++j) {
-                                auto m = Plan::plain_out(tile, lane_base, col, l, j);
-                                if (fault("plain")) m.out_col ^= 1;
-                                if (m.valid) { rg.push_back(int(regs[j])); rr.push_back(m.token_row); cc.push_back(m.out_col); }
-                            }
-                            o.store(kTensorD, rg, rr, cc);
-                        });
-                } else {
-                    plan.template epilogue<TmemLdShape::K16x256B>(
-                        o, tiles, cta, num_tiles, p.ctas, warp, lane,
-                        [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                            // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::SwiGLU / SwiGLUQuant: the kernel's map
-                            std::vector<int> gr, ur; std::vector<long> rr, cc;
-                            for (int j = 0; j < 16; ++j) {
-                                auto m = Plan::swiglu_out(tile, lane_base, col, l, j);
-                                if (fault("swiglu")) m.chan ^= 1;
-                                if (m.valid) {
-                                    gr.push_back(int(regs[m.gate_reg])); ur.push_back(int(regs[m.up_reg]));
-                                    rr.push_back(m.token_row); cc.push_back(m.chan);
-                                }
-                            }
-                            o.store(10, gr, rr, cc);
-                            o.store(11, ur, rr, cc);
-                        });
-                }
-            });
+            th.emplace_back(body, me, [&, warp, lane, me] { epi_fn(plan, ops[size_t(me)], tiles, cta, num_tiles, warp, lane); });
+        }
+        for (int i = 0; i < extra_threads; ++i) {
+            const int warp = 8 + i / 32, lane = i % 32, me = 2 + kEpi + i;
+            ops[size_t(me)].warp = warp, ops[size_t(me)].lane = lane;
+            th.emplace_back(body, me, [&, warp, lane, me] { extra_fn(plan, ops[size_t(me)], tiles, cta, num_tiles, warp, lane); });
         }
         {
             std::lock_guard<std::mutex> g(sched.m);
@@ -411,6 +392,66 @@ int run(const Problem& p) {
         for (size_t b = 0; b < sched.bars.size(); ++b)
             if (sched.bars[b].tx != 0) die("an mbarrier ends with outstanding transaction bytes");
     }
+}
+
+// The command line shared by both emitters: RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED
+// COUNTS, then TOKEN_GROUP where with_token_group; MODE and EPILOGUE checked, the tiles made.
+// Returns false on a wrong argument count (the caller prints its usage).
+bool parse_problem(int argc, char** argv, bool with_token_group, Problem& p) {
+    if (argc != 12 && !(with_token_group && argc == 13)) return false;
+    p.recipe = argv[1], p.block_n = std::atoi(argv[2]), p.stages = std::atoi(argv[3]), p.epilogue = argv[4], p.mode = argv[5];
+    p.n = std::atoi(argv[6]), p.k = std::atoi(argv[7]), p.max_rows = std::atoi(argv[8]), p.ctas = std::atoi(argv[9]);
+    p.seed = std::strtoull(argv[10], nullptr, 10);
+    std::stringstream ss(argv[11]);
+    for (std::string tok; std::getline(ss, tok, ',');) p.counts.push_back(std::atoi(tok.c_str()));
+    if (argc == 13) p.token_group = std::atoi(argv[12]);
+    if (p.token_group < 1) die("TOKEN_GROUP must be >= 1");
+    if (p.mode != "contiguous" && p.mode != "masked") die("MODE");
+    if (p.epilogue != "plain" && p.epilogue != "swiglu") die("EPILOGUE");
+    make_tiles(p);
+    return true;
+}
+
+template <Recipe kRecipe, int kBlockN, int kStages>
+int run(const Problem& p) {
+    using Plan = GemmPlan<kRecipe, kBlockN, kStages>;
+    emit_problem(p, kBlockN, kStages, Plan::kSmemBytes, Plan::Tmem::kAlloc, "");
+    run_ctas<Plan, RecOps>(
+        p, {1, 1, 1, 1, 1}, 0,
+        [&](const Plan& plan, RecOps& o, const auto& tiles, int cta, int num_tiles, int warp, int lane) {
+            if (p.epilogue == "plain") {
+                plan.template epilogue<TmemLdShape::K32x32B>(
+                    o, tiles, cta, num_tiles, p.ctas, warp, lane,
+                    [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                        // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::Plain: the kernel's map
+                        std::vector<int> rg; std::vector<long> rr, cc;
+                        for (int j = 0; j < 16; ++j) {
+                            auto m = Plan::plain_out(tile, lane_base, col, l, j);
+                            if (fault("plain")) m.out_col ^= 1;
+                            if (m.valid) { rg.push_back(int(regs[j])); rr.push_back(m.token_row); cc.push_back(m.out_col); }
+                        }
+                        o.store(kTensorD, rg, rr, cc);
+                    });
+            } else {
+                plan.template epilogue<TmemLdShape::K16x256B>(
+                    o, tiles, cta, num_tiles, p.ctas, warp, lane,
+                    [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                        // impls/sm100_fp4_grouped_gemm.cuh, Epilogue::SwiGLU / SwiGLUQuant: the kernel's map
+                        std::vector<int> gr, ur; std::vector<long> rr, cc;
+                        for (int j = 0; j < 16; ++j) {
+                            auto m = Plan::swiglu_out(tile, lane_base, col, l, j);
+                            if (fault("swiglu")) m.chan ^= 1;
+                            if (m.valid) {
+                                gr.push_back(int(regs[m.gate_reg])); ur.push_back(int(regs[m.up_reg]));
+                                rr.push_back(m.token_row); cc.push_back(m.chan);
+                            }
+                        }
+                        o.store(10, gr, rr, cc);
+                        o.store(11, ur, rr, cc);
+                    });
+            }
+        },
+        [](const Plan&, RecOps&, const auto&, int, int, int, int) {});
     return 0;
 }
 
@@ -431,21 +472,11 @@ int dispatch_n(const Problem& p) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 12 && argc != 13) {
+    Problem p;
+    if (!parse_problem(argc, argv, true, p)) {
         std::fprintf(stderr, "usage: %s RECIPE BLOCK_N STAGES EPILOGUE MODE N K MAX_ROWS CTAS SEED COUNTS [TOKEN_GROUP]\n", argv[0]);
         return 2;
     }
-    Problem p;
-    p.recipe = argv[1], p.block_n = std::atoi(argv[2]), p.stages = std::atoi(argv[3]), p.epilogue = argv[4], p.mode = argv[5];
-    p.n = std::atoi(argv[6]), p.k = std::atoi(argv[7]), p.max_rows = std::atoi(argv[8]), p.ctas = std::atoi(argv[9]);
-    p.seed = std::strtoull(argv[10], nullptr, 10);
-    std::stringstream ss(argv[11]);
-    for (std::string tok; std::getline(ss, tok, ',');) p.counts.push_back(std::atoi(tok.c_str()));
-    if (argc == 13) p.token_group = std::atoi(argv[12]);
-    if (p.token_group < 1) die("TOKEN_GROUP must be >= 1");
-    if (p.mode != "contiguous" && p.mode != "masked") die("MODE");
-    if (p.epilogue != "plain" && p.epilogue != "swiglu") die("EPILOGUE");
-    make_tiles(p);
     if (p.recipe == "nvfp4") return dispatch_n<Recipe::NVFP4>(p);
     if (p.recipe == "mxfp4_fp8") return dispatch_n<Recipe::MXFP4_FP8>(p);
     die("RECIPE");

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -63,11 +64,23 @@ def _hash(paths: Sequence[Path], flags: Sequence[str]) -> str:
     return h.hexdigest()[:20]
 
 
+def _local_includes(src: Path, seen: Optional[set] = None) -> list:
+    """``src`` and the files it #includes with quotes (tests/cpp/*.h, an included .cpp), recursively."""
+    seen = set() if seen is None else seen
+    if src in seen or not src.exists():
+        return []
+    seen.add(src)
+    out = [src]
+    for inc in re.findall(r'^\s*#\s*include\s+"([^"]+)"', src.read_text(), flags=re.M):
+        out += _local_includes((src.parent / inc).resolve(), seen)
+    return out
+
+
 def build(src: Path, *, cute: bool = True, defines: Sequence[str] = (), name: Optional[str] = None) -> Path:
     """Compile ``src`` (a tests/cpp program) with g++ -std=c++17; returns the executable."""
     compiler = cxx()
     flags = ['-std=c++17', '-O1', '-w', f'-I{INCLUDE}']
-    deps = [src] + sorted(INCLUDE.rglob('*.cuh'))
+    deps = _local_includes(src) + sorted(INCLUDE.rglob('*.cuh'))
     if cute:
         inc = cutlass_include()
         flags.append(f'-I{inc}')
@@ -98,3 +111,37 @@ def run_lines(exe: Path, *args, timeout: int = 300, check: bool = True):
         raise AssertionError(f'{exe.name} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
     return proc.returncode, lines, proc.stderr
+
+
+# ------------------------------------------------------------------ the conformance programs' output
+# tests/cpp/sm100_conformance.cpp and sm100_f16_conformance.cpp print one {"check", "cases", "mismatches",
+# "first"} line per check; argv[1] names a negative control (one kernel-side quantity perturbed).
+
+def assert_check_passes(lines, check: str, min_cases: int) -> None:
+    """Exactly one line for ``check``, with at least ``min_cases`` cases and no mismatch with CuTe."""
+    rows = [d for d in lines if d.get('check') == check]
+    assert len(rows) == 1, f'check {check} missing from the program output'
+    d = rows[0]
+    assert d['cases'] >= min_cases, d
+    assert d['mismatches'] == 0, f'{check}: {d["mismatches"]} of {d["cases"]} differ from CuTe, first: {d["first"]}'
+
+
+def perturbation_mismatches(exe: Path, brk: str) -> dict:
+    """Run ``exe`` with the negative control ``brk``; returns {check: mismatches} of the checks that failed."""
+    _, lines, _ = run_lines(exe, brk)
+    return {d['check']: d['mismatches'] for d in lines if 'check' in d and d['mismatches']}
+
+
+def conformance_fixtures(src_name: str):
+    """Module-scoped fixtures (conformance, results): the program tests/cpp/``src_name`` built, and the
+    lines of its unperturbed run.  Use as ``conformance, results = conformance_fixtures('x.cpp')``."""
+    @pytest.fixture(scope='module')
+    def conformance():
+        return build(CPP / src_name)
+
+    @pytest.fixture(scope='module')
+    def results(conformance):
+        _, lines, _ = run_lines(conformance)
+        return lines
+
+    return conformance, results

@@ -247,29 +247,7 @@ class F16Machine(interp.Machine):
 
 def run_stream_f16(ops, tensors, outputs):
     """interp.run_stream with F16Machine per CTA."""
-    machines: Dict[int, F16Machine] = {}
-    outs = {tid: np.full(shape, np.nan) for tid, shape in outputs.items()}
-    written = {tid: np.zeros(shape, dtype=bool) for tid, shape in outputs.items()}
-    for i, op in enumerate(ops):
-        if op.get('op') == 'problem':
-            continue
-        cta = int(op.get('cta', 0))
-        m = machines.get(cta)
-        if m is None:
-            m = machines[cta] = F16Machine(tensors)
-            m.outputs, m.out_written = outs, written
-        name = op.get('op')
-        fn = getattr(m, f'_op_{name}', None)
-        if fn is None:
-            raise interp.ModelError(f'op {i}: unknown op {name!r}')
-        try:
-            fn(op)
-        except interp.ModelError as e:
-            raise interp.ModelError(f'op {i} ({name}, cta {cta}): {e}') from None
-        m.counts[name] = m.counts.get(name, 0) + 1
-    for m in machines.values():
-        m.finish()
-    return outs, written, machines
+    return interp.run_stream(ops, tensors, outputs, machine_cls=F16Machine)
 
 
 # ------------------------------------------------------------------------------ problems
@@ -287,12 +265,8 @@ class F16Problem(Problem):
         from deep_gemm.gemm_sm100 import fp8_tokens_to_bf16
         from deep_gemm.utils import cast_to_nvfp4_experts, per_token_cast_to_fp8
         from deep_gemm.utils.quant import e2m1_to_float, unpack_e2m1
-        assert self.starts is not None, 'emit() first (row starts)'
-        gen = torch.Generator().manual_seed(2000 + self.seed)
+        w, x = self.random_weights_tokens(2000)
         e_num, n, k, rows = len(self.counts), self.n, self.k, self.total_rows
-        w = torch.randn(e_num, n, k, generator=gen) * torch.exp(torch.randn(e_num, n, 1, generator=gen) * 0.5)
-        x = torch.randn(max(rows, 1), k, generator=gen) * torch.exp(torch.randn(max(rows, 1), 1, generator=gen))
-        x = x[:rows]
         # tokens: upstream's FP8 cast (E4M3, UE8M0 per 32), then exactly to BF16 (the gather's conversion)
         xq, xsf = per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32)
         _, ex = torch.frexp(xsf)

@@ -301,16 +301,21 @@ class Machine:
     # -------------------------------------------------------------------------------- driver
     def run(self, ops: Iterable[dict]) -> 'Machine':
         for i, op in enumerate(ops):
-            name = op.get('op')
-            fn = getattr(self, f'_op_{name}', None)
-            if fn is None:
-                raise ModelError(f'op {i}: unknown op {name!r}')
-            try:
-                fn(op)
-            except ModelError as e:
-                raise ModelError(f'op {i} ({name}): {e}') from None
-            self.counts[name] = self.counts.get(name, 0) + 1
+            self.step(i, op)
         return self
+
+    def step(self, i: int, op: dict, where: str = '') -> None:
+        """Execute op ``i`` of a stream (its ``_op_<name>`` method) and count it; errors name the op
+        (and ``where``, e.g. ', cta 1')."""
+        name = op.get('op')
+        fn = getattr(self, f'_op_{name}', None)
+        if fn is None:
+            raise ModelError(f'op {i}: unknown op {name!r}')
+        try:
+            fn(op)
+        except ModelError as e:
+            raise ModelError(f'op {i} ({name}{where}): {e}') from None
+        self.counts[name] = self.counts.get(name, 0) + 1
 
     def declare_output(self, tid: int, rows: int, cols: int):
         self.outputs[tid] = np.full((rows, cols), np.nan)
@@ -715,10 +720,11 @@ class Machine:
         return self
 
 
-def run_stream(ops: Iterable[dict], tensors: Dict[int, GTensor], outputs: Dict[int, Tuple[int, int]]):
-    """Execute a recorded stream: one Machine per CTA (own shared memory, TMEM and barriers), the
-    global tensors and the outputs shared.  Returns (outputs {id: float64 array, NaN = unwritten},
-    written masks, machines)."""
+def run_stream(ops: Iterable[dict], tensors: Dict[int, GTensor], outputs: Dict[int, Tuple[int, int]],
+               machine_cls: type = Machine):
+    """Execute a recorded stream: one ``machine_cls`` (Machine or a subclass) per CTA (own shared memory,
+    TMEM and barriers), the global tensors and the outputs shared.  Returns (outputs {id: float64 array,
+    NaN = unwritten}, written masks, machines)."""
     machines: Dict[int, Machine] = {}
     outs = {tid: np.full(shape, np.nan) for tid, shape in outputs.items()}
     written = {tid: np.zeros(shape, dtype=bool) for tid, shape in outputs.items()}
@@ -728,17 +734,9 @@ def run_stream(ops: Iterable[dict], tensors: Dict[int, GTensor], outputs: Dict[i
         cta = int(op.get('cta', 0))
         m = machines.get(cta)
         if m is None:
-            m = machines[cta] = Machine(tensors)
+            m = machines[cta] = machine_cls(tensors)
             m.outputs, m.out_written = outs, written
-        name = op.get('op')
-        fn = getattr(m, f'_op_{name}', None)
-        if fn is None:
-            raise ModelError(f'op {i}: unknown op {name!r}')
-        try:
-            fn(op)
-        except ModelError as e:
-            raise ModelError(f'op {i} ({name}, cta {cta}): {e}') from None
-        m.counts[name] = m.counts.get(name, 0) + 1
+        m.step(i, op, f', cta {cta}')
     for m in machines.values():
         m.finish()
     return outs, written, machines

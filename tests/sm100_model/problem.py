@@ -79,15 +79,22 @@ class Problem:
         return ops
 
     # ------------------------------------------------------------------------------ data
-    def build_data(self):
-        """Random weights and tokens, quantized by the package's own casts (ModelOpt NVFP4 / MXFP4 /
-        upstream's FP8 cast), laid out as the plan header's global tensors."""
+    def random_weights_tokens(self, seed_base: int):
+        """Random weights [E, N, K] (per-row magnitudes) and tokens [total_rows, K] (per-token magnitudes),
+        drawn from a generator seeded seed_base + seed; returns (weights, tokens)."""
         assert self.starts is not None, 'emit() first (row starts)'
-        gen = torch.Generator().manual_seed(1000 + self.seed)
+        gen = torch.Generator().manual_seed(seed_base + self.seed)
         e_num, n, k, rows = len(self.counts), self.n, self.k, self.total_rows
         w = torch.randn(e_num, n, k, generator=gen) * torch.exp(torch.randn(e_num, n, 1, generator=gen) * 0.5)
         x = torch.randn(max(rows, 1), k, generator=gen) * torch.exp(torch.randn(max(rows, 1), 1, generator=gen))
         x = x[:rows]
+        return w, x
+
+    def build_data(self):
+        """Random weights and tokens, quantized by the package's own casts (ModelOpt NVFP4 / MXFP4 /
+        upstream's FP8 cast), laid out as the plan header's global tensors."""
+        w, x = self.random_weights_tokens(1000)
+        e_num, n, k, rows = len(self.counts), self.n, self.k, self.total_rows
         order = l1_kernel_rows(n) if self.epilogue == 'swiglu' else np.arange(n)
         if self.recipe == 'nvfp4':
             packed, scale, _ = cast_to_nvfp4_experts(w)                       # [E, N, K/2], e4m3 [E, N, K/16]
