@@ -1,7 +1,7 @@
 """CPU tests of the sm100 grouped GEMM build: every registered instantiation compiles for sm_100a and
 sm_103a with the expected SASS (the recipe's MMA, UTCCP, LDTM, UTCBAR, TMA) and no local memory; the
 PTX spells .block16 / .block32 (never scale_vec); the launcher's shared-memory sizes equal the plan's;
-the launchers' argument checks need no GPU.  No Blackwell GPU runs here: see docs/sm100-draft.md."""
+the launchers' argument checks need no GPU.  No Blackwell GPU runs here: see docs/sm100.md."""
 import re
 import shutil
 from pathlib import Path

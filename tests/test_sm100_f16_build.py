@@ -4,7 +4,7 @@ with A from TMEM) and Recipe::BF16 (BF16 x BF16, both operands in shared memory)
 instantiation compiles for sm_100a and sm_103a with the expected SASS (UTCHMMA; STTM for the exact
 recipe; no block-scaled MMA, no UTCCP) and no local memory; the PTX spells the TS / SS forms; the
 launcher's shared-memory sizes, barrier counts and thread counts equal the plan's (g++); the launcher's
-argument checks need no GPU.  No Blackwell GPU runs here (docs/sm100-draft.md)."""
+argument checks need no GPU.  No Blackwell GPU runs here (docs/sm100.md)."""
 import re
 import shutil
 

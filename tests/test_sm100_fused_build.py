@@ -3,7 +3,7 @@
 expected SASS (the recipe's MMA and not the other's, UTCCP, both TMEM load shapes, UTCBAR, TMA, the
 comm roles' system-scope release / acquire) and no local memory; the launcher's shared-memory and
 token-row budgets; its argument checks and the 'auto' wiring without a GPU.  No Blackwell GPU runs
-here: see docs/sm100-draft.md, "The fused kernel"."""
+here: see docs/sm100.md, "The fused kernel"."""
 import re
 import warnings
 
