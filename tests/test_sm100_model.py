@@ -198,6 +198,8 @@ def test_token_groups_from_the_kernel_scheduler():
 EPI_CASES = {
     'nvfp4-plain-masked': dict(recipe='nvfp4', epilogue='plain', block_n=64, mode='masked', n=256, counts=[70, 0, 5],
                                max_rows=128),
+    'nvfp4-plain-contig-weighted': dict(recipe='nvfp4', epilogue='plain', block_n=32, mode='contiguous', n=256,
+                                        counts=[128, 0, 256], weighted=True),
     'mxfp4-swiglu-contig-weighted': dict(recipe='mxfp4_fp8', epilogue='swiglu', block_n=32, mode='contiguous', n=256,
                                          counts=[128, 0, 256], weighted=True),
     'nvfp4-swiglu_quant-masked': dict(recipe='nvfp4', epilogue='swiglu_quant', block_n=64, mode='masked', n=256,
@@ -220,10 +222,12 @@ def test_epilogue_math_matches_reference(name):
 
 @pytest.mark.parametrize('name,fault', [('nvfp4-swiglu_quant-masked', 'gate_up'), ('mxfp4-swiglu_quant-masked-weighted', 'gate_up'),
                                         ('mxfp4-swiglu-contig-weighted', 'gate_up'), ('nvfp4-swiglu_quant-masked', 'block'),
-                                        ('mxfp4-swiglu_quant-masked-weighted', 'block'), ('nvfp4-swiglu_quant-masked', 'none')])
+                                        ('mxfp4-swiglu_quant-masked-weighted', 'block'), ('nvfp4-plain-contig-weighted', 'weight_rows'),
+                                        ('nvfp4-swiglu_quant-masked', 'none')])
 def test_broken_epilogue_fails(name, fault):
     """The check program built with its faults (-DDG_EPI_FAULTS): gate and up swapped before the kernel's
-    callbacks, or the L2 block's amax over half the block, must fail; no fault selected must pass."""
+    callbacks, the L2 block's amax over half the block, or the weighted L2's route weights read from row 0
+    instead of the tile's first row, must fail; no fault selected must pass."""
     from tests.sm100_model.epilogue import Case
     case = Case(**EPI_CASES[name])
     if fault == 'none':

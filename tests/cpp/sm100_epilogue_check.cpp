@@ -10,7 +10,8 @@
 //     DIR/acc.f32    float32 [T, N]: the TMEM accumulator of every token row, weight rows in kernel order
 //                    (T = total rows: the sum of COUNTS, or E * MAX_ROWS)
 //     DIR/alpha.f32  float32 [E, S] (S = 1 plain, 2 swiglu*: gate, up)
-//     DIR/route.f32  float32 [T] (read when WEIGHTED = 1; the kernel's route_weights, else nullptr)
+//     DIR/route.f32  float32 [T] (read when WEIGHTED = 1; the kernel's route_weights, else nullptr; with
+//                    plain: the fused kernel's L2, bf16(f32(bf16(acc * alpha) * w)), plain_rows_chunk<Plan, true>)
 //   writes DIR/out.bin: plain uint16 [T, N], swiglu uint16 [T, N / 2] (BF16 bits, 0xFFFF where not written);
 //   swiglu_quant: codes (NVFP4 uint8 [T, N / 4], FP8 uint8 [T, N / 2]; 0xEE where not written) then the scale
 //   bytes (atoms over ceil(T / 128) row groups; 0xEE where not written).
@@ -18,6 +19,7 @@
 // Negative controls (built with -DDG_EPI_FAULTS, selected by the environment variable DG_EPI_FAULT):
 //   gate_up : registers j and j + 2 exchanged before the SwiGLU callbacks (gate and up swapped)
 //   block   : the L2 block's amax over half the block (a wrong block size)
+//   weight_rows : plain with WEIGHTED = 1 reads the route weights from row 0, not from the tile's first row
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -150,7 +152,14 @@ int run(const Args& a) {
                     ops, tiles, 0, 1, 1, warp, lane,
                     [&](const PlanTile& tl, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
                         const float al = epi::tile_alpha(alpha.data(), stride, tl.expert, 0, a.b_scale);
-                        epi::plain_chunk<Plan>(tl, lane_base, col, l, regs, al, n, [&](size_t k, uint16_t v) { out16.at(k) = v; });
+                        if (rw != nullptr) {     // the fused kernel's L2: the top-k weight after L2 (the tile's weights)
+                            const float* trw = fault("weight_rows") ? rw : rw + tl.row_start;
+                            epi::plain_rows_chunk<Plan, true>(tl, lane_base, col, l, regs, al, trw, [&](int tok, int oc, uint16_t v) {
+                                out16.at(size_t(tl.row_start + tok) * size_t(n) + size_t(oc)) = v;
+                            });
+                        } else {
+                            epi::plain_chunk<Plan>(tl, lane_base, col, l, regs, al, n, [&](size_t k, uint16_t v) { out16.at(k) = v; });
+                        }
                     });
             } else {
                 plan.template epilogue<TmemLdShape::K16x256B>(

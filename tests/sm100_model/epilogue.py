@@ -187,6 +187,8 @@ class Case:
                 if self.epilogue == 'plain':
                     l2s = float(self.alpha[e, 0] * torch.tensor(self.b_scale, dtype=F32))
                     ref = (self.acc[r].double() * l2s).to(F32).to(torch.bfloat16)      # bf16(f32(acc * l2s))
+                    if self.weighted:                   # fp4xfp4's top-k weight after L2: bf16(f32(p * w))
+                        ref = (ref.to(F32) * self.route[r].reshape(-1, 1)).to(torch.bfloat16)
                 else:
                     ref = self._forward(e, 'bf16').to(torch.bfloat16)
                 want[r] = ref.view(torch.int16).numpy().view(np.uint16)
