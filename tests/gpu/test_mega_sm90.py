@@ -165,6 +165,27 @@ def test_cuda_graph_replay(make_problem):
 
 
 # ------------------------------------------------ upstream's fp8_fp4_mega_moe on the sm90 kernel sequence
+def _bf16_layer(g, counts, hidden, inter, experts, topk, masked, softmax, mask_first_token):
+    """BF16 tokens with per-token magnitudes, top-k routing (softmax weights if ``softmax``) with masked
+    slots, expert 1 without tokens (and token 0 with every slot masked if ``mask_first_token``), BF16
+    weights with per-row magnitudes; all drawn from the CUDA generator ``g`` in this order."""
+    n = sum(counts)
+    x = (torch.randn(n, hidden, generator=g, device='cuda') *
+         torch.exp(torch.randn(n, 1, generator=g, device='cuda'))).bfloat16()
+    w, idx = torch.topk(torch.randn(n, experts, generator=g, device='cuda'), topk, dim=-1, sorted=False)
+    if softmax:
+        w = w.softmax(-1)
+    idx[torch.rand(n, topk, generator=g, device='cuda') < masked] = -1
+    idx[idx == 1] = -1
+    if mask_first_token and n:
+        idx[0] = -1
+    w[idx < 0] = 0
+    w1 = (0.1 * torch.randn(experts, 2 * inter, hidden, generator=g, device='cuda') *
+          torch.exp(torch.randn(experts, 2 * inter, 1, generator=g, device='cuda'))).bfloat16()
+    w2 = (0.1 * torch.randn(experts, hidden, inter, generator=g, device='cuda')).bfloat16()
+    return x, idx.to(torch.int64), w.float(), w1, w2
+
+
 def _upstream_fp8_problem(seed, counts, hidden, inter, experts, topk, masked=0.2):
     """Upstream-style inputs on the GPU (its test's casts, no shared experts): BF16 tokens with per-token
     magnitudes, routing with masked slots, a token with every slot masked, expert 1 without tokens, BF16
@@ -176,20 +197,9 @@ def _upstream_fp8_problem(seed, counts, hidden, inter, experts, topk, masked=0.2
     from test_upstream_api import _fp4_weights
     from deep_gemm.utils import per_token_cast_to_fp8
     g = torch.Generator(device='cuda').manual_seed(seed)
-    n = sum(counts)
-    x = (torch.randn(n, hidden, generator=g, device='cuda') *
-         torch.exp(torch.randn(n, 1, generator=g, device='cuda'))).bfloat16()
-    w, idx = torch.topk(torch.randn(n, experts, generator=g, device='cuda'), topk, dim=-1, sorted=False)
-    idx[torch.rand(n, topk, generator=g, device='cuda') < masked] = -1
-    idx[idx == 1] = -1
-    if n:
-        idx[0] = -1
-    w[idx < 0] = 0
-    w1 = (0.1 * torch.randn(experts, 2 * inter, hidden, generator=g, device='cuda') *
-          torch.exp(torch.randn(experts, 2 * inter, 1, generator=g, device='cuda'))).bfloat16()
-    w2 = (0.1 * torch.randn(experts, hidden, inter, generator=g, device='cuda')).bfloat16()
+    x, idx, w, w1, w2 = _bf16_layer(g, counts, hidden, inter, experts, topk, masked, softmax=False, mask_first_token=True)
     x_q, x_sf = per_token_cast_to_fp8(x, use_ue8m0=True, gran_k=32, use_packed_ue8m0=True)
-    return dict(counts=list(counts), x=x_q, x_sf=x_sf, topk_idx=idx.to(torch.int64), topk_weights=w.float(),
+    return dict(counts=list(counts), x=x_q, x_sf=x_sf, topk_idx=idx, topk_weights=w,
                 w1=_fp4_weights(w1), w2=_fp4_weights(w2), experts=experts, topk=topk, hidden=hidden, inter=inter)
 
 
@@ -339,20 +349,10 @@ def _nvfp4_problem(seed, counts, hidden, inter, experts, topk, masked=0.2):
     from test_upstream_api import _nvfp4_weights
     from deep_gemm.utils import per_token_cast_to_nvfp4
     g = torch.Generator(device='cuda').manual_seed(seed)
-    n = sum(counts)
-    x = (torch.randn(n, hidden, generator=g, device='cuda') *
-         torch.exp(torch.randn(n, 1, generator=g, device='cuda'))).bfloat16()
-    w, idx = torch.topk(torch.randn(n, experts, generator=g, device='cuda'), topk, dim=-1, sorted=False)
-    w = w.softmax(-1)
-    idx[torch.rand(n, topk, generator=g, device='cuda') < masked] = -1
-    idx[idx == 1] = -1
-    w[idx < 0] = 0
-    w1 = (0.1 * torch.randn(experts, 2 * inter, hidden, generator=g, device='cuda') *
-          torch.exp(torch.randn(experts, 2 * inter, 1, generator=g, device='cuda'))).bfloat16()
-    w2 = (0.1 * torch.randn(experts, hidden, inter, generator=g, device='cuda')).bfloat16()
+    x, idx, w, w1, w2 = _bf16_layer(g, counts, hidden, inter, experts, topk, masked, softmax=True, mask_first_token=False)
     x_q, x_sf = per_token_cast_to_nvfp4(x)
-    return dict(counts=list(counts), x=x, x_q=x_q.view(torch.uint8), x_sf=x_sf, topk_idx=idx.to(torch.int64),
-                topk_weights=w.float(), w1=_nvfp4_weights(w1), w2=_nvfp4_weights(w2), experts=experts, topk=topk,
+    return dict(counts=list(counts), x=x, x_q=x_q.view(torch.uint8), x_sf=x_sf, topk_idx=idx,
+                topk_weights=w, w1=_nvfp4_weights(w1), w2=_nvfp4_weights(w2), experts=experts, topk=topk,
                 hidden=hidden, inter=inter,
                 l1_alphas=0.5 + torch.rand(experts, 2, generator=g, device='cuda'),
                 l2_alphas=0.5 + torch.rand(experts, generator=g, device='cuda'),
