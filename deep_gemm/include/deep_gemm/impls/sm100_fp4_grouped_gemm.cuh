@@ -124,11 +124,17 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
         // The callbacks are epilogue/sm100_epilogue.cuh's (index maps GemmPlan::plain_out / swiglu_out /
         // l2_block_out): host-callable, the CPU model and tests/cpp/sm100_epilogue_check.cpp run the same code.
         uint16_t* out_bits = reinterpret_cast<uint16_t*>(out);
+        // alpha x this scale is the tile's FP32 multiplier (the token side's global scale, the exact
+        // recipe's 2^7); the SwiGLU epilogues index the tile's own route weights by token in the tile
+        const float alpha_scale = b_scale * kAccumCompensation<kRecipe>;
+        const auto tile_route = [&](const PlanTile& tile) -> const float* {
+            return route_weights != nullptr ? route_weights + tile.row_start : nullptr;
+        };
         if constexpr (kEpilogue == Epilogue::Plain) {
             plan.template epilogue<TmemLdShape::K32x32B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float a = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale * kAccumCompensation<kRecipe>);
+                    const float a = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, alpha_scale);
                     epi::plain_chunk<Plan>(tile, lane_base, col, l, regs, a, n, [&](size_t i, uint16_t v) { out_bits[i] = v; });
                 });
         } else if constexpr (kEpilogue == Epilogue::SwiGLUQuant) {
@@ -136,10 +142,10 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
             plan.template epilogue<TmemLdShape::K16x256B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale * kAccumCompensation<kRecipe>);
-                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale * kAccumCompensation<kRecipe>);
+                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, alpha_scale);
+                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, alpha_scale);
                     epi::swiglu_quant_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, cb,
-                                                             route_weights != nullptr ? route_weights + tile.row_start : nullptr,
+                                                             tile_route(tile),
                                                              epi_scratch);
                 },
                 [&](const PlanTile& tile) {
@@ -153,10 +159,10 @@ sm100_fp4_grouped_gemm(const __grid_constant__ CUtensorMap a_map, const __grid_c
             plan.template epilogue<TmemLdShape::K16x256B>(
                 ops, tiles, first, num_tiles, stride, warp, lane,
                 [&](const PlanTile& tile, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, b_scale * kAccumCompensation<kRecipe>);
-                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, b_scale * kAccumCompensation<kRecipe>);
+                    const float ag = epi::tile_alpha(alpha, alpha_stride, tile.expert, 0, alpha_scale);
+                    const float au = epi::tile_alpha(alpha, alpha_stride, tile.expert, 1, alpha_scale);
                     epi::swiglu_chunk<Plan, kFastMath>(tile, lane_base, col, l, regs, ag, au, clamp,
-                                                       route_weights != nullptr ? route_weights + tile.row_start : nullptr, n,
+                                                       tile_route(tile), n,
                                                        [&](size_t i, uint16_t v) { out_bits[i] = v; });
                 });
         }
