@@ -250,13 +250,18 @@ def nvlink_ceiling(buf, group) -> float:
     return n * 2 / us / 1e3
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def add_layer_args(ap: argparse.ArgumentParser, tokens: str) -> None:
+    """The layer shape and token counts of a Mega MoE benchmark (DeepSeek-V4's by default)."""
     ap.add_argument('--experts-per-rank', type=int, default=8)
     ap.add_argument('--hidden', type=int, default=7168)
     ap.add_argument('--inter', type=int, default=3072)
     ap.add_argument('--topk', type=int, default=6)
-    ap.add_argument('--tokens', default='128,4096')
+    ap.add_argument('--tokens', default=tokens)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    add_layer_args(ap, '128,4096')
     ap.add_argument('--tokens-per-wave', type=int, default=None,
                     help='num_max_tokens_per_wave of the buffer (default: the buffer\'s own)')
     ap.add_argument('--routing', choices=['skewed', 'uniform'], default='skewed',

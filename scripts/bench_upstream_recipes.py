@@ -22,7 +22,7 @@ from deep_gemm.mega import sm90  # noqa: E402
 from deep_gemm.utils import per_token_cast_to_fp4, per_token_cast_to_fp8, per_token_cast_to_nvfp4  # noqa: E402
 from deep_gemm.utils import transform_sf_into_required_layout  # noqa: E402
 from scripts.bench_grouped_gemm import ceilings  # noqa: E402
-from scripts.bench_mega_moe import fill_inputs, timed  # noqa: E402
+from scripts.bench_mega_moe import add_layer_args, fill_inputs, timed  # noqa: E402
 
 
 def _weights(kind, e, n, k, gen):
@@ -42,11 +42,7 @@ def _bytes(w) -> int:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--experts-per-rank', type=int, default=8)
-    ap.add_argument('--hidden', type=int, default=7168)
-    ap.add_argument('--inter', type=int, default=3072)
-    ap.add_argument('--topk', type=int, default=6)
-    ap.add_argument('--tokens', default='16,128,4096')
+    add_layer_args(ap, '16,128,4096')
     ap.add_argument('--shared', type=int, default=1, help='shared experts (BF16) for the recipes that have them; 0: none')
     args = ap.parse_args()
     e, h, i, k = args.experts_per_rank, args.hidden, args.inter, args.topk
