@@ -334,14 +334,11 @@ def _upstream_backend(backend: str, buffer: SymmBuffer, entry: str, sm90_kernel:
                               f"kernel in this build; use backend='reference' or 'auto'")
 
 
-#: The routed weights' format each upstream buffer kind runs on sm90's kernel sequence (sm90.run_upstream).
-_SM90_FORMAT = {'fp8xfp4': 'mxfp4', 'bf16xbf16': 'bf16', 'fp4xfp4': 'nvfp4'}
-
-
 def _sm90_runs(buffer: SymmBuffer, l1, shared_l1) -> bool:
     """Whether sm90 has kernels for this call: MXFP4 / BF16 / NVFP4 routed weights of the buffer's kind,
     and BF16 shared experts or none (FP8 weights, routed or shared, run the reference)."""
-    return _SM90_FORMAT.get(buffer.mma_type) == l1.fmt and (shared_l1 is None or shared_l1.fmt == 'bf16') and \
+    routed = _backend_module('sm90').UPSTREAM_WEIGHTS.get(buffer.mma_type)
+    return routed == l1.fmt and (shared_l1 is None or shared_l1.fmt == 'bf16') and \
         not _is_sm100_weights(l1)
 
 

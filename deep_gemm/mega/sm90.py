@@ -42,8 +42,8 @@ from .. import gemm
 from ..jit import registry, runtime
 from . import kernels
 
-__all__ = ['run', 'run_upstream', 'run_upstream_fp8', 'prepare', 'UpstreamRecipe', 'upstream_recipe', 'MULTI_RANK',
-           'FUSED', 'fused_enabled', 'push_enabled']
+__all__ = ['run', 'run_upstream', 'run_upstream_fp8', 'prepare', 'UpstreamRecipe', 'upstream_recipe', 'UPSTREAM_WEIGHTS',
+           'MULTI_RANK', 'FUSED', 'fused_enabled', 'push_enabled']
 
 MULTI_RANK = True
 
@@ -243,6 +243,11 @@ def run(y: torch.Tensor, l1, l2, buffer, cumulative_local_expert_recv_stats: Opt
     return run_sequence(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math)
 
 
+#: The routed weights' format each upstream buffer kind runs on this backend's kernel sequence
+#: (``run_upstream``); FP8 weights (``'fp8xfp8'``) have no sm90 kernel.
+UPSTREAM_WEIGHTS = {'fp8xfp4': 'mxfp4', 'bf16xbf16': 'bf16', 'fp4xfp4': 'nvfp4'}
+
+
 @dataclasses.dataclass
 class UpstreamRecipe:
     """What the kernel sequence does differently for one of upstream's entry points (``upstream_recipe``).
@@ -315,7 +320,9 @@ def run_upstream(y: torch.Tensor, l1, l2, buffer, recipe: UpstreamRecipe, stats:
     ``shared_l1`` / ``shared_l2``: BF16 shared-expert weights (one expert) and ``x_shared`` BF16
     ``[len(y), H]`` their input, or all None.  Prefill waves and several ranks work as in
     ``run_sequence``; the fused kernel is not used."""
-    want = {'fp8xfp4': 'mxfp4', 'fp8xfp8': 'mxfp4', 'bf16xbf16': 'bf16', 'fp4xfp4': 'nvfp4'}.get(buffer.mma_type)
+    want = UPSTREAM_WEIGHTS.get(buffer.mma_type)
+    if want is None:
+        raise ValueError(f'buffer: mma_type {buffer.mma_type!r} has no sm90 kernel sequence')
     if l1.fmt != want or l2.fmt != want:
         raise ValueError(f'l1 / l2: a {buffer.mma_type!r} buffer runs {want} weights on sm90, got {l1.fmt} / {l2.fmt}')
     shared = None
