@@ -92,52 +92,25 @@ def _defaults(fmt: str, block_ts, max_experts: int = 64):
                   'max_experts': max_experts} for bt in block_ts)
 
 
-# NVFP4 x NVFP4: the block16 MMA shows as UTCOMMA.4X on sm_100a and UTCOMMA.BLOCK16 on sm_103a
-FUSED_NVFP4 = registry.register_kernel(registry.KernelSpec(
-    name='sm100_fp4_fp4_mega_moe',
-    header='sm100_fp8_nvfp4_mega_moe.cuh',
-    kernel_expr_fn=_expr('nvfp4'),
-    archs=('sm_100a', 'sm_103a'),
-    required_sass={'sm_100a': (r'\bUTCOMMA\.4X\b',) + _COMMON_SASS,
-                   'sm_103a': (r'\bUTCOMMA\.BLOCK16\b',) + _COMMON_SASS},
-    forbid_local_memory=True,
-    # decode (32-token tiles) and prefill (128)
-    default_params=_defaults('nvfp4', (32, 128)),
-))
+def _register(name: str, fmt: str, required_sass, block_ts):
+    """One recipe of the header as a registered spec (sm_100a + sm_103a, no local memory allowed)."""
+    return registry.register_kernel(registry.KernelSpec(
+        name=name, header='sm100_fp8_nvfp4_mega_moe.cuh', kernel_expr_fn=_expr(fmt), archs=('sm_100a', 'sm_103a'),
+        required_sass=required_sass, forbid_local_memory=True, default_params=_defaults(fmt, block_ts)))
 
+
+# NVFP4 x NVFP4: the block16 MMA shows as UTCOMMA.4X on sm_100a and UTCOMMA.BLOCK16 on sm_103a;
+# decode (32-token tiles) and prefill (128)
+FUSED_NVFP4 = _register('sm100_fp4_fp4_mega_moe', 'nvfp4', {'sm_100a': (r'\bUTCOMMA\.4X\b',) + _COMMON_SASS,
+                                                            'sm_103a': (r'\bUTCOMMA\.BLOCK16\b',) + _COMMON_SASS}, (32, 128))
 # FP8 x MXFP4: kind::mxf8f6f4 shows as UTCQMMA
-FUSED_MXFP4 = registry.register_kernel(registry.KernelSpec(
-    name='sm100_fp8_fp4_mega_moe',
-    header='sm100_fp8_nvfp4_mega_moe.cuh',
-    kernel_expr_fn=_expr('mxfp4'),
-    archs=('sm_100a', 'sm_103a'),
-    required_sass=(r'\bUTCQMMA\b',) + _COMMON_SASS,
-    forbid_local_memory=True,
-    default_params=_defaults('mxfp4', (64,)),
-))
-
+FUSED_MXFP4 = _register('sm100_fp8_fp4_mega_moe', 'mxfp4', (r'\bUTCQMMA\b',) + _COMMON_SASS, (64,))
 # The kind::f16 recipes (UTCHMMA).  fp8_nvfp4_mega_moe's exact FP8 x NVFP4: the dequant warpgroup's
 # tcgen05.st (STTM), the weights' scale atoms by bulk copy (UBLKCP), no tcgen05.cp
-FUSED_EXACT = registry.register_kernel(registry.KernelSpec(
-    name='sm100_fp8_nvfp4_mega_moe',
-    header='sm100_fp8_nvfp4_mega_moe.cuh',
-    kernel_expr_fn=_expr('nvfp4_exact'),
-    archs=('sm_100a', 'sm_103a'),
-    required_sass=(r'\bUTCHMMA\b', r'\bSTTM\b', r'\bUBLKCP\b') + _CORE_SASS,
-    forbid_local_memory=True,
-    default_params=_defaults('nvfp4_exact', (64,)),
-))
-
+FUSED_EXACT = _register('sm100_fp8_nvfp4_mega_moe', 'nvfp4_exact', (r'\bUTCHMMA\b', r'\bSTTM\b', r'\bUBLKCP\b') + _CORE_SASS,
+                        (64,))
 # bf16_mega_moe: BF16 x BF16, both operands from shared memory
-FUSED_BF16 = registry.register_kernel(registry.KernelSpec(
-    name='sm100_bf16_mega_moe',
-    header='sm100_fp8_nvfp4_mega_moe.cuh',
-    kernel_expr_fn=_expr('bf16'),
-    archs=('sm_100a', 'sm_103a'),
-    required_sass=(r'\bUTCHMMA\b',) + _CORE_SASS,
-    forbid_local_memory=True,
-    default_params=_defaults('bf16', (64,)),
-))
+FUSED_BF16 = _register('sm100_bf16_mega_moe', 'bf16', (r'\bUTCHMMA\b',) + _CORE_SASS, (64,))
 
 _SPECS = {'nvfp4': FUSED_NVFP4, 'mxfp4': FUSED_MXFP4, 'nvfp4_exact': FUSED_EXACT, 'bf16': FUSED_BF16}
 
