@@ -184,7 +184,8 @@ def transform_bf16_weights_for_sm100(weight: torch.Tensor, kind: str = 'l2') -> 
 
 def untransform_sm100(w: Sm100ExpertWeights):
     """The original tensors, bit for bit: NVFP4 -> ``(weight, weight_scale (float8_e4m3fn), alpha)``,
-    MXFP4 -> ``(weight, weight_scale (uint8), alpha)`` (alpha ``[E, 2]`` / ``[E, 1]``)."""
+    MXFP4 -> ``(weight, weight_scale (uint8), alpha)``, BF16 -> ``(weight, None, alpha)`` (alpha ``[E, 2]`` /
+    ``[E, 1]``)."""
     _check(isinstance(w, Sm100ExpertWeights), TypeError, f'w: expected Sm100ExpertWeights, got {type(w).__name__}')
     order = w.row_order().to(w.device)
     inv = torch.empty_like(order)
@@ -193,6 +194,8 @@ def untransform_sm100(w: Sm100ExpertWeights):
     if w.fmt == 'nvfp4_exact':
         codes = _permute_word_bits(codes, _CODE_WORD_PERM, inverse=True).view(torch.uint8).reshape(codes.shape)
     weight = codes.index_select(1, inv).contiguous()
+    if w.fmt == 'bf16':   # no block scales
+        return weight, None, w.alpha
     s = _sf_unatoms(w.scales)[:, :, : w.k // w.gran].index_select(1, inv).contiguous()
     if w.fmt in ('nvfp4', 'nvfp4_exact'):
         s = s.view(torch.float8_e4m3fn)
@@ -204,6 +207,8 @@ def dequantize_sm100(w: Sm100ExpertWeights, experts: Optional[Sequence[int]] = N
     ``[E', N, K]``, original row order.  Exact: E2M1 x UE4M3 / UE8M0 is representable in float32."""
     weight, s, _ = untransform_sm100(w)
     idx = list(range(w.num_experts)) if experts is None else list(experts)
+    if w.fmt == 'bf16':   # BF16 values: exact in float32
+        return weight[idx].to(torch.float32)
     e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
                         dtype=torch.float32, device=w.device)
     out = []

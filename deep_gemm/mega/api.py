@@ -199,6 +199,8 @@ def _run(y, l1, l2, buffer: SymmBuffer, stats, activation_clamp, fast_math, back
     if requested == 'auto' and backend != 'reference':
         # a backend module may decline a call it has no kernel for (deep_gemm.mega.sm100.unsupported)
         why = getattr(_backend_module(backend), 'unsupported', lambda *_: None)(buffer, l1, l2)
+        if backend == 'sm90' and _is_sm100_weights(l1):
+            why = f'{l1.fmt} weights in the sm100 layout (deep_gemm.weights_sm100) have no sm90 kernel'
         if why:
             warnings.warn(f"backend='auto': {why}; using the reference backend")
             backend = 'reference'
@@ -246,6 +248,7 @@ def fp8_nvfp4_mega_moe(y: torch.Tensor, l1, l2, buffer: SymmBuffer,
         l1, l2: from :func:`~deep_gemm.transform_nvfp4_weights_for_mega_moe`, this rank's
             ``num_experts / num_ranks`` experts (L1 = gate+up ``[E_l, 2 I, hidden]``, L2 = down);
             MXFP4 weights (``transform_weights_for_mega_moe``) run the same exact path, with alpha 1.
+            The sm100 backend takes ``deep_gemm.weights_sm100.to_sm100_exact`` weights ('nvfp4_exact').
         buffer: a :class:`SymmBuffer` from :func:`get_symm_buffer_for_mega_moe`.
         cumulative_local_expert_recv_stats: None or int32 ``[E_l]``, incremented by the (token, slot)
             pairs each local expert received from all ranks.
@@ -272,7 +275,7 @@ def fp8_nvfp4_mega_moe(y: torch.Tensor, l1, l2, buffer: SymmBuffer,
     Returns ``y``.
     """
     t = _validate(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math, backend,
-                  ('nvfp4', 'mxfp4'), mma_types=('fp8xnvfp4', 'fp8xfp4'))
+                  ('nvfp4', 'mxfp4', 'nvfp4_exact'), mma_types=('fp8xnvfp4', 'fp8xfp4'))
     return _run(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math, backend, t)
 
 

@@ -1,24 +1,32 @@
 """The Blackwell backend of the Mega MoE layer: one fused persistent kernel per wave
-(``impls/sm100_fp8_nvfp4_mega_moe.cuh``) for upstream's two block-scaled entry points:
+(``impls/sm100_fp8_nvfp4_mega_moe.cuh``, one template, the recipe a parameter) for upstream's two
+block-scaled entry points, its BF16 one and our exact one:
 
 * ``fp4_fp4_mega_moe`` (``mma_type='fp4xfp4'``): NVFP4 tokens x NVFP4 weights (tcgen05
   kind::mxf4nvf4.block16); L1 unweighted, its output NVFP4 with the expert's ``a2`` as global
   scale; L2 alpha ``l2_alpha x a2``, the top-k weight after L2;
 * ``fp8_fp4_mega_moe`` (``mma_type='fp8xfp4'``): FP8 tokens (UE8M0 per 32) x MXFP4 weights
-  (kind::mxf8f6f4.block32); L1 weighted, its output FP8 E4M3 with a power-of-two scale per 32.
+  (kind::mxf8f6f4.block32); L1 weighted, its output FP8 E4M3 with a power-of-two scale per 32;
+* ``bf16_mega_moe`` (``mma_type='bf16xbf16'``, ``'bf16'`` weights): BF16 x BF16 (kind::f16, SS form);
+  L1 weighted, its output BF16 with sm90 SwiGLUBF16's roundings; L2 plain;
+* ``fp8_nvfp4_mega_moe`` (``run``; ``'fp8xnvfp4'`` or ``'fp8xfp4'`` buffers, ``'nvfp4_exact'`` weights from
+  ``weights_sm100.to_sm100_exact``): FP8 tokens gathered as BF16 (exact) x NVFP4 weights dequantized
+  exactly to BF16 in TMEM (kind::f16, TS form); L1 weighted, ``h = bf16(swiglu(...) x w)``
+  (docs/design.md); L2 plain with the weights' alphas.
 
 Same buffer (``SymmBuffer``, the regions of ``get_symm_buffer_layout``), protocol, barriers,
 timeouts, waves and combine as the Hopper fused kernel (``deep_gemm.mega.sm90``, whose helpers this
 module imports: grid, push, token tile hint, recipe alphas); no host synchronisation (every shape is
 fixed by the buffer, counts stay on the device), so a call can be captured in a CUDA graph.  The
-kernel's token rows (L1 and L2 inputs, in the MMA's format, padded per token tile) live inside the
-buffer's ``l1_x`` / ``l2_x`` regions (``token_layout``).  Weights: ``deep_gemm.weights_sm100``'s
+kernel's token rows (L1 and L2 inputs) live inside the buffer's ``l1_x`` / ``l2_x`` regions: in the
+MMA's format padded per token tile for the block-scaled recipes (``token_layout``), BF16 at the
+unpadded rows for the kind::f16 ones.  Weights: ``deep_gemm.weights_sm100``'s
 :class:`~deep_gemm.weights_sm100.Sm100ExpertWeights` (``kind='l1'`` and ``'l2'``).
 
 Not run on a GPU: no CC 10.x GPU was available.  The kernels compile for sm_100a and sm_103a with
 their SASS checked (tests/test_sm100_fused_build.py); docs/sm100.md, "The fused kernel", says
 what is verified and what is not.  Not supported yet (NotImplementedError): shared experts,
-``routed_scaling_factor != 1``, the ``fp8xnvfp4`` / ``fp8xfp8`` / ``bf16xbf16`` kinds.
+``routed_scaling_factor != 1``, the ``fp8xfp8`` kind.
 """
 from __future__ import annotations
 
@@ -34,23 +42,28 @@ from ..weights_sm100 import SM100_STAGE_K, Sm100ExpertWeights
 from . import sm90
 from .sm90 import _LOOKAHEAD_EXPERTS, _MAX_RANKS, _expected_m, _fused_shared_bytes, fused_grid, push_enabled
 
-__all__ = ['run', 'run_fused', 'prepare', 'token_layout', 'MULTI_RANK', 'FUSED_NVFP4', 'FUSED_MXFP4', 'RECIPES']
+__all__ = ['run', 'run_fused', 'prepare', 'token_layout', 'MULTI_RANK', 'FUSED_NVFP4', 'FUSED_MXFP4', 'FUSED_EXACT',
+           'FUSED_BF16', 'RECIPES']
 
 MULTI_RANK = True
 
 #: buffer kind -> the kernel's recipe (weights' fmt)
-RECIPES = {'fp4xfp4': 'nvfp4', 'fp8xfp4': 'mxfp4'}
-_RECIPE_EXPR = {'nvfp4': 'deep_gemm::sm100::Recipe::NVFP4', 'mxfp4': 'deep_gemm::sm100::Recipe::MXFP4_FP8'}
+RECIPES = {'fp4xfp4': 'nvfp4', 'fp8xfp4': 'mxfp4', 'bf16xbf16': 'bf16'}
+#: the buffer kinds ``run`` (``fp8_nvfp4_mega_moe``) takes, with ``'nvfp4_exact'`` weights
+EXACT_KINDS = ('fp8xnvfp4', 'fp8xfp4')
+_RECIPE_EXPR = {'nvfp4': 'deep_gemm::sm100::Recipe::NVFP4', 'mxfp4': 'deep_gemm::sm100::Recipe::MXFP4_FP8',
+                'nvfp4_exact': 'deep_gemm::sm100::Recipe::NVFP4_EXACT', 'bf16': 'deep_gemm::sm100::Recipe::BF16'}
+_F16 = ('nvfp4_exact', 'bf16')
 _THREADS = 384
 _HANDOVER_BYTES = 32          # mega::sm100_layout::Handover (two mbarriers, two ints), aligned
 _MAX_STAGES = 8
 
 # The comm roles' system-scope release and acquire (barrier signals st.release.sys, their waits
-# ld.acquire.sys) and the tcgen05 core:
-# UTCCP (scale atoms to TMEM), LDTM (tcgen05.ld), UTCBAR (tcgen05.commit), TMA and bulk copies.
-_COMMON_SASS = (r'\bUTCCP\b', r'\bLDTM\b', r'\bUTCBAR\b', r'\bUTMALDG\b', r'\bUBLKCP\b', r'\bSTG\.E\.STRONG\.SYS\b',
-                r'\bLDG\.E\.STRONG\.SYS\b',
-                r'\bSR_GLOBALTIMER')
+# ld.acquire.sys), their timeouts, and the tcgen05 core every recipe has: LDTM (tcgen05.ld), UTCBAR
+# (tcgen05.commit), TMA; the block-scaled recipes add UTCCP (scale atoms to TMEM) and bulk copies.
+_CORE_SASS = (r'\bLDTM\b', r'\bUTCBAR\b', r'\bUTMALDG\b', r'\bSTG\.E\.STRONG\.SYS\b', r'\bLDG\.E\.STRONG\.SYS\b',
+              r'\bSR_GLOBALTIMER')
+_COMMON_SASS = (r'\bUTCCP\b', r'\bUBLKCP\b') + _CORE_SASS
 
 
 def _expr(recipe: str):
@@ -59,10 +72,12 @@ def _expr(recipe: str):
 
 
 def _smem_bytes(fmt: str, block_t: int, stages: int) -> int:
-    """Dynamic shared memory: 1024 alignment slack, GemmPlan::kSmemBytes, the L1 epilogue's staging
-    (float [64][block_t])."""
-    plan = stages * gemm_sm100._stage_bytes(fmt, block_t) + 8 * (2 * stages + 4) + 16
-    return 1024 + plan + gemm_sm100._scratch_bytes('swiglu_quant', block_t)
+    """Dynamic shared memory: 1024 alignment slack, GemmPlan::kSmemBytes (stages, 2 S + 4 barriers, 4 more
+    for the exact recipe's A slots, the TMEM slot), the block-scaled L1 epilogue's staging (float
+    [64][block_t]; the kind::f16 recipes' L1 writes BF16 rows directly)."""
+    barriers = 2 * stages + 4 + (4 if fmt == 'nvfp4_exact' else 0)
+    plan = stages * gemm_sm100._stage_bytes(fmt, block_t) + 8 * barriers + 16
+    return 1024 + plan + gemm_sm100._scratch_bytes('plain' if fmt in _F16 else 'swiglu_quant', block_t)
 
 
 def stages_for(fmt: str, block_t: int, max_experts: int) -> int:
@@ -77,31 +92,27 @@ def _defaults(fmt: str, block_ts, max_experts: int = 64):
                   'max_experts': max_experts} for bt in block_ts)
 
 
-# NVFP4 x NVFP4: the block16 MMA shows as UTCOMMA.4X on sm_100a and UTCOMMA.BLOCK16 on sm_103a
-FUSED_NVFP4 = registry.register_kernel(registry.KernelSpec(
-    name='sm100_fp4_fp4_mega_moe',
-    header='sm100_fp8_nvfp4_mega_moe.cuh',
-    kernel_expr_fn=_expr('nvfp4'),
-    archs=('sm_100a', 'sm_103a'),
-    required_sass={'sm_100a': (r'\bUTCOMMA\.4X\b',) + _COMMON_SASS,
-                   'sm_103a': (r'\bUTCOMMA\.BLOCK16\b',) + _COMMON_SASS},
-    forbid_local_memory=True,
-    # decode (32-token tiles) and prefill (128)
-    default_params=_defaults('nvfp4', (32, 128)),
-))
+def _register(name: str, fmt: str, required_sass, block_ts):
+    """One recipe of the header as a registered spec (sm_100a + sm_103a, no local memory allowed)."""
+    return registry.register_kernel(registry.KernelSpec(
+        name=name, header='sm100_fp8_nvfp4_mega_moe.cuh', kernel_expr_fn=_expr(fmt), archs=('sm_100a', 'sm_103a'),
+        required_sass=required_sass, forbid_local_memory=True, default_params=_defaults(fmt, block_ts)))
 
+
+# NVFP4 x NVFP4: the block16 MMA shows as UTCOMMA.4X on sm_100a and UTCOMMA.BLOCK16 on sm_103a;
+# decode (32-token tiles) and prefill (128)
+FUSED_NVFP4 = _register('sm100_fp4_fp4_mega_moe', 'nvfp4', {'sm_100a': (r'\bUTCOMMA\.4X\b',) + _COMMON_SASS,
+                                                            'sm_103a': (r'\bUTCOMMA\.BLOCK16\b',) + _COMMON_SASS}, (32, 128))
 # FP8 x MXFP4: kind::mxf8f6f4 shows as UTCQMMA
-FUSED_MXFP4 = registry.register_kernel(registry.KernelSpec(
-    name='sm100_fp8_fp4_mega_moe',
-    header='sm100_fp8_nvfp4_mega_moe.cuh',
-    kernel_expr_fn=_expr('mxfp4'),
-    archs=('sm_100a', 'sm_103a'),
-    required_sass=(r'\bUTCQMMA\b',) + _COMMON_SASS,
-    forbid_local_memory=True,
-    default_params=_defaults('mxfp4', (64,)),
-))
+FUSED_MXFP4 = _register('sm100_fp8_fp4_mega_moe', 'mxfp4', (r'\bUTCQMMA\b',) + _COMMON_SASS, (64,))
+# The kind::f16 recipes (UTCHMMA).  fp8_nvfp4_mega_moe's exact FP8 x NVFP4: the dequant warpgroup's
+# tcgen05.st (STTM), the weights' scale atoms by bulk copy (UBLKCP), no tcgen05.cp
+FUSED_EXACT = _register('sm100_fp8_nvfp4_mega_moe', 'nvfp4_exact', (r'\bUTCHMMA\b', r'\bSTTM\b', r'\bUBLKCP\b') + _CORE_SASS,
+                        (64,))
+# bf16_mega_moe: BF16 x BF16, both operands from shared memory
+FUSED_BF16 = _register('sm100_bf16_mega_moe', 'bf16', (r'\bUTCHMMA\b',) + _CORE_SASS, (64,))
 
-_SPECS = {'nvfp4': FUSED_NVFP4, 'mxfp4': FUSED_MXFP4}
+_SPECS = {'nvfp4': FUSED_NVFP4, 'mxfp4': FUSED_MXFP4, 'nvfp4_exact': FUSED_EXACT, 'bf16': FUSED_BF16}
 
 
 # ------------------------------------------------------------------ the kernel's token rows
@@ -148,8 +159,9 @@ def _check(cond, exc, msg):
 def _recipe_fmt(buffer) -> str:
     fmt = RECIPES.get(getattr(buffer, 'mma_type', None))
     if fmt is None:
-        raise NotImplementedError(f"buffer: the sm100 fused kernel runs mma_type 'fp4xfp4' (fp4_fp4_mega_moe) or "
-                                  f"'fp8xfp4' (fp8_fp4_mega_moe), got {getattr(buffer, 'mma_type', None)!r}")
+        raise NotImplementedError(f"buffer: the sm100 fused kernel's upstream entries run mma_type 'fp4xfp4' "
+                                  f"(fp4_fp4_mega_moe), 'fp8xfp4' (fp8_fp4_mega_moe) or 'bf16xbf16' (bf16_mega_moe), "
+                                  f"got {getattr(buffer, 'mma_type', None)!r}")
     return fmt
 
 
@@ -217,44 +229,65 @@ def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True) -> None:
 def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
               activation_clamp: Optional[float] = None, fast_math: bool = True, l1_alphas=None, l2_alphas=None,
               a2_scales=None, routed_scaling_factor: float = 1.0) -> torch.Tensor:
-    """The layer as one launch per wave (grid: every SM, one CTA each, all resident).  ``l1_alphas``
-    / ``l2_alphas`` / ``a2_scales``: fp4_fp4_mega_moe's (``sm90.upstream_recipe`` forms the alphas
-    the same way: device arithmetic only)."""
+    """Upstream's entry points (fp4_fp4 / fp8_fp4 / bf16_mega_moe) as one launch per wave (grid: every
+    SM, one CTA each, all resident).  ``l1_alphas`` / ``l2_alphas`` / ``a2_scales``: fp4_fp4_mega_moe's
+    (``sm90.upstream_recipe`` forms the alphas the same way: device arithmetic only)."""
     fmt = _recipe_fmt(buffer)
     if routed_scaling_factor != 1.0:
         raise NotImplementedError('routed_scaling_factor: the sm100 fused kernel takes 1.0 only for now')
     if buffer.num_shared_experts:
         raise NotImplementedError('buffer: shared experts are not in the sm100 fused kernel yet')
     _check_args(y, l1, l2, buffer, fmt)
-    t = y.shape[0]
-    if t == 0 and buffer.num_ranks == 1:
+    if y.shape[0] == 0 and buffer.num_ranks == 1:
         return y
     recipe = sm90.upstream_recipe(buffer.mma_type, buffer.num_experts_per_rank, buffer.device, l1_alphas, l2_alphas,
                                   a2_scales)
-    a1, a2, inv_g = _alphas(l1, l2, recipe)
+    return _launch(y, l1, l2, buffer, fmt, _alphas(l1, l2, recipe), stats, activation_clamp, fast_math)
+
+
+def _bf16_rows(region: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """The f16 recipes' token rows: BF16 ``[rows, width]`` at the shared roles' (unpadded) rows."""
+    return region.view(torch.uint8).reshape(-1)[:rows * width * 2].view(torch.bfloat16).view(rows, width)
+
+
+def _launch(y, l1, l2, buffer, fmt: str, alphas, stats, activation_clamp, fast_math) -> torch.Tensor:
+    a1, a2, inv_g = alphas
+    t = y.shape[0]
     kernel, block_t, smem = _config(buffer, fmt, _expected_m(buffer, t), fast_math)
     grid = fused_grid(buffer, 1)
     l1_region, l2_region = buffer.region('l1_x'), buffer.region('l2_x')
     rows, e = l1_region.shape[0], buffer.num_experts_per_rank
-    lay1 = token_layout(fmt, rows, buffer.hidden, block_t, e)
-    lay2 = token_layout(fmt, rows, buffer.intermediate_hidden, block_t, e)
-    for name, lay in (('l1_x', lay1), ('l2_x', lay2)):
-        _check(lay.fits, ValueError, f'buffer: the {name} region ({lay.region_bytes} B) cannot hold the kernel\'s '
-                                     f'{lay.padded_rows} padded token rows of {block_t}-token tiles '
-                                     f'({lay.sf_offset + lay.sf_bytes} B); more receive rows per expert needed')
-    x1, sf1 = _token_views(l1_region, lay1)
-    x2, sf2 = _token_views(l2_region, lay2)
+    if fmt in _F16:   # BF16 rows, no scales; TMA boxes of 64 elements (128 bytes)
+        x1, x2 = _bf16_rows(l1_region, rows, buffer.hidden), _bf16_rows(l2_region, rows, buffer.intermediate_hidden)
+        sf1 = sf2 = None
+        bf16 = 'CU_TENSOR_MAP_DATA_TYPE_BFLOAT16'
+        x_map1 = gemm_sm100._tma(x1, rows, buffer.hidden, 2 * buffer.hidden, block_t, bf16, 64)
+        x_map2 = gemm_sm100._tma(x2, rows, buffer.intermediate_hidden, 2 * buffer.intermediate_hidden, block_t, bf16, 64)
+        row_bytes1, row_bytes2 = 2 * buffer.hidden, 2 * buffer.intermediate_hidden
+        # the exact recipe's gather reads float32 scales per 32 (fp8xfp4's packed words staged there by the api)
+        sf_name = 'x_sf' if fmt == 'nvfp4_exact' else None
+    else:
+        lay1 = token_layout(fmt, rows, buffer.hidden, block_t, e)
+        lay2 = token_layout(fmt, rows, buffer.intermediate_hidden, block_t, e)
+        for name, lay in (('l1_x', lay1), ('l2_x', lay2)):
+            _check(lay.fits, ValueError, f'buffer: the {name} region ({lay.region_bytes} B) cannot hold the kernel\'s '
+                                         f'{lay.padded_rows} padded token rows of {block_t}-token tiles '
+                                         f'({lay.sf_offset + lay.sf_bytes} B); more receive rows per expert needed')
+        x1, sf1 = _token_views(l1_region, lay1)
+        x2, sf2 = _token_views(l2_region, lay2)
+        u8 = 'CU_TENSOR_MAP_DATA_TYPE_UINT8'
+        x_map1 = gemm_sm100._tma(x1, lay1.padded_rows, lay1.row_bytes, lay1.row_bytes, block_t, u8)
+        x_map2 = gemm_sm100._tma(x2, lay2.padded_rows, lay2.row_bytes, lay2.row_bytes, block_t, u8)
+        row_bytes1, row_bytes2 = lay1.row_bytes, lay2.row_bytes
+        sf_name = {'fp4xfp4': 'x_sf_e4m3', 'fp8xfp4': 'x_sf_ue8m0'}[buffer.mma_type]   # packed bytes, one per block
     w_map1, w_map2 = gemm_sm100._weight_map(l1), gemm_sm100._weight_map(l2)
-    x_map1 = gemm_sm100._tma(x1, lay1.padded_rows, lay1.row_bytes, lay1.row_bytes, block_t, 'CU_TENSOR_MAP_DATA_TYPE_UINT8')
-    x_map2 = gemm_sm100._tma(x2, lay2.padded_rows, lay2.row_bytes, lay2.row_bytes, block_t, 'CU_TENSOR_MAP_DATA_TYPE_UINT8')
-    sf_name = {'fp4xfp4': 'x_sf_e4m3', 'fp8xfp4': 'x_sf_ue8m0'}[buffer.mma_type]   # packed bytes, one per block
     clamp = math.inf if activation_clamp is None else float(activation_clamp)
     push = push_enabled(buffer)
     u64, i32 = runtime.u64, runtime.i32
     for t0, n in buffer.waves(t):
         runtime.launch(kernel, grid, _THREADS, smem, [
             w_map1, x_map1, w_map2, x_map2, l1.scales, a1, l2.scales, a2, inv_g,
-            buffer.peer_bases, u64(buffer.offset('x', t0)), u64(buffer.offset(sf_name, t0)),
+            buffer.peer_bases, u64(buffer.offset('x', t0)), u64(buffer.offset(sf_name, t0) if sf_name else 0),
             u64(buffer.offset('topk_idx', t0)), u64(buffer.offset('topk_weights', t0)),
             u64(buffer.offset('pair_row', t0)), u64(buffer.offset('combine')), u64(buffer.offset('combine_in')),
             u64(buffer.offset('meta')), u64(buffer.offset('flags')),
@@ -264,21 +297,43 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
             i32(buffer.rank), i32(buffer.num_ranks), i32(n), i32(buffer.num_max_tokens_per_wave),
             i32(buffer.num_topk), i32(e), i32(rows), i32(buffer.hidden),
             i32(buffer.intermediate_hidden), runtime.f32(clamp), i32(_LOOKAHEAD_EXPERTS), i32(2 * grid),
-            i32(gemm_sm100._token_group(block_t, lay1.row_bytes)), i32(gemm_sm100._token_group(block_t, lay2.row_bytes)),
+            i32(gemm_sm100._token_group(block_t, row_bytes1)), i32(gemm_sm100._token_group(block_t, row_bytes2)),
             i32(int(push)), u64(int(buffer.timeout_s * 1e9)), u64(buffer.error_record_ptr)])
     return y
 
 
 def unsupported(buffer, l1, l2) -> Optional[str]:
     """Why ``run`` (``deep_gemm.mega.api``'s backend entry, i.e. ``fp8_nvfp4_mega_moe``) cannot take
-    this call, or None.  That entry's numerics (the exact BF16 intermediate, docs/design.md) are not a
-    block-scaled recipe of the tcgen05 core, so every call gets a reason: with ``backend='auto'`` the
-    api then runs the reference (with a warning); upstream's recipes run through ``run_fused``."""
-    return ("fp8_nvfp4_mega_moe's exact BF16-intermediate numerics have no sm100 kernel; the sm100 fused "
-            "kernel runs upstream's fp4_fp4 / fp8_fp4 recipes (deep_gemm.mega.sm100.run_fused)")
+    this call, or None.  That entry's exact numerics run as the kind::f16 recipe ``NVFP4_EXACT`` (FP8
+    tokens gathered as BF16, NVFP4 weights dequantized exactly): it needs sm100-layout exact weights
+    (``weights_sm100.to_sm100_exact`` of ``transform_nvfp4_weights_for_sm100``'s).  With
+    ``backend='auto'`` a reason makes the api run the reference (with a warning)."""
+    kind = getattr(buffer, 'mma_type', None)
+    if kind not in EXACT_KINDS:
+        return f"mma_type {kind!r}: fp8_nvfp4_mega_moe's sm100 kernel takes an {' or '.join(map(repr, EXACT_KINDS))} buffer"
+    for name, w in (('l1', l1), ('l2', l2)):
+        if not isinstance(w, Sm100ExpertWeights):
+            return (f'{name}: the sm100 kernel takes sm100-layout weights (deep_gemm.weights_sm100: to_sm100_exact of '
+                    f'transform_nvfp4_weights_for_sm100), got {type(w).__name__}')
+        if w.fmt != 'nvfp4_exact':
+            return (f"{name}: fp8_nvfp4_mega_moe's exact numerics on sm100 take 'nvfp4_exact' weights "
+                    f"(deep_gemm.weights_sm100.to_sm100_exact), got {w.fmt!r}")
+    if getattr(buffer, 'num_shared_experts', 0):
+        return 'buffer: shared experts are not in the sm100 fused kernel yet'
+    return None
 
 
 def run(y: torch.Tensor, l1, l2, buffer, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
         activation_clamp: Optional[float] = None, fast_math: bool = True) -> torch.Tensor:
-    """``deep_gemm.mega.api``'s backend entry (``backend='sm100'`` by name): see ``unsupported``."""
-    raise NotImplementedError(f"backend='sm100': {unsupported(buffer, l1, l2)}; use backend='reference' or 'auto'")
+    """``deep_gemm.mega.api``'s backend entry (``fp8_nvfp4_mega_moe``): the fused kernel's NVFP4_EXACT
+    recipe (L1 weighted, ``h = bf16(swiglu(acc_g a_g, acc_u a_u) x w)``, L2 plain with the weights' alphas);
+    NotImplementedError naming the reason where ``unsupported`` gives one."""
+    why = unsupported(buffer, l1, l2)
+    if why:
+        raise NotImplementedError(f"backend='sm100': {why}; use backend='reference' or 'auto'")
+    _check_args(y, l1, l2, buffer, 'nvfp4_exact')
+    if y.shape[0] == 0 and buffer.num_ranks == 1:
+        return y
+    alphas = (l1.alpha.to(torch.float32).contiguous(), l2.alpha.to(torch.float32).reshape(-1).contiguous(), None)
+    return _launch(y, l1, l2, buffer, 'nvfp4_exact', alphas, cumulative_local_expert_recv_stats, activation_clamp,
+                   fast_math)

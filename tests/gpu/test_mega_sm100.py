@@ -128,3 +128,35 @@ def test_auto_declines_fp8_nvfp4_numerics():
     buf = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, 16, 2, 512, 256, mma_type='fp8xnvfp4', device='cuda')
     assert api.select_backend('auto', buf.device) == 'sm100'
     assert sm100.unsupported(buf, None, None)
+
+
+@pytest.mark.parametrize('entry', ['fp8_nvfp4_mega_moe', 'bf16_mega_moe'])
+@pytest.mark.parametrize('shape', [dict(t=37, e=8, topk=3, h=512, i=256), dict(t=24, e=8, topk=6, h=7168, i=2048)])
+def test_f16_recipes_match_reference(entry, shape):
+    """The fused kernel's kind::f16 recipes through the public entries (backend='sm100') against the
+    reference backend on the same buffer and weights (written for a CC 10.x GPU; not run here)."""
+    t, e, topk, h, i = (shape[k] for k in ('t', 'e', 'topk', 'h', 'i'))
+    gen = torch.Generator().manual_seed(t)
+    kind = 'fp8xnvfp4' if entry == 'fp8_nvfp4_mega_moe' else 'bf16xbf16'
+    buf = deep_gemm.get_symm_buffer_for_mega_moe(None, e, t, topk, h, i, mma_type=kind, device='cuda')
+    if kind == 'fp8xnvfp4':
+        buf.x[:t].copy_((torch.randn(t, h, generator=gen) * 2).to(torch.float8_e4m3fn).cuda())
+        buf.x_sf[:t].copy_(torch.exp2(torch.randint(-3, 3, (t, h // 32), generator=gen).float()).cuda())
+        l1, l2 = (w100.to_sm100_exact(_weights('nvfp4', e, n, k, kind_, gen))
+                  for n, k, kind_ in ((2 * i, h, 'l1'), (h, i, 'l2')))
+    else:
+        buf.x[:t].copy_(torch.randn(t, h, generator=gen).to(torch.bfloat16).cuda())
+        l1, l2 = (w100.transform_bf16_weights_for_sm100((torch.randn(e, n, k, generator=gen) / k ** 0.5)
+                                                        .to(torch.bfloat16).cuda(), kind_)
+                  for n, k, kind_ in ((2 * i, h, 'l1'), (h, i, 'l2')))
+    buf.topk_idx[:t].copy_(torch.randint(0, e, (t, topk), generator=gen).cuda())
+    buf.topk_weights[:t].copy_(torch.rand(t, topk, generator=gen).cuda())
+    fn = getattr(deep_gemm, entry)
+    y = torch.full((t, h), float('nan'), dtype=torch.bfloat16, device='cuda')
+    fn(y, l1, l2, buf, backend='sm100')
+    torch.cuda.synchronize()
+    buf.check_comm()
+    y_ref = torch.empty_like(y)
+    fn(y_ref, l1, l2, buf, backend='reference')
+    assert not y.isnan().any()
+    assert relative_error(y, y_ref) < 1e-2

@@ -153,18 +153,39 @@ DG_HOST_DEVICE void plain_chunk(const PlanTile& tile, uint32_t lane_base, uint32
     });
 }
 
-// Epilogue::SwiGLU: store(index into the activations [T, n / 2], bf16 bits); w: the tile's route weights.
-template <class Plan, bool kFastMath, class Store>
-DG_HOST_DEVICE void swiglu_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
-                                 float ag, float au, float clamp, const float* w, int n, Store&& store) {
+// The SwiGLU epilogues' loop over one tcgen05.ld chunk: f(o, acc_gate, acc_up, w) for every valid
+// register (o: GemmPlan::SwiGLUOut; w: the token's route weight or nullptr).
+template <class Plan, class F>
+DG_HOST_DEVICE void swiglu_each(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
+                                const float* w, F&& f) {
     #pragma unroll
     for (int j = 0; j < 16; ++j) {
         const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
         if (o.valid)
-            store(size_t(o.token_row) * size_t(n / 2) + size_t(o.chan),
-                  swiglu_bits<kFastMath>(l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au,
-                                         clamp, w != nullptr ? w + o.tok : nullptr));
+            f(o, l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]),
+              w != nullptr ? w + o.tok : nullptr);
     }
+}
+
+// Epilogue::SwiGLU: store(index into the activations [T, n / 2], bf16 bits); w: the tile's route weights.
+template <class Plan, bool kFastMath, class Store>
+DG_HOST_DEVICE void swiglu_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
+                                 float ag, float au, float clamp, const float* w, int n, Store&& store) {
+    swiglu_each<Plan>(tile, lane_base, col, lane, regs, w, [&](const auto& o, float g, float u, const float* wt) {
+        store(size_t(o.token_row) * size_t(n / 2) + size_t(o.chan), swiglu_bits<kFastMath>(g, u, ag, au, clamp, wt));
+    });
+}
+
+// bf16_mega_moe's L1 (sm90 epilogue_swiglu_requant<L2Input::BF16>, SwiGLUQuant's first pass then one BF16
+// rounding): store(index into the activations [T, n / 2], bf16(swiglu_quant_value(...))); cb = clamp_bf16(clamp).
+template <class Plan, bool kFastMath, class Store>
+DG_HOST_DEVICE void swiglu_bf16_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane,
+                                      const uint32_t (&regs)[16], float ag, float au, float cb, const float* w, int n,
+                                      Store&& store) {
+    swiglu_each<Plan>(tile, lane_base, col, lane, regs, w, [&](const auto& o, float g, float u, const float* wt) {
+        store(size_t(o.token_row) * size_t(n / 2) + size_t(o.chan),
+              bf16_bits(swiglu_quant_value<kFastMath>(g, u, ag, au, cb, wt)));
+    });
 }
 
 // Epilogue::SwiGLUQuant, first pass: the activations into scratch [kBlockM / 2 channels][kTileN tokens];
@@ -172,14 +193,9 @@ DG_HOST_DEVICE void swiglu_chunk(const PlanTile& tile, uint32_t lane_base, uint3
 template <class Plan, bool kFastMath>
 DG_HOST_DEVICE void swiglu_quant_chunk(const PlanTile& tile, uint32_t lane_base, uint32_t col, int lane, const uint32_t (&regs)[16],
                                        float ag, float au, float cb, const float* w, float* scratch) {
-    #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        const auto o = Plan::swiglu_out(tile, lane_base, col, lane, j);
-        if (o.valid)
-            scratch[o.tile_chan * Plan::kTileN + o.tok] = swiglu_quant_value<kFastMath>(
-                l2_input::bits_float(regs[o.gate_reg]), l2_input::bits_float(regs[o.up_reg]), ag, au, cb,
-                w != nullptr ? w + o.tok : nullptr);
-    }
+    swiglu_each<Plan>(tile, lane_base, col, lane, regs, w, [&](const auto& o, float g, float u, const float* wt) {
+        scratch[o.tile_chan * Plan::kTileN + o.tok] = swiglu_quant_value<kFastMath>(g, u, ag, au, cb, wt);
+    });
 }
 
 // Epilogue::SwiGLUQuant, second pass (thread tid of nthreads, after the first pass of every thread):

@@ -8,6 +8,16 @@
 //   Recipe::MXFP4_FP8 fp8_fp4_mega_moe: FP8 E4M3 tokens (UE8M0 per 32) x MXFP4 weights (kind::mxf8f6f4
 //                     .block32); L1 weighted, its output quantized to FP8 E4M3 with a power-of-two
 //                     scale per 32; L2 alpha.
+// and the two kind::f16 recipes (scheduler/sm100_gemm_plan.cuh "THE kind::f16 RECIPES"):
+//   Recipe::NVFP4_EXACT fp8_nvfp4_mega_moe: FP8 tokens (any float32 scale per 32) gathered as BF16 (exact, as
+//                     on Hopper: mega::Fp8ToBf16Row) x NVFP4 weights dequantized exactly to BF16 into TMEM
+//                     by a dequant warpgroup (warps 8-11; the TS form); L1 weighted, its output the BF16
+//                     h = bf16(swiglu(acc_g x a_g, acc_u x a_u, clamp) x w) (docs/design.md, reference.py);
+//                     L2 plain, alpha a2; the dequant's 2^-7 back in every alpha (fp4::kNvfp4Compensation).
+//   Recipe::BF16      bf16_mega_moe: BF16 tokens copied verbatim x BF16 weights (SS form); L1 weighted, its
+//                     output bf16(f32(swiglu(bf16(acc_g a_g), bf16(acc_u a_u), bf16(clamp))) x w) (sm90
+//                     SwiGLUBF16's roundings); L2 plain.
+// The f16 recipes' token rows are BF16 at the shared roles' unpadded rows (no scale atoms to align).
 // The protocol is the sm90 kernel's (impls/sm90_fp8_nvfp4_mega_moe.cuh, whose header says it step by
 // step), through the same shared roles of include/deep_gemm/mega/ (called, not repeated here):
 // barrier 0 and the row ranges (mega::prologue), routing, gather and combine pushes
@@ -32,7 +42,8 @@
 //     (epilogue/moe_l2_input.cuh), L2 plain_rows_chunk (with the top-k weight for NVFP4) into `combine`.
 // Warp layout (384 threads, 1 CTA per SM): warp 0 builds the work order, then its lane 0 is the
 // producer; warp 1 allocates TMEM and issues the MMAs; warps 4-7 the epilogue (warp w reads TMEM
-// lanes 32 (w % 4) ..); warps 2, 3, 8-11 the comm warps; every warp then joins the combine.
+// lanes 32 (w % 4) ..); warps 2, 3, 8-11 the comm warps (NVFP4_EXACT: warps 2, 3; warps 8-11 are its
+// dequant warpgroup, warp w writing TMEM lanes 32 (w % 4) ..); every warp then joins the combine.
 //
 // Not run on a GPU (none with CC 10.x here): compiled for sm_100a and sm_103a, SASS checked
 // (tests/test_sm100_fused_build.py).  docs/sm100.md, "The fused kernel", says what is verified.
@@ -40,8 +51,10 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 
 #include <deep_gemm/comm/symm.cuh>
+#include <deep_gemm/common/sm100_dequant.cuh>
 #include <deep_gemm/common/sm100_tcgen05.cuh>
 #include <deep_gemm/epilogue/sm100_epilogue.cuh>
 #include <deep_gemm/mega/barriers.cuh>
@@ -59,11 +72,16 @@ namespace deep_gemm {
 namespace mega::sm100_layout {
 
 constexpr int kThreads = 384;
-constexpr int kCommWarps = 6;          // warps 2, 3, 8-11
+// comm warps: 2, 3, 8-11; with a dequant warpgroup (NVFP4_EXACT, warps 8-11) 2, 3
+template <bool kDequant>
+constexpr int kCommWarps = kDequant ? 2 : 6;
 constexpr int kParts = 1;              // one done call per unit: the epilogue's thread 0, after its barrier
 constexpr int kBarComm = 2, kBarEpilogue = 3;   // named barriers (0 is __syncthreads)
 constexpr int kEpilogueWarp0 = 4;
-using Comm = CommWarps<kCommWarps, kBarComm>;
+template <bool kDequant>
+using Comm = CommWarps<kCommWarps<kDequant>, kBarComm>;
+// NVFP4_EXACT's register split (setmaxnreg): the dequant warpgroup, the other two
+constexpr int kDequantRegs = 200, kOtherRegs = 152;
 
 __device__ __forceinline__ int comm_warp_index(int warp) { return warp < kEpilogueWarp0 ? warp - 2 : warp - 6; }
 
@@ -77,6 +95,7 @@ struct Handover {
 // warp): the source's codes verbatim (row_bytes: hidden (FP8) or hidden / 2 (NVFP4)) and its
 // scales (one byte per kGran channels: the buffer's packed UE4M3 / UE8M0 words) into the 512-byte
 // atom layout, at the padded row of the token tile (tile_index x kBlockT + row within the tile).
+// kGran = 0: BF16 tokens (bf16_mega_moe): the row's 2 hidden bytes verbatim at `row`, no scales.
 template <int kBlockT, int kGran, class Work>
 struct RawTokenRow {
     const Call& call;
@@ -85,14 +104,17 @@ struct RawTokenRow {
     uint8_t* sf;
     int hidden, lane;
     __device__ __forceinline__ void operator()(const comm::RowSource& src, int row, int k) const {
-        constexpr int kCodeBytesPer16 = kGran == 16 ? 8 : 16;    // bytes of 16 channels: E2M1 / E4M3
-        const int row_bytes = hidden / 16 * kCodeBytesPer16, blocks = hidden / kGran;
-        const int prow = token_tile<kBlockT>(work, k, row) * kBlockT + (row - work.row_prefix[k]) % kBlockT;
+        constexpr int kCodeBytesPer16 = kGran == 0 ? 32 : kGran == 16 ? 8 : 16;   // 16 channels: BF16 / E2M1 / E4M3
+        const int row_bytes = hidden / 16 * kCodeBytesPer16;
+        const int prow = kGran == 0 ? row : token_tile<kBlockT>(work, k, row) * kBlockT + (row - work.row_prefix[k]) % kBlockT;
         const uint4* x = call.peers.at<const uint4>(src.rank, call.off.x + uint64_t(src.token) * row_bytes);
-        const uint8_t* s = call.peers.at<const uint8_t>(src.rank, call.off.x_sf + uint64_t(src.token) * blocks);
         uint4* dst = reinterpret_cast<uint4*>(codes + size_t(prow) * row_bytes);
         for (int v = lane; v < row_bytes / 16; v += 32) dst[v] = x[v];
-        for (int b = lane; b < blocks; b += 32) sf[sm100::sf_global_offset(uint64_t(prow), uint64_t(b), uint64_t(blocks))] = s[b];
+        if constexpr (kGran != 0) {
+            const int blocks = hidden / kGran;
+            const uint8_t* s = call.peers.at<const uint8_t>(src.rank, call.off.x_sf + uint64_t(src.token) * blocks);
+            for (int b = lane; b < blocks; b += 32) sf[sm100::sf_global_offset(uint64_t(prow), uint64_t(b), uint64_t(blocks))] = s[b];
+        }
     }
 };
 
@@ -121,7 +143,12 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
     using Cursor = typename Plan::Cursor;
     using Shared = mega::Shared<kMaxExperts>;
     constexpr bool kNvfp4 = kRecipe == sm100::Recipe::NVFP4;
+    constexpr bool kF16 = !Plan::kBlockScaledMma;      // NVFP4_EXACT, BF16: BF16 token rows, unpadded
+    constexpr bool kDequant = Plan::kATmem;            // NVFP4_EXACT: the dequant warpgroup, warps 8-11
     constexpr int kGran = sm100::RecipeTraits<kRecipe>::kGran;
+    // the exact recipe's A is code x scale x 2^-7: every FP32 alpha takes the 2^7 back
+    constexpr float kComp = kDequant ? fp4::kNvfp4Compensation : 1.0f;
+    using CommW = Comm<kDequant>;
     static_assert(kNumStages <= mega::kMaxStages, "mega::Shared::stage_unit holds 16 stages");
 
     extern __shared__ __align__(16) uint8_t smem_raw[];   // aligned to 1024 below (1024 B of slack)
@@ -175,11 +202,20 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
     const mega::Units<kParts> units{call, barrier1};
     const Plan l1p{2 * inter, hidden, smem_base, tmem_base};
     const Plan l2p{hidden, inter, smem_base, tmem_base};
-    // the plan's tile of a unit: its token rows at the token tile's padded rows
+    // the plan's tile of a unit: its token rows at the token tile's padded rows (f16 recipes: its own rows)
     const auto plan_tile = [](const MegaUnit& unit) {
-        return sm100::PlanTile{unit.expert, unit.row_tile, unit.token_tile, unit.tile_index * kBlockT, unit.num_rows};
+        return sm100::PlanTile{unit.expert, unit.row_tile, unit.token_tile,
+                               kF16 ? unit.row_start : unit.tile_index * kBlockT, unit.num_rows};
     };
 
+    if constexpr (kDequant) {
+        // the dequant loop alone holds ~166 registers (the grouped GEMM's 384-thread cap is 168); here the
+        // kernel's state live across the roles comes on top, so its warpgroup takes registers from the
+        // other two (setmaxnreg inside the CTA's pool of 384 x 168; every role but the dequant fits in 96)
+        static_assert(2 * 128 * kOtherRegs + 128 * kDequantRegs <= kThreads * 168, "register split exceeds the pool");
+        if (warp >= kEpilogueWarp0 + 4) cutlass::arch::warpgroup_reg_alloc<kDequantRegs>();
+        else cutlass::arch::warpgroup_reg_dealloc<kOtherRegs>();
+    }
     if (warp == 0) {
         // ---------------- 2a. work order (warp 0), then the producer (lane 0) ----------------
         mega::build_work_order<kBlockT, false>(sh, num_experts, l1_row_tiles, l2_row_tiles, lookahead_experts,
@@ -226,6 +262,20 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
             if (unit.phase == MegaPhase::L1) l1p.mma_tile(ops1, plan_tile(unit), cur);
             else l2p.mma_tile(ops2, plan_tile(unit), cur);
         }
+    } else if (kDequant && warp >= kEpilogueWarp0 + 4) {
+        // ---------------- 2b'. dequant warpgroup (NVFP4_EXACT): units from the stage tags, as the MMA warp ----------------
+        if constexpr (kDequant) {
+            Cursor cur;
+            for (;;) {
+                ops1.wait(Plan::full(cur.stage), cur.phase);
+                const int u = sh.stage_unit[cur.stage];
+                if (u < 0) break;
+                // one call site: the role reads only shared memory, barriers and TMEM (ops1's), and the
+                // two plans differ only in n, k (the unit's k blocks)
+                const Plan& p = sh.work.get(u).phase == MegaPhase::L1 ? l1p : l2p;
+                p.dequant_tile(ops1, cur, warp, lane);
+            }
+        }
     } else if (warp >= kEpilogueWarp0 && warp < kEpilogueWarp0 + 4) {
         // ---------------- 2c. epilogue: L1 -> the L2 input, L2 -> the combine rows ----------------
         const int etid = tid - 32 * kEpilogueWarp0;
@@ -239,24 +289,45 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
             const MegaUnit unit = sh.work.get(u);
             const sm100::PlanTile tile = plan_tile(unit);
             if (unit.phase == MegaPhase::L1) {
-                const float ag = sm100::epi::tile_alpha(l1_alpha, 2, unit.expert, 0, 1.0f);
-                const float au = sm100::epi::tile_alpha(l1_alpha, 2, unit.expert, 1, 1.0f);
-                const float* w = kNvfp4 ? nullptr : row_weight + unit.row_start;   // the unit's (unpadded) rows
-                l1p.template epilogue_tile<sm100::TmemLdShape::K16x256B>(
-                    ops1, tile, cur, warp, lane,
-                    [&](const sm100::PlanTile& t, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
-                        sm100::epi::swiglu_quant_chunk<Plan, kFastMath>(t, lane_base, col, l, regs, ag, au, cb, w, epi_scratch);
-                    },
-                    [&](const sm100::PlanTile& t) {
-                        mega::named_barrier(kBarEpilogue, 128);
-                        sm100::epi::quantize_l2_input<Plan>(t, etid, 128, epi_scratch, inter,
-                                                            kNvfp4 ? __ldg(l2_inv_global + unit.expert) : 1.0f, l2_x, l2_x_sf);
-                        mega::fence_proxy_async_global();   // the L2 units' TMA and bulk copies read them
-                        mega::named_barrier(kBarEpilogue, 128);
-                        if (etid == 0) units.l1_done(unit);
-                    });
+                if constexpr (kF16) {
+                    const float ag = sm100::epi::tile_alpha(l1_alpha, 2, unit.expert, 0, kComp);
+                    const float au = sm100::epi::tile_alpha(l1_alpha, 2, unit.expert, 1, kComp);
+                    const float* w = row_weight + unit.row_start;
+                    uint16_t* h_bits = reinterpret_cast<uint16_t*>(l2_x);   // BF16 [rows, inter]
+                    l1p.template epilogue_tile<sm100::TmemLdShape::K16x256B>(
+                        ops1, tile, cur, warp, lane,
+                        [&](const sm100::PlanTile& t, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                            const auto store = [&](size_t i, uint16_t v) { h_bits[i] = v; };
+                            if constexpr (kDequant)   // fp8_nvfp4_mega_moe's h (clamp on the FP32 values)
+                                sm100::epi::swiglu_chunk<Plan, kFastMath>(t, lane_base, col, l, regs, ag, au, clamp, w, 2 * inter, store);
+                            else                      // bf16_mega_moe's h
+                                sm100::epi::swiglu_bf16_chunk<Plan, kFastMath>(t, lane_base, col, l, regs, ag, au, cb, w, 2 * inter, store);
+                        },
+                        [&](const sm100::PlanTile&) {
+                            mega::fence_proxy_async_global();   // the L2 units' TMA reads the rows
+                            mega::named_barrier(kBarEpilogue, 128);
+                            if (etid == 0) units.l1_done(unit);
+                        });
+                } else {
+                    const float ag = sm100::epi::tile_alpha(l1_alpha, 2, unit.expert, 0, 1.0f);
+                    const float au = sm100::epi::tile_alpha(l1_alpha, 2, unit.expert, 1, 1.0f);
+                    const float* w = kNvfp4 ? nullptr : row_weight + unit.row_start;   // the unit's (unpadded) rows
+                    l1p.template epilogue_tile<sm100::TmemLdShape::K16x256B>(
+                        ops1, tile, cur, warp, lane,
+                        [&](const sm100::PlanTile& t, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                            sm100::epi::swiglu_quant_chunk<Plan, kFastMath>(t, lane_base, col, l, regs, ag, au, cb, w, epi_scratch);
+                        },
+                        [&](const sm100::PlanTile& t) {
+                            mega::named_barrier(kBarEpilogue, 128);
+                            sm100::epi::quantize_l2_input<Plan>(t, etid, 128, epi_scratch, inter,
+                                                                kNvfp4 ? __ldg(l2_inv_global + unit.expert) : 1.0f, l2_x, l2_x_sf);
+                            mega::fence_proxy_async_global();   // the L2 units' TMA and bulk copies read them
+                            mega::named_barrier(kBarEpilogue, 128);
+                            if (etid == 0) units.l1_done(unit);
+                        });
+                }
             } else {
-                const float a = sm100::epi::tile_alpha(l2_alpha, 1, unit.expert, 0, 1.0f);
+                const float a = sm100::epi::tile_alpha(l2_alpha, 1, unit.expert, 0, kComp);
                 l2p.template epilogue_tile<sm100::TmemLdShape::K32x32B>(
                     ops2, tile, cur, warp, lane,
                     [&](const sm100::PlanTile& t, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
@@ -274,9 +345,15 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
         }
     } else {
         // ---------------- 2d. routing, row gather (MMA format), combine push (mega/comm_warps.cuh) ----------------
-        const mega::sm100_layout::RawTokenRow<kBlockT, kGran, decltype(sh.work)> copy_row{
-            call, sh.work, l1_x, l1_x_sf, hidden, lane};
-        mega::run_comm_warps_with<Comm, kBlockT, 2, kParts, false>(
+        // the MMA's token format: NVFP4 / FP8 codes + scale atoms (padded rows), FP8 -> BF16 (exact), BF16
+        using CopyRow = typename std::conditional<
+            kDequant, mega::Fp8ToBf16Row<32, 2>,
+            mega::sm100_layout::RawTokenRow<kBlockT, kF16 ? 0 : kGran, decltype(sh.work)>>::type;
+        const CopyRow copy_row = [&] {
+            if constexpr (kDequant) return CopyRow{call, reinterpret_cast<__nv_bfloat16*>(l1_x), hidden, lane};
+            else return CopyRow{call, sh.work, l1_x, l1_x_sf, hidden, lane};
+        }();
+        mega::run_comm_warps_with<CommW, kBlockT, 2, kParts, false>(
             sh, call, pairs, barrier1, row_src, row_weight, combine, max_rows, topk, hidden, l2_row_tiles,
             push_combine, grid, comm_warp_index(warp), lane, tid == 64, nullptr, copy_row);
     }

@@ -405,6 +405,19 @@ struct GemmPlan {
         }
     }
 
+    // The pipeline position of one issuing role (see "per-tile steps" below).
+    struct Cursor {
+        int stage = 0;
+        uint32_t phase = 0;     // parity of the stage ring
+        uint32_t kcount = 0;    // k blocks issued by the MMA warp (scale slot = kcount % 2)
+        uint32_t tcount = 0;    // tiles through the MMA warp / the epilogue (accumulator buffer = tcount % 2)
+        DG_HOST_DEVICE void next_stage() {
+            if (++stage == kStages) stage = 0, phase ^= 1u;
+        }
+        DG_HOST_DEVICE uint32_t buf() const { return tcount % 2; }
+        DG_HOST_DEVICE uint32_t buf_phase() const { return (tcount / 2) % 2; }
+    };
+
     // ---------------------------------------------------------------- producer (one thread)
     // For every tile t = first, first + stride, ... < num_tiles and k block kb: wait for the stage to be
     // free, expect its bytes, then A (TMA), B (TMA), SFA and SFB (bulk copies) into it.
@@ -446,35 +459,40 @@ struct GemmPlan {
     static constexpr int kChunkRegs = 16;
     template <class Ops, class Tiles>
     DG_HOST_DEVICE void dequant(Ops& ops, Tiles&& tiles, int first, int num_tiles, int stride, int warp, int lane) const {
-        static_assert(kATmem, "only the NVFP4_EXACT recipe dequantizes into TMEM");
         (void)tiles;    // the rows of a tile are whatever the producer put in the stage
-        int stage = 0;
-        uint32_t phase = 0, kcount = 0;
+        Cursor cur;
+        for (int t = first; t < num_tiles; t += stride) dequant_tile(ops, cur, warp, lane);
+    }
+
+    // Dequant thread, one tile (`dequant` above is this step over the caller's tiles; the fused kernel
+    // runs it per unit, L1 and L2 plans sharing the Cursor): the tile's k blocks, as described above.
+    template <class Ops>
+    DG_HOST_DEVICE void dequant_tile(Ops& ops, Cursor& cur, int warp, int lane) const {
+        static_assert(kATmem, "only the NVFP4_EXACT recipe dequantizes into TMEM");
         const uint32_t quarter = uint32_t(warp % 4);
         const uint32_t m = 32u * quarter + uint32_t(lane);
         const int nkb = num_k_blocks();
-        for (int t = first; t < num_tiles; t += stride) {
-            for (int kb = 0; kb < nkb; ++kb, ++kcount) {
-                ops.wait(full(stage), phase);
-                uint32_t codes[kDequantChunks][4];
-                uint32_t scales[kAtoms];
-                for (int c = 0; c < kDequantChunks; ++c) ops.lds128(sw128_offset(a_smem(stage), m, 16u * uint32_t(c)), codes[c]);
-                for (int j = 0; j < kAtoms; ++j) scales[j] = ops.lds32(sfa_smem(stage) + uint32_t(j) * kSFAtomBytes + sf_atom_byte(m, 0));
-                ops.warp_arrive(empty(stage), lane);
-                const uint32_t slot = kcount % 2;
-                ops.wait(a_empty(int(slot)), ((kcount / 2) % 2) ^ 1u);
-                ops.fence_after_sync();
-                for (int c = 0; c < kDequantChunks; ++c) {
-                    uint32_t regs[kChunkRegs];
-                    ops.dequant_chunk(codes[c], scales[(2 * c) / 4], (2 * c) % 4, regs);
-                    ops.template tmem_st<kChunkRegs>(warp, lane,
-                                                     tmem_base + tmem_addr(32u * quarter, Tmem::a(slot) + uint32_t(kChunkRegs * c)), regs);
-                }
-                ops.tmem_st_wait();
-                ops.fence_before_sync();
-                ops.arrive(a_full(int(slot)));
-                if (++stage == kStages) stage = 0, phase ^= 1u;
+        for (int kb = 0; kb < nkb; ++kb, ++cur.kcount) {
+            const int stage = cur.stage;
+            ops.wait(full(stage), cur.phase);
+            uint32_t codes[kDequantChunks][4];
+            uint32_t scales[kAtoms];
+            for (int c = 0; c < kDequantChunks; ++c) ops.lds128(sw128_offset(a_smem(stage), m, 16u * uint32_t(c)), codes[c]);
+            for (int j = 0; j < kAtoms; ++j) scales[j] = ops.lds32(sfa_smem(stage) + uint32_t(j) * kSFAtomBytes + sf_atom_byte(m, 0));
+            ops.warp_arrive(empty(stage), lane);
+            const uint32_t slot = cur.kcount % 2;
+            ops.wait(a_empty(int(slot)), ((cur.kcount / 2) % 2) ^ 1u);
+            ops.fence_after_sync();
+            for (int c = 0; c < kDequantChunks; ++c) {
+                uint32_t regs[kChunkRegs];
+                ops.dequant_chunk(codes[c], scales[(2 * c) / 4], (2 * c) % 4, regs);
+                ops.template tmem_st<kChunkRegs>(warp, lane,
+                                                 tmem_base + tmem_addr(32u * quarter, Tmem::a(slot) + uint32_t(kChunkRegs * c)), regs);
             }
+            ops.tmem_st_wait();
+            ops.fence_before_sync();
+            ops.arrive(a_full(int(slot)));
+            cur.next_stage();
         }
     }
 
@@ -510,17 +528,6 @@ struct GemmPlan {
     // (impls/sm100_fp8_nvfp4_mega_moe.cuh) claims units from a counter and runs L1 and L2 units, two
     // plans of other n / k, through one pipeline.  The pipeline position travels in a Cursor, one per
     // issuing role (each role's own copy: the producer's, the MMA warp's, each epilogue thread's).
-    struct Cursor {
-        int stage = 0;
-        uint32_t phase = 0;     // parity of the stage ring
-        uint32_t kcount = 0;    // k blocks issued by the MMA warp (scale slot = kcount % 2)
-        uint32_t tcount = 0;    // tiles through the MMA warp / the epilogue (accumulator buffer = tcount % 2)
-        DG_HOST_DEVICE void next_stage() {
-            if (++stage == kStages) stage = 0, phase ^= 1u;
-        }
-        DG_HOST_DEVICE uint32_t buf() const { return tcount % 2; }
-        DG_HOST_DEVICE uint32_t buf_phase() const { return (tcount / 2) % 2; }
-    };
 
     // Producer, one tile: per k block wait for the stage to be free, expect its bytes, then A (TMA),
     // B (TMA, R::kBBoxes boxes), SFA and SFB (bulk copies, where the recipe has them) into it.  first_stage(stage) runs once, after the tile's
