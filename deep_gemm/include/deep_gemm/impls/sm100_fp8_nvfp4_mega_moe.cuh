@@ -53,6 +53,7 @@
 #include <deep_gemm/mega/units.cuh>
 #include <deep_gemm/scheduler/mega_moe_work.cuh>
 #include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
+#include <deep_gemm/scheduler/sm100_mega_tiles.cuh>
 
 namespace deep_gemm {
 
@@ -87,7 +88,7 @@ struct RawTokenRow {
     __device__ __forceinline__ void operator()(const comm::RowSource& src, int row, int k) const {
         constexpr int kCodeBytesPer16 = kGran == 16 ? 8 : 16;    // bytes of 16 channels: E2M1 / E4M3
         const int row_bytes = hidden / 16 * kCodeBytesPer16, blocks = hidden / kGran;
-        const int prow = token_tile<kBlockT>(work, k, row) * kBlockT + (row - work.row_prefix[k]) % kBlockT;
+        const int prow = sm100::mega_padded_row<kBlockT>(work, k, row);
         const uint4* x = call.peers.at<const uint4>(src.rank, call.off.x + uint64_t(src.token) * row_bytes);
         const uint8_t* s = call.peers.at<const uint8_t>(src.rank, call.off.x_sf + uint64_t(src.token) * blocks);
         uint4* dst = reinterpret_cast<uint4*>(codes + size_t(prow) * row_bytes);
@@ -176,9 +177,7 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
     const Plan l1p{2 * inter, hidden, smem_base, tmem_base};
     const Plan l2p{hidden, inter, smem_base, tmem_base};
     // the plan's tile of a unit: its token rows at the token tile's padded rows
-    const auto plan_tile = [](const MegaUnit& unit) {
-        return sm100::PlanTile{unit.expert, unit.row_tile, unit.token_tile, unit.tile_index * kBlockT, unit.num_rows};
-    };
+    const auto plan_tile = [](const MegaUnit& unit) { return sm100::mega_plan_tile<kBlockT>(unit); };
 
     if (warp == 0) {
         // ---------------- 2a. work order (warp 0), then the producer (lane 0) ----------------
