@@ -246,8 +246,8 @@ class FusedProblem:
 class RankRun:
     """One rank's stream through the interpreter, with the driver's global memory and checks."""
 
-    def __init__(self, p: FusedProblem, rank: int, fault: Optional[str] = None):
-        self.p, self.rank, self.fault = p, rank, fault
+    def __init__(self, p: FusedProblem, rank: int, fault: Optional[str] = None, check_order: bool = True):
+        self.p, self.rank, self.fault, self.check_order = p, rank, fault, check_order
         self.rows = p.data['row_src'][rank]
         self.combine = np.zeros((len(self.rows), p.hidden), dtype=np.uint16)
         self.combine_ok = np.zeros((len(self.rows), p.hidden), dtype=bool)
@@ -396,9 +396,11 @@ class RankRun:
             self.units_started[u] = op
             self.current[int(op['cta'])] = op          # the producer's unit: its copies follow
             t = op['tile_index']
-            if op['phase'] == 0 and self.gathered[t] < self.tile_rows[t]:
+            if not self.check_order:      # (a negative control: only the data checks below remain)
+                pass
+            elif op['phase'] == 0 and self.gathered[t] < self.tile_rows[t]:
                 raise interp.ModelError(f'L1 unit {u} starts before its token tile {t} was gathered')
-            if op['phase'] == 1 and self.l1_done[t] < self.head['l1_row_tiles']:
+            elif op['phase'] == 1 and self.l1_done[t] < self.head['l1_row_tiles']:
                 raise interp.ModelError(f'L2 unit {u} starts after {self.l1_done[t]} of its '
                                         f'{self.head["l1_row_tiles"]} L1 units (token tile {t})')
         elif name == 'unit_done':
@@ -457,10 +459,21 @@ class RankRun:
             raise interp.ModelError('the units run differ from the (expert, row tile, token tile) tiles of the counts')
 
 
-def run_all(p: FusedProblem, fault: Optional[str] = None, fault_rank: int = 0):
-    """Every rank's stream, then the combine of every rank's tokens.  Returns (runs, y bits per rank)."""
-    runs = [RankRun(p, r, fault if r == fault_rank else None).run() for r in range(p.ranks)]
+def run_all(p: FusedProblem, fault: Optional[str] = None, fault_rank: int = 0, check_order: bool = True):
+    """Every rank's stream, then the combine of every rank's tokens.  Returns (runs, y bits per rank).
+    ``check_order=False`` leaves out the unit-order check (unit_start against gathered rows / L1 done
+    counts), so that a control can show the data checks catch a missing dependency on their own."""
+    runs = [RankRun(p, r, fault if r == fault_rank else None, check_order).run() for r in range(p.ranks)]
+    return runs, reduce(p, runs)
+
+
+def reduce(p: FusedProblem, runs, pair_row=None):
+    """After barrier 1: every rank's tokens from their combine sources (the pushed copy in combine_in,
+    an own expert's row, or without pushes the owner's row at pair_row), slots in increasing order in
+    float32, one BF16 rounding (mega::reduce_tokens' rule).  ``pair_row``: per source rank, the owner's
+    row of each pair (default: the routing's)."""
     d, k = p.data, p.topk
+    pair_row = d['pair_row'] if pair_row is None else pair_row
     # pushes: the owners' combine rows to their sources' combine_in [T k, H]
     combine_in = [np.zeros((t * k, p.hidden), dtype=np.uint16) for t in p.tokens]
     pushed = [np.zeros(t * k, dtype=bool) for t in p.tokens]
@@ -476,7 +489,7 @@ def run_all(p: FusedProblem, fault: Optional[str] = None, fault_rank: int = 0):
             for j in range(k):                         # slots in increasing order, float32
                 ge = int(d['idx'][s][t, j])
                 owner = ge // p.experts_per_rank
-                row = int(d['pair_row'][s][t * k + j])
+                row = int(pair_row[s][t * k + j])
                 if p.push and owner != s:
                     if not pushed[s][t * k + j]:
                         raise interp.ModelError(f'rank {s} token {t} slot {j}: no push arrived')
@@ -487,7 +500,7 @@ def run_all(p: FusedProblem, fault: Optional[str] = None, fault_rank: int = 0):
                     src = runs[owner].combine[row]
                 acc[t] = acc[t] + _bf16_to_f32(src)
         ys.append(_f32_to_bf16_bits(acc))
-    return runs, ys
+    return ys
 
 
 def check(p: FusedProblem, runs, ys):
