@@ -63,12 +63,10 @@ def test_seeds_give_other_interleavings_same_result():
     p = fused.FusedProblem(**CONFIGS['nvfp4-1rank'])
     p.build()
     ref = None
-    orders = set()
     for seed in (0, 11):
         p.seed = seed            # the scheduler's seed; data drawn once above
         runs, ys = fused.run_all(p)
         fused.check(p, runs, ys)
-        orders.add(tuple(sorted(runs[0].units_started)) + (runs[0].ops,))
         if ref is None:
             ref = ys
         assert all((a == b).all() for a, b in zip(ys, ref))
