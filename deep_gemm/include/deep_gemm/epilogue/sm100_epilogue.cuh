@@ -210,15 +210,20 @@ DG_HOST_DEVICE void l2_quant_tile(const PlanTile& tile, int tid, int nthreads, c
     }
 }
 
-#if defined(__CUDACC__)
 // The second pass into the L2 GEMM's token tensors (its kTensorB codes and kTensorSFB scales; rows
 // tile.row_start + tok): one 8-byte (NVFP4) or two 16-byte (MXFP4_FP8) stores of codes per block, one
-// scale byte.  The grouped GEMM's SwiGLUQuant epilogue and the fused kernel's L1 epilogue.
+// scale byte.  The grouped GEMM's SwiGLUQuant epilogue and the fused kernel's L1 epilogue; on the host
+// (the fused kernel's functional model, tests/cpp/sm100_fused_model_emit.cpp) the same words stored
+// byte by byte, little-endian as on the device.
 template <class Plan>
 DG_HOST_DEVICE void quantize_l2_input(const PlanTile& tile, int tid, int nthreads, const float* scratch, int inter,
                                       float l2_inv_global, uint8_t* codes, uint8_t* sf) {
     l2_quant_tile<Plan>(tile, tid, nthreads, scratch, inter, l2_inv_global,
         [&](const typename Plan::L2BlockOut& o, const L2Block<Plan::kTileRecipe>& b) {
+#if !defined(__CUDA_ARCH__)
+            for (int w = 0; w < L2Block<Plan::kTileRecipe>::kWords; ++w)
+                for (int i = 0; i < 4; ++i) codes[o.code_byte + uint64_t(4 * w + i)] = static_cast<uint8_t>(b.words[w] >> (8 * i));
+#else
             if constexpr (Plan::kTileRecipe == Recipe::NVFP4) {
                 *reinterpret_cast<uint2*>(codes + o.code_byte) = make_uint2(b.words[0], b.words[1]);
             } else {
@@ -226,9 +231,9 @@ DG_HOST_DEVICE void quantize_l2_input(const PlanTile& tile, int tid, int nthread
                 dst[0] = make_uint4(b.words[0], b.words[1], b.words[2], b.words[3]);
                 dst[1] = make_uint4(b.words[4], b.words[5], b.words[6], b.words[7]);
             }
+#endif
             sf[o.sf_byte] = b.sf;
         });
 }
-#endif
 
 }  // namespace deep_gemm::sm100::epi

@@ -66,6 +66,7 @@
 #include <deep_gemm/mega/units.cuh>
 #include <deep_gemm/scheduler/mega_moe_work.cuh>
 #include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
+#include <deep_gemm/scheduler/sm100_mega_tiles.cuh>
 
 namespace deep_gemm {
 
@@ -106,7 +107,7 @@ struct RawTokenRow {
     __device__ __forceinline__ void operator()(const comm::RowSource& src, int row, int k) const {
         constexpr int kCodeBytesPer16 = kGran == 0 ? 32 : kGran == 16 ? 8 : 16;   // 16 channels: BF16 / E2M1 / E4M3
         const int row_bytes = hidden / 16 * kCodeBytesPer16;
-        const int prow = kGran == 0 ? row : token_tile<kBlockT>(work, k, row) * kBlockT + (row - work.row_prefix[k]) % kBlockT;
+        const int prow = sm100::mega_padded_row<kBlockT, kGran != 0>(work, k, row);
         const uint4* x = call.peers.at<const uint4>(src.rank, call.off.x + uint64_t(src.token) * row_bytes);
         uint4* dst = reinterpret_cast<uint4*>(codes + size_t(prow) * row_bytes);
         for (int v = lane; v < row_bytes / 16; v += 32) dst[v] = x[v];
@@ -203,10 +204,7 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
     const Plan l1p{2 * inter, hidden, smem_base, tmem_base};
     const Plan l2p{hidden, inter, smem_base, tmem_base};
     // the plan's tile of a unit: its token rows at the token tile's padded rows (f16 recipes: its own rows)
-    const auto plan_tile = [](const MegaUnit& unit) {
-        return sm100::PlanTile{unit.expert, unit.row_tile, unit.token_tile,
-                               kF16 ? unit.row_start : unit.tile_index * kBlockT, unit.num_rows};
-    };
+    const auto plan_tile = [](const MegaUnit& unit) { return sm100::mega_plan_tile<kBlockT, !kF16>(unit); };
 
     if constexpr (kDequant) {
         // the dequant loop alone holds ~166 registers (the grouped GEMM's 384-thread cap is 168); here the

@@ -104,7 +104,7 @@ __device__ __forceinline__ int4 load_row_src(const comm::RowSource* row_src, int
 // The token tile holding `row`, a row of the k-th active expert of the work order.
 template <int kBlockT, class Work>
 __device__ __forceinline__ int token_tile(const Work& work, int k, int row) {
-    return work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT;
+    return mega_token_tile<kBlockT>(work, k, row);   // scheduler/mega_moe_work.cuh (host-callable)
 }
 
 // The start of a launch (thread 0; a __syncthreads publishes it): this call's epochs (both barrier

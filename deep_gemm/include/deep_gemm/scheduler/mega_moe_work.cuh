@@ -229,4 +229,11 @@ struct MegaMoEWork {
     }
 };
 
+// The token tile holding `row`, a row of the k-th active expert of the work order (Work: MegaMoEWork;
+// mega::token_tile and the sm100 kernel's padded rows call this).
+template <int kBlockT, class Work>
+DG_HOST_DEVICE int mega_token_tile(const Work& work, int k, int row) {
+    return work.tile_prefix[k] + (row - work.row_prefix[k]) / kBlockT;
+}
+
 }  // namespace deep_gemm
