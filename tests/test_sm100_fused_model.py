@@ -9,8 +9,8 @@ executes the stream on the interpreter as it comes (the registers of every tcgen
 interpreter's), keeps the rank's memory (gathered L1 input, the L2 input bytes quantize_l2_input wrote,
 combine rows, pushes), reduces every rank's tokens and compares with deep_gemm.reference_recipes
 (reference_recipe_moe: y; recipe_expert_forward: every combine row) bit for bit, on exact data (power-of-
-two alphas, no clamp).  The role loops around the kernel's functions are mirrored in the emit program,
-not shared with the kernel; ranks run in protocol phases, not interleaved (docs/sm100.md says what is
+two alphas, no clamp).  The producer and MMA loops are the kernel's (mega_produce_units /
+mega_mma_units, with the model's hooks); the epilogue's loop is mirrored in the emit program; ranks run in protocol phases, not interleaved (docs/sm100.md says what is
 and is not modelled).  Broken kernels (faults of the emit program) must fail.
 """
 import pytest

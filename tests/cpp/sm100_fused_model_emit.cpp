@@ -6,11 +6,11 @@
 // the plan's per-tile steps with their Cursors (GemmPlan::produce_tile / mma_tile / epilogue_tile, two
 // plans: L1 n = 2 inter, k = hidden; L2 n = hidden, k = inter, one stage ring, one TMEM accumulator
 // pair, one set of barriers), and the epilogues (epilogue/sm100_epilogue.cuh: swiglu_quant_chunk +
-// quantize_l2_input for L1, plain_rows_chunk for L2, tile_alpha).  The role loops around them (the
-// producer's claim loop with its first_stage hook, the MMA warp's stage-tag read and hand-over, the
-// epilogue's dispatch per unit phase) are the kernel's code of section 2a-2c written again here over
-// the model's primitives: the kernel's are device code (atomics, named barriers, ClusterBarrier); a
-// change there must be mirrored here (the docs say so).  The comm warps are modelled by their effects:
+// quantize_l2_input for L1, plain_rows_chunk for L2, tile_alpha).  The producer's and the MMA warp's
+// loops are the kernel's too (mega_produce_units / mega_mma_units), called here with the model's hooks
+// (claim counter, tags, waits, hand-over); the epilogue's loop and dispatch per unit phase (section 2c)
+// is written again here over the model's primitives (the kernel's uses named barriers and
+// ClusterBarrier waits; a change there must be mirrored here; the docs say so).  The comm warps are modelled by their effects:
 // one gather thread per CTA (rows cta, cta + ctas, ..., each to its padded row, then arrived[tile] += 1:
 // mega::gather_rows_with) and, with pushes on, one push thread per CTA (a row of another rank's pair
 // once its token tile's L2 units are done: mega::push_rows).  The combine reduction after barrier 1 is
@@ -292,24 +292,21 @@ struct Rank {
         return o.str();
     }
 
-    // 2a. the producer (kernel: warp 0 lane 0)
+    // 2a. the producer (kernel: warp 0 lane 0): the kernel's own loop (mega_produce_units), with the
+    // model's claim counter, tags and waits
     void producer(Ops& ops1, Ops& ops2) {
         Cta& c = *ops1.cta;
-        const int num_units = st.work.num_units();
-        Cursor cur;
-        for (;;) {
-            const int u = st.next_unit++;   // units.claim()
-            ops1.record("{\"op\":\"claim\",\"cta\":" + std::to_string(c.id) + ",\"unit\":" + std::to_string(u) + "}");
-            if (u >= num_units) {
-                ops1.wait(Plan::empty(cur.stage), cur.phase ^ 1u);
-                c.stage_unit[cur.stage] = -1;
-                ops1.arrive(Plan::full(cur.stage));
-                break;
-            }
-            const MegaUnit unit = st.work.get(u);
-            const MegaWait w = st.work.wait_for(unit);
-            const auto first_stage = [&](int stage) {
-                if (!fault("no_tag")) c.stage_unit[stage] = u;
+        mega_produce_units(
+            l1p, l2p, ops1, ops2, st.work, [this](const MegaUnit& unit) { return plan_tile(unit); },
+            [&] {
+                const int u = st.next_unit++;   // units.claim()
+                ops1.record("{\"op\":\"claim\",\"cta\":" + std::to_string(c.id) + ",\"unit\":" + std::to_string(u) + "}");
+                return u;
+            },
+            [&](int stage, int u) {
+                if (u < 0 || !fault("no_tag")) c.stage_unit[stage] = u;
+            },
+            [&](const MegaUnit& unit, const MegaWait& w, int u) {
                 // units.wait_inputs(unit, w): L1 the tile's rows gathered, L2 its L1 units done (kParts = 1)
                 if (unit.phase == MegaPhase::L1) {
                     const int tile = unit.tile_index, target = unit.num_rows;
@@ -319,30 +316,21 @@ struct Rank {
                     st.sched->wait_until(ops1.me, [this, ctr, target] { return st.l1_done[size_t(ctr)] >= target; });
                 }
                 ops1.record(unit_json("unit_start", c.id, u, unit));
-            };
-            if (unit.phase == MegaPhase::L1) l1p.produce_tile(ops1, plan_tile(unit), cur, first_stage);
-            else l2p.produce_tile(ops2, plan_tile(unit), cur, first_stage);
-        }
+            });
     }
 
-    // 2b. the MMA warp (kernel: warp 1)
+    // 2b. the MMA warp (kernel: warp 1): the kernel's own loop (mega_mma_units), with the model's hand-over
     void mma(Ops& ops1, Ops& ops2) {
         Cta& c = *ops1.cta;
-        Cursor cur;
-        for (;;) {
-            ops1.wait(Plan::full(cur.stage), cur.phase);
-            const int u = c.stage_unit[cur.stage];
-            ops1.wait(Plan::tmem_empty(int(cur.buf())), cur.buf_phase() ^ 1u);
-            c.tile_unit[cur.buf()] = u;
-            Bar& b = c.unit_ready[cur.buf()];
-            --b.pending, Ops::settle(b);
-            ops1.record("{\"op\":\"handover\",\"cta\":" + std::to_string(c.id) + ",\"buf\":" + std::to_string(cur.buf()) +
-                        ",\"unit\":" + std::to_string(u) + "}");
-            if (u < 0) break;
-            const MegaUnit unit = st.work.get(u);
-            if (unit.phase == MegaPhase::L1) l1p.mma_tile(ops1, plan_tile(unit), cur);
-            else l2p.mma_tile(ops2, plan_tile(unit), cur);
-        }
+        mega_mma_units(l1p, l2p, ops1, ops2, st.work, [this](const MegaUnit& unit) { return plan_tile(unit); },
+                       [&](int stage) { return c.stage_unit[stage]; },
+                       [&](int buf, int u) {
+                           c.tile_unit[buf] = u;
+                           Bar& b = c.unit_ready[buf];
+                           --b.pending, Ops::settle(b);
+                           ops1.record("{\"op\":\"handover\",\"cta\":" + std::to_string(c.id) + ",\"buf\":" +
+                                       std::to_string(buf) + ",\"unit\":" + std::to_string(u) + "}");
+                       });
     }
 
     void named_barrier(Ops& o) {

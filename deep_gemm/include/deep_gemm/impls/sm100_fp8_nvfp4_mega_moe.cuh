@@ -218,48 +218,25 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
         // ---------------- 2a. work order (warp 0), then the producer (lane 0) ----------------
         mega::build_work_order<kBlockT, false>(sh, num_experts, l1_row_tiles, l2_row_tiles, lookahead_experts,
                                                lookahead_units, l1_token_group, l2_token_group, lane, nullptr);
-        if (lane == 0) {   // build_warp's last __syncwarp ordered every lane's part of the order
-            const int num_units = sh.work.num_units();
-            Cursor cur;
-            for (;;) {
-                const int u = units.claim();
-                if (u >= num_units) {
-                    // no more units: a stage tagged -1, completed by a plain arrival (no bytes)
-                    ops1.wait(Plan::empty(cur.stage), cur.phase ^ 1u);
-                    sh.stage_unit[cur.stage] = -1;
-                    ops1.arrive(Plan::full(cur.stage));
-                    break;
-                }
-                const MegaUnit unit = sh.work.get(u);
-                const MegaWait w = sh.work.wait_for(unit);
-                // tag the unit's first stage, then wait for its tokens (rows gathered / L1 units done)
-                const auto first_stage = [&](int stage) {
-                    sh.stage_unit[stage] = u;
+        if (lane == 0)   // build_warp's last __syncwarp ordered every lane's part of the order
+            sm100::mega_produce_units(
+                l1p, l2p, ops1, ops2, sh.work, plan_tile, [&] { return units.claim(); },
+                [&](int stage, int u) { sh.stage_unit[stage] = u; },
+                [&](const MegaUnit& unit, const MegaWait& w, int) {   // rows gathered / L1 units done
                     units.wait_inputs(unit, w);
                     mega::fence_proxy_async_global();
-                };
-                if (unit.phase == MegaPhase::L1) l1p.produce_tile(ops1, plan_tile(unit), cur, first_stage);
-                else l2p.produce_tile(ops2, plan_tile(unit), cur, first_stage);
-            }
-        }
+                });
         __syncwarp();
     } else if (warp == 1) {
         // ---------------- 2b. MMA warp: units from the stage tags, to the epilogue per accumulator buffer ----------------
-        Cursor cur;
-        for (;;) {
-            ops1.wait(Plan::full(cur.stage), cur.phase);
-            const int u = sh.stage_unit[cur.stage];
-            ops1.wait(Plan::tmem_empty(int(cur.buf())), cur.buf_phase() ^ 1u);   // mma_tile's own wait then passes
-            if (lane == 0) {
-                ho.tile_unit[cur.buf()] = u;
-                cutlass::arch::ClusterBarrier::arrive(&ho.unit_ready[cur.buf()]);
-            }
-            __syncwarp();
-            if (u < 0) break;
-            const MegaUnit unit = sh.work.get(u);
-            if (unit.phase == MegaPhase::L1) l1p.mma_tile(ops1, plan_tile(unit), cur);
-            else l2p.mma_tile(ops2, plan_tile(unit), cur);
-        }
+        sm100::mega_mma_units(l1p, l2p, ops1, ops2, sh.work, plan_tile, [&](int stage) { return sh.stage_unit[stage]; },
+                              [&](int buf, int u) {
+                                  if (lane == 0) {
+                                      ho.tile_unit[buf] = u;
+                                      cutlass::arch::ClusterBarrier::arrive(&ho.unit_ready[buf]);
+                                  }
+                                  __syncwarp();
+                              });
     } else if (kDequant && warp >= kEpilogueWarp0 + 4) {
         // ---------------- 2b'. dequant warpgroup (NVFP4_EXACT): units from the stage tags, as the MMA warp ----------------
         if constexpr (kDequant) {
