@@ -1,6 +1,7 @@
 #pragma once
 // The fused Mega MoE layer of one rank on Hopper: dispatch, L1 (SwiGLU), L2 and combine in one
-// persistent launch, NVFP4 or MXFP4 weights.  Same protocol and results as the kernel sequence of
+// persistent launch, NVFP4, MXFP4 or BF16 weights, our recipe or one of upstream's (the template's
+// recipe parameters below).  Same protocol and results as the kernel sequence of
 // deep_gemm/mega/sm90.py (barrier, dispatch layout, gather, L1, L2, barrier, combine), but no step
 // waits for a whole previous step:
 //
