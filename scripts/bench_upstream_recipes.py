@@ -1,4 +1,5 @@
-"""Upstream's Mega MoE entry points on sm90 (the kernel sequence, ``sm90.run_upstream``), one rank, CUDA graphs.
+"""Upstream's Mega MoE entry points on sm90 (``sm90.run_upstream``: the fused kernel, and the kernel sequence
+with ``DG_MEGA_MOE_FUSED=0``), one rank, CUDA graphs.
 
     python scripts/bench_upstream_recipes.py [--experts-per-rank 8] [--tokens 16,128,4096] [--shared 1]
 
@@ -23,6 +24,19 @@ from deep_gemm.utils import per_token_cast_to_fp4, per_token_cast_to_fp8, per_to
 from deep_gemm.utils import transform_sf_into_required_layout  # noqa: E402
 from scripts.bench_grouped_gemm import ceilings  # noqa: E402
 from scripts.bench_mega_moe import add_layer_args, fill_inputs, timed  # noqa: E402
+
+
+def _on_sequence(fn):
+    """fn() on the kernel sequence (DG_MEGA_MOE_FUSED=0, read by the call)."""
+    old = os.environ.get('DG_MEGA_MOE_FUSED')
+    os.environ['DG_MEGA_MOE_FUSED'] = '0'
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ['DG_MEGA_MOE_FUSED']
+        else:
+            os.environ['DG_MEGA_MOE_FUSED'] = old
 
 
 def _weights(kind, e, n, k, gen):
@@ -117,7 +131,9 @@ def main():
                 entry = {'fp8xfp4': deep_gemm.fp8_fp4_mega_moe, 'fp4xfp4': deep_gemm.fp4_fp4_mega_moe,
                          'bf16xbf16': deep_gemm.bf16_mega_moe}[mt]
                 name = {'fp8xfp4': 'fp8_fp4', 'fp4xfp4': 'fp4_fp4', 'bf16xbf16': 'bf16'}[mt] + (' +shared' if with_shared else '')
-                bench(name, lambda: entry(y, l1, l2, buf, backend='sm90', **kw), nb + (shared_bytes if with_shared else 0))
+                call = lambda: entry(y, l1, l2, buf, backend='sm90', **kw)  # noqa: E731
+                bench(name, call, nb + (shared_bytes if with_shared else 0))
+                bench(name + ' (seq)', lambda: _on_sequence(call), nb + (shared_bytes if with_shared else 0))
                 buf.destroy()
         ref = rows[0][1]
         for name, us, nb in rows:

@@ -229,8 +229,9 @@ class Recorder:
         monkeypatch.setattr(gemm, 'm_grouped_fp8_nvfp4_gemm_nt_contiguous', self._gemm)
         monkeypatch.setattr(gemm, 'get_num_sms', lambda: 132)
         monkeypatch.setattr(sm90, 'prepare', lambda *a, **kw: None)
-        monkeypatch.setattr(sm90, '_fused_config', lambda buffer, l1, expected_m, fast_math, trace=False:
-                            ((sm90.FUSED.name, expected_m), 16, 2, 4096))
+        monkeypatch.setattr(sm90, '_fused_config', lambda buffer, l1, expected_m, fast_math, trace=False,
+                            l1_epilogue='swiglu', l2_epilogue='plain':
+                            ((sm90.FUSED.name, expected_m, l1_epilogue, l2_epilogue), 16, 2, 4096))
         monkeypatch.setattr(tma, 'make_tma_2d', lambda t, *a: ('tma', t.data_ptr()))
         monkeypatch.setattr(SymmBuffer, 'error_record_ptr', 0)   # CPU buffers have no host-mapped record
 
@@ -357,7 +358,7 @@ def test_fused_waves(monkeypatch, ranks, count, waves, hint):
         assert rec['pair_row'].data_ptr() == buf.region('pair_row')[t0].data_ptr()
         assert rec['y'].shape == (n, H) and (n == 0 or rec['y'].data_ptr() == y[t0].data_ptr())
         # one kernel configuration for every wave, from the per-wave token count (32 x 4 x ranks / 8)
-        assert rec['config'] == (sm90.FUSED.name, hint)
+        assert rec['config'] == (sm90.FUSED.name, hint, 'swiglu', 'plain')
     if ranks == 1:
         r.launches.clear()
         sm90.run(y[:0], L1, L2, buf, fused=True)
@@ -382,3 +383,40 @@ def test_token_tile_choice(monkeypatch, world, tokens, block_t):
     assert gemm._ctas_per_sm(block_t) == (2 if block_t <= 64 else 1)
     monkeypatch.setenv('DG_GROUPED_GEMM_BLOCK_T', '8')
     assert sm90.block_t_for(bufs[-1], tokens) == 8
+
+
+@pytest.mark.parametrize('mma_type,l1_epilogue,l2_epilogue', [('fp4xfp4', 'swiglu_nvfp4', 'weighted'),
+                                                              ('fp8xfp4', 'swiglu_fp8', 'plain'),
+                                                              ('bf16xbf16', 'swiglu_bf16', 'plain')])
+def test_fused_upstream_waves(monkeypatch, mma_type, l1_epilogue, l2_epilogue):
+    """run_upstream on the fused kernel (DG_MEGA_MOE_FUSED not '0'): one launch per wave with the recipe's
+    variant, alphas, epi scales, the token format's scale offset, the wave's shared rows and the combine's
+    routed scaling / order; DG_MEGA_MOE_FUSED=0 runs the sequence."""
+    from deep_gemm.mega import kernels, sm90
+    _no_tile_floor(monkeypatch)
+    r = Recorder(monkeypatch)
+    buf = get_symm_buffer_for_mega_moe(None, E, 96, K, 512, 512, device='cpu', num_max_tokens_per_wave=32, mma_type=mma_type)
+    fmt = sm90.UPSTREAM_WEIGHTS[mma_type]
+    l1, l2 = (SimpleNamespace(fmt=fmt, **vars(w)) for w in (L1, L2))
+    recipe = sm90.upstream_recipe(mma_type, E, 'cpu', routed_scaling_factor=0.75 if mma_type == 'fp4xfp4' else 1.0)
+    y = torch.empty(40, 512, dtype=torch.bfloat16)
+    shared = torch.zeros(40, 512, dtype=torch.bfloat16)
+    monkeypatch.setenv('DG_MEGA_MOE_FUSED', '1')
+    sm90.run_fused(y, l1, l2, buf, None, recipe=recipe, shared=shared)
+    assert r.kernels() == ['sm90_fp8_nvfp4_mega_moe'] * 2
+    for (t0, n), rec in zip([(0, 32), (32, 8)], r.launches):
+        assert rec['config'][2:] == (l1_epilogue, l2_epilogue)
+        assert rec['x_off'] == buf.offset('x', t0) and rec['x_sf_off'] == kernels._x_sf_offset(buf, t0)
+        assert rec['l1_alpha'] is (recipe.l1_alpha if recipe.l1_alpha is not None else l1.alpha)
+        assert rec['l2_alpha'] is (recipe.l2_alpha if recipe.l2_alpha is not None else l2.alpha)
+        assert rec['epi_scales'] is recipe.epi_scales
+        assert rec['shared_rows'].data_ptr() == shared[t0].data_ptr() and rec['shared_rows'].shape[0] == n
+        assert rec['rsf'] == pytest.approx(recipe.routed_scaling_factor)
+        assert rec['nvfp4_combine'] == int(mma_type == 'fp4xfp4')
+    r.launches.clear()
+    sm90.run_upstream(y, l1, l2, buf, recipe)
+    assert r.kernels() == ['sm90_fp8_nvfp4_mega_moe'] * 2 and r.launches[0]['shared_rows'] is None
+    r.launches.clear()
+    monkeypatch.setenv('DG_MEGA_MOE_FUSED', '0')
+    sm90.run_upstream(y, l1, l2, buf, recipe)
+    assert 'sm90_fp8_nvfp4_mega_moe' not in r.kernels() and 'smxx_moe_combine' in r.kernels()

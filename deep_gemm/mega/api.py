@@ -452,7 +452,8 @@ def fp8_fp4_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBu
     scale per 32 channels; optional shared experts (``shared_l1_weights`` / ``shared_l2_weights``,
     FP8 or BF16) added last in the combine.  ``recipe`` must be ``(1, 1, 32)``, ``activation``
     ``'swiglu'`` (``situ_*`` must stay None).  ``backend`` (ours, keyword-only): on Hopper, MXFP4 weights
-    with BF16 shared experts or none run the sm90 kernel sequence (``sm90.run_upstream``); FP8 weights
+    with BF16 shared experts or none run sm90's fused kernel (``DG_MEGA_MOE_FUSED=0``: the kernel
+    sequence; ``sm90.run_upstream``, the same bits either way); FP8 weights
     (routed or shared) run the reference backend for now (``'auto'`` uses it, with a warning, on a GPU).
 
     Raises ValueError for a buffer of another ``mma_type`` (and every bad argument, naming it),
@@ -476,8 +477,9 @@ def bf16_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBuffe
     """Upstream's BF16 Mega MoE layer (``mma_type='bf16xbf16'``): BF16 tokens ``sym_buffer.x``, BF16
     weights from :func:`~deep_gemm.transform_weights_for_mega_moe`; gate and up rounded to BF16,
     ``h = bf16(silu(gate) * up * routing weight)``, ``o = bf16(h @ W2^T)``, optional BF16 shared experts
-    added last.  Same errors as :func:`fp8_fp4_mega_moe`; ``backend``: on Hopper the sm90 kernel
-    sequence (``sm90.run_upstream``: BF16 weights loaded in fragment order, no dequant).  Returns ``y``."""
+    added last.  Same errors as :func:`fp8_fp4_mega_moe`; ``backend``: on Hopper sm90's fused kernel or
+    kernel sequence as :func:`fp8_fp4_mega_moe` (``sm90.run_upstream``: BF16 weights loaded in fragment
+    order, no dequant).  Returns ``y``."""
     return _upstream_call('bf16_mega_moe', y, l1_weights, l2_weights, sym_buffer, shared_l1_weights,
                           shared_l2_weights, cumulative_local_expert_recv_stats, activation, activation_clamp,
                           fast_math, backend, ('bf16xbf16',), ('bf16',))
@@ -501,8 +503,9 @@ def fp4_fp4_mega_moe(y: torch.Tensor, l1_weights, l2_weights, sym_buffer: SymmBu
     NVFP4 with ``a2`` as its global scale, ``p = bf16(acc2 * l2_alpha * a2)``, the routing weight
     after L2 (``bf16(p * w)``), ``routed_scaling_factor`` after the routed sum, then the BF16 shared
     experts (on ``x_bf16``, required with them) added.  ``recipe`` must be ``(1, 1, 16)``.  Same errors
-    as :func:`fp8_fp4_mega_moe`; ``backend``: on Hopper the sm90 kernel sequence (``sm90.run_upstream``:
-    NVFP4 tokens cross NVLink as NVFP4 and become BF16 exactly in the gather).  Returns ``y``.
+    as :func:`fp8_fp4_mega_moe`; ``backend``: on Hopper sm90's fused kernel or kernel sequence as
+    :func:`fp8_fp4_mega_moe` (``sm90.run_upstream``: NVFP4 tokens cross NVLink as NVFP4 and become BF16
+    exactly in the gather).  Returns ``y``.
     """
     if not isinstance(sym_buffer, SymmBuffer) or sym_buffer.mma_type != 'fp4xfp4':
         got = sym_buffer.mma_type if isinstance(sym_buffer, SymmBuffer) else type(sym_buffer).__name__

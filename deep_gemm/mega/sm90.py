@@ -22,7 +22,9 @@ epilogue produces the recipe's L2 input (``'swiglu_fp8'``: FP8 with a power-of-t
 ``'swiglu_bf16'``: BF16), fp4xfp4's L2 applies the top-k weight after L2 (``'weighted'``), shared
 experts (BF16 weights) run as one local expert over every local token before the first barrier, and
 the combine adds their rows (and ``routed_scaling_factor``) in the recipe's order.  The fused kernel
-keeps our exact BF16 intermediate and is not used there.
+runs each recipe too (template parameters: token format, L1 epilogue, L2 weighting, upstream's
+combine steps; the same device functions, so the same bits), and ``run_upstream`` takes it unless
+``DG_MEGA_MOE_FUSED=0``.
 
 Prefill waves: a call runs as ``buffer.waves(num_tokens)``, slices of at most
 ``buffer.num_max_tokens_per_wave`` tokens, one after the other on the stream, each exactly the
@@ -52,7 +54,8 @@ FUSED = registry.register_kernel(registry.KernelSpec(
     header='sm90_fp8_nvfp4_mega_moe.cuh',
     kernel_expr_fn=lambda p: (f'deep_gemm::sm90_fp8_nvfp4_mega_moe<{p["fmt"]}, {p["block_t"]}, {p["stages"]}, '
                               f'{p["fast_math"]}, {p["ctas_per_sm"]}, {p["max_experts"]}, {p["gran_k"]}, '
-                              f'{p.get("trace", "false")}>'),
+                              f'{p.get("trace", "false")}, {p.get("token_fmt", 0)}, {p.get("l1_input", -1)}, '
+                              f'{p.get("l2_weighted", "false")}, {p.get("upstream", "false")}>'),
     archs=('sm_90a',),
     required_sass=(r'\bHGMMA\.64x\d+x16\.F32\.BF16\b', r'\bUTMALDG\b', r'\bUBLKCP\b', r'\bSTG\.E\.STRONG\.SYS\b',
                    r'\bSR_GLOBALTIMER'),
@@ -75,6 +78,14 @@ FUSED = registry.register_kernel(registry.KernelSpec(
         # the timeline variant (scripts/trace_mega_moe.py), so that CI keeps it compiling
         {'fmt': gemm._FMT['nvfp4'], 'block_t': 128, 'stages': 5, 'fast_math': True, 'ctas_per_sm': 1,
          'max_experts': 8, 'gran_k': 32, 'trace': True},
+        # upstream's recipes (run_upstream, _upstream_params): fp4xfp4 (NVFP4 tokens, 'swiglu_nvfp4',
+        # 'weighted'), fp8xfp4 (MXFP4, 'swiglu_fp8'), bf16xbf16 (BF16 tokens and weights, 'swiglu_bf16')
+        {'fmt': gemm._FMT['nvfp4'], 'block_t': 32, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 2,
+         'max_experts': 8, 'gran_k': 16, 'token_fmt': 1, 'l1_input': 2, 'l2_weighted': True, 'upstream': True},
+        {'fmt': gemm._FMT['mxfp4'], 'block_t': 32, 'stages': 6, 'fast_math': True, 'ctas_per_sm': 2,
+         'max_experts': 8, 'gran_k': 32, 'token_fmt': 0, 'l1_input': 1, 'l2_weighted': False, 'upstream': True},
+        {'fmt': gemm._FMT['bf16'], 'block_t': 32, 'stages': 2, 'fast_math': True, 'ctas_per_sm': 2,
+         'max_experts': 8, 'gran_k': 1, 'token_fmt': 2, 'l1_input': 0, 'l2_weighted': False, 'upstream': True},
     ),
 ))
 
@@ -103,22 +114,39 @@ def _fused_shared_bytes(max_experts: int) -> int:
     return 8 + 4 * (6 + m + 3 * (m + 1)) + 12 * m + 4 * (_MAX_RANKS + 1) + 4 * 16 + 20 + 256
 
 
-def _fused_config(buffer, l1, expected_m: int, fast_math: bool, trace: bool = False):
+#: The fused kernel's kL1Input per L1 epilogue: -1 ours (exact BF16 h), else the sm90::L2Input of
+#: upstream's L1 (epilogue_swiglu_requant, the grouped GEMM's 'swiglu_*' epilogues).
+_L1_INPUT = {'swiglu': -1, 'swiglu_bf16': 0, 'swiglu_fp8': 1, 'swiglu_nvfp4': 2}
+
+
+def _upstream_params(buffer, l1_epilogue: str, l2_epilogue: str) -> dict:
+    """The fused kernel's template parameters of an upstream recipe (run_upstream): the buffer's token
+    format (kernels.dispatch_gather's), the L1 epilogue, the L2 weighting, upstream's combine steps."""
+    return {'token_fmt': kernels._ACT_FORMAT.get(buffer.mma_type, 0), 'l1_input': _L1_INPUT[l1_epilogue],
+            'l2_weighted': l2_epilogue == 'weighted', 'upstream': True}
+
+
+def _fused_config(buffer, l1, expected_m: int, fast_math: bool, trace: bool = False,
+                  l1_epilogue: str = 'swiglu', l2_epilogue: str = 'plain'):
     block_t = gemm._block_t(expected_m)
     ctas = gemm._ctas_per_sm(block_t)
     max_experts = max(8, 1 << (buffer.num_experts_per_rank - 1).bit_length())
-    # dynamic: alignment slack + stages (mega::Shared is static shared memory, counted against the same cap)
-    stages = gemm._fit_stages(l1.fmt, block_t, ctas, 1024 + 64 + _fused_shared_bytes(max_experts))
+    # dynamic: alignment slack + stages (mega::Shared and the quantizing L1 epilogues' amax scratch are
+    # static shared memory, counted against the same cap)
+    static_budget = _fused_shared_bytes(max_experts) + gemm._epilogue_bytes(l1_epilogue, block_t)
+    stages = gemm._fit_stages(l1.fmt, block_t, ctas, 1024 + 64 + static_budget)
     smem = 1024 + gemm._pipe_bytes(l1.fmt, block_t, stages) + 64
     params = {'fmt': gemm._FMT[l1.fmt], 'block_t': block_t, 'stages': stages, 'fast_math': bool(fast_math),
               'ctas_per_sm': ctas, 'max_experts': max_experts, 'gran_k': kernels._gran(buffer)}
     if trace:
         params['trace'] = True
+    if l1_epilogue != 'swiglu':
+        params.update(_upstream_params(buffer, l1_epilogue, l2_epilogue))
     kernel = registry.get_kernel(FUSED.name, params, device=buffer.device.index)
     static = kernel.attribute('CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES')
-    if static > _fused_shared_bytes(max_experts):
+    if static > static_budget:
         raise RuntimeError(f'sm90_fp8_nvfp4_mega_moe: {static} B of static shared memory, more than the '
-                           f'{_fused_shared_bytes(max_experts)} B its launcher budgets (mega::Shared grew?)')
+                           f'{static_budget} B its launcher budgets (mega::Shared grew?)')
     kernel.ensure_dynamic_smem(smem)
     return kernel, block_t, ctas, smem
 
@@ -161,10 +189,10 @@ def prepare(buffer, l1, l2, num_tokens: int, fast_math: bool = True, fused: Opti
     itself before its first barrier; ranks emulated on one GPU must do it for every rank before the
     first rank launches (a module load while a barrier kernel runs may wait for that kernel).
     ``l1_epilogue`` / ``l2_epilogue`` other than ``'swiglu'`` / ``'plain'``: the kernels of
-    ``run_upstream`` (always the sequence)."""
+    ``run_upstream`` (the fused kernel's upstream variant, or the sequence)."""
     expected_m = _expected_m(buffer, num_tokens)
-    if l1_epilogue == 'swiglu' and fused_enabled(fused):
-        _fused_config(buffer, l1, expected_m, fast_math)
+    if fused_enabled(fused):
+        _fused_config(buffer, l1, expected_m, fast_math, l1_epilogue=l1_epilogue, l2_epilogue=l2_epilogue)
         return
     kernels.prepare(buffer)
     gemm.prepare_grouped_contiguous(l1, expected_m, l1_epilogue, fast_math)
@@ -190,15 +218,24 @@ def fused_grid(buffer, ctas: int) -> int:
 
 def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
               activation_clamp: Optional[float] = None, fast_math: bool = True,
-              trace: Optional[torch.Tensor] = None) -> torch.Tensor:
+              trace: Optional[torch.Tensor] = None, recipe: Optional['UpstreamRecipe'] = None,
+              shared: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer as one launch of ``impls/sm90_fp8_nvfp4_mega_moe.cuh`` per wave (grid: every SM, all
     resident).  ``trace`` (int64, ``trace_size`` entries, one wave): run the kernel's timeline
-    variant, which stamps globaltimer there (scripts/trace_mega_moe.py reads it)."""
+    variant, which stamps globaltimer there (scripts/trace_mega_moe.py reads it).  ``recipe`` /
+    ``shared``: one of upstream's (``run_upstream``; the sequence's epilogues and combine, the same
+    bits), with its BF16 shared-expert rows ``[len(y), H]`` or None."""
     from ..jit.tma import make_tma_2d
     t = y.shape[0]
     if buffer.num_ranks > _MAX_RANKS:
         raise ValueError(f'buffer: {buffer.num_ranks} ranks > {_MAX_RANKS}, the most the fused kernel takes')
-    kernel, block_t, ctas, smem = _fused_config(buffer, l1, _expected_m(buffer, t), fast_math, trace is not None)
+    rc = recipe if recipe is not None else UpstreamRecipe('swiglu')
+    kernel, block_t, ctas, smem = _fused_config(buffer, l1, _expected_m(buffer, t), fast_math, trace is not None,
+                                                rc.l1_epilogue, rc.l2_epilogue)
+    l1_alpha = l1.alpha if rc.l1_alpha is None else rc.l1_alpha
+    l2_alpha = l2.alpha if rc.l2_alpha is None else rc.l2_alpha
+    if l1_alpha.stride(0) != 2 or l2_alpha.stride(0) != 1 or not (l1_alpha.is_contiguous() and l2_alpha.is_contiguous()):
+        raise ValueError('l1 / l2 alphas: the fused kernel needs contiguous [E, 2] / [E, 1] alphas')
     grid = fused_grid(buffer, ctas)
     if trace is not None and (trace.dtype != torch.int64 or trace.numel() < trace_size(buffer, block_t)
                               or grid > _TRACE_MAX_CTAS or len(buffer.waves(t)) != 1):
@@ -214,8 +251,8 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
     # are zeroed by each launch's last CTA, before the next launch starts on this stream.
     for t0, n in buffer.waves(t):
         runtime.launch(kernel, grid, 384, smem, [
-            *maps, l1.codes, l1.scales, l1.alpha, l2.codes, l2.scales, l2.alpha,
-            buffer.peer_bases, u64(buffer.offset('x', t0)), u64(buffer.offset('x_sf', t0)),
+            *maps, l1.codes, l1.scales, l1_alpha, l2.codes, l2.scales, l2_alpha,
+            buffer.peer_bases, u64(buffer.offset('x', t0)), u64(kernels._x_sf_offset(buffer, t0)),
             u64(buffer.offset('topk_idx', t0)), u64(buffer.offset('topk_weights', t0)),
             u64(buffer.offset('pair_row', t0)), u64(buffer.offset('combine')), u64(buffer.offset('combine_in')),
             u64(buffer.offset('meta')), u64(buffer.offset('flags')),
@@ -226,7 +263,9 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
             i32(buffer.num_topk), i32(buffer.num_experts_per_rank), i32(l1_x.shape[0]), i32(buffer.hidden),
             i32(buffer.intermediate_hidden), runtime.f32(clamp), i32(_LOOKAHEAD_EXPERTS), i32(2 * grid),
             i32(gemm._token_group(block_t, buffer.hidden)), i32(gemm._token_group(block_t, buffer.intermediate_hidden)),
-            i32(int(push)), u64(int(buffer.timeout_s * 1e9)), u64(buffer.error_record_ptr), trace])
+            i32(int(push)), u64(int(buffer.timeout_s * 1e9)), u64(buffer.error_record_ptr), trace,
+            rc.epi_scales, None if shared is None else shared[t0:t0 + n], runtime.f32(rc.routed_scaling_factor),
+            i32(int(rc.nvfp4_combine))])
     return y
 
 
@@ -305,7 +344,7 @@ def _shared_rows(recipe: UpstreamRecipe, shared_l1, shared_l2, x_shared: torch.T
 
 def run_upstream(y: torch.Tensor, l1, l2, buffer, recipe: UpstreamRecipe, stats: Optional[torch.Tensor] = None,
                  activation_clamp: Optional[float] = None, fast_math: bool = True, shared_l1=None, shared_l2=None,
-                 x_shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 x_shared: Optional[torch.Tensor] = None, fused: Optional[bool] = None) -> torch.Tensor:
     """One of upstream's entry points (``fp8_fp4_mega_moe`` on MXFP4 weights, ``bf16_mega_moe``,
     ``fp4_fp4_mega_moe``) as the kernel sequence with that recipe's numerics (``recipe``:
     ``upstream_recipe(buffer.mma_type, ...)``; docs/design.md, "Upstream's entry points"):
@@ -319,7 +358,9 @@ def run_upstream(y: torch.Tensor, l1, l2, buffer, recipe: UpstreamRecipe, stats:
     :class:`~deep_gemm.weights.ExpertWeights` of the kind's format (MXFP4, BF16, NVFP4);
     ``shared_l1`` / ``shared_l2``: BF16 shared-expert weights (one expert) and ``x_shared`` BF16
     ``[len(y), H]`` their input, or all None.  Prefill waves and several ranks work as in
-    ``run_sequence``; the fused kernel is not used."""
+    ``run_sequence``.  ``fused`` (default: ``DG_MEGA_MOE_FUSED`` is not ``'0'``, as ``run``): the fused
+    kernel's variant of the recipe (``run_fused``: the same epilogue and combine code, the same bits),
+    else the kernel sequence; the shared rows are computed before either starts."""
     want = UPSTREAM_WEIGHTS.get(buffer.mma_type)
     if want is None:
         raise ValueError(f'buffer: mma_type {buffer.mma_type!r} has no sm90 kernel sequence')
@@ -335,6 +376,12 @@ def run_upstream(y: torch.Tensor, l1, l2, buffer, recipe: UpstreamRecipe, stats:
                              f'{None if x_shared is None else (x_shared.dtype, tuple(x_shared.shape))}')
         # Local work before the first barrier: its JIT and allocations never happen while peers wait.
         shared = _shared_rows(recipe, shared_l1, shared_l2, x_shared, activation_clamp, fast_math) if len(y) else None
+    if fused_enabled(fused):
+        if buffer.peer_bases is None:
+            raise ValueError('buffer: a multi-rank buffer without peer mappings (CPU?); sm90 needs symmetric memory')
+        if y.shape[0] == 0 and buffer.num_ranks == 1:
+            return y
+        return run_fused(y, l1, l2, buffer, stats, activation_clamp, fast_math, recipe=recipe, shared=shared)
     return run_sequence(y, l1, l2, buffer, stats, activation_clamp, fast_math, recipe=recipe, shared=shared)
 
 

@@ -79,25 +79,36 @@ def _upstream_cases():
             ('bf16xbf16', 'bf16', {}), ('fp4xfp4', 'nvfp4', {})]
 
 
-_SEQUENCE_ONLY = 'upstream recipes always run the kernel sequence: DG_MEGA_MOE_FUSED does not apply'
+def _on_sequence(monkeypatch, fn):
+    """``fn()`` with DG_MEGA_MOE_FUSED=0 (the kernel sequence), then back to the fused kernel: in the
+    ``[fused]`` ids, upstream's recipes on the fused kernel must equal the sequence bit for bit (the same
+    epilogue and combine code; sm90.run_upstream)."""
+    monkeypatch.setenv('DG_MEGA_MOE_FUSED', '0')
+    try:
+        return fn()
+    finally:
+        monkeypatch.setenv('DG_MEGA_MOE_FUSED', '1')
+
+
+def _bits_equal(a, b):
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
 @pytest.mark.parametrize('case', _upstream_cases(), ids=lambda c: c[1])
-def test_upstream_entry_points_on_the_device(case, mega_path):
+def test_upstream_entry_points_on_the_device(case, mega_path, monkeypatch):
     """Upstream's call sequences (tests/test_upstream_api.py: masked slots, a token with every slot
     masked, shared experts, clamp 10, fp4xfp4 with alphas, a2 scales and routed scaling 0.75) on the GPU.
     MXFP4 / BF16 / NVFP4 routed weights with BF16 shared experts run sm90's kernel sequence
     (run_upstream): 'auto' takes it without a warning, equal to 'sm90' bit for bit, stable run to run,
     against the reference of upstream's numerics computed on the CPU.  FP8 shared-expert weights have
-    no sm90 kernel: 'auto' runs the reference on the GPU (a warning), 'sm90' by name says so."""
+    no sm90 kernel: 'auto' runs the reference on the GPU (a warning), 'sm90' by name says so.  [fused]:
+    the fused kernel's variant of each recipe, also equal to the sequence bit for bit."""
     import os
     import sys
     import warnings
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
     from test_upstream_api import _problem, _run_layer
     from deep_gemm.mega import api
-    if mega_path == 'fused':
-        pytest.skip(_SEQUENCE_ONLY)
     mt, label, extra = case
     d = dict(_problem(mt, [41]), **extra)
     y_cpu, recv_cpu = _run_layer(d, None, 0, 1)
@@ -123,6 +134,10 @@ def test_upstream_entry_points_on_the_device(case, mega_path):
     assert not torch.isnan(y).any()
     err = relative_error(y.cpu(), y_cpu)
     assert err < TOL, (label, err)
+    if mega_path == 'fused':
+        y_seq, recv_seq = _on_sequence(monkeypatch, lambda: _run_layer(dev, None, 0, 1, backend='sm90'))
+        assert _bits_equal(y, y_seq), 'fused != sequence'
+        assert torch.equal(recv_seq.cpu(), recv_cpu)
 
 
 def test_fewer_tokens_than_buffer_and_zero_tokens(make_problem):
@@ -247,13 +262,14 @@ def _check_l2_input_is_fp8_pow2(buf):
                                    dict(counts=[16], hidden=7168, inter=2048, experts=8, topk=8)],   # DeepSeek V3
                          ids=['small', 'mid', 'deepseek'])
 @pytest.mark.parametrize('clamp', [None, 10.0])
-def test_upstream_fp8_fp4_matches_reference(shape, clamp, mega_path):
+def test_upstream_fp8_fp4_matches_reference(shape, clamp, mega_path, monkeypatch):
     """fp8_fp4_mega_moe (mma_type 'fp8xfp4', MXFP4, no shared experts) on sm90 runs run_upstream_fp8 (the
     kernel sequence with the FP8 L2 input) and matches the reference of upstream's numerics; 'auto' picks
-    it without a warning; it is measurably closer to upstream's numerics than to our BF16 intermediate."""
+    it without a warning; it is measurably closer to upstream's numerics than to our BF16 intermediate.
+    [fused]: the fused kernel's fp8xfp4 variant, also equal to the sequence bit for bit."""
     import warnings
-    if shape['hidden'] == 7168 and (clamp is None or mega_path == 'fused'):
-        pytest.skip('one DeepSeek-shape case (clamp 10; DG_MEGA_MOE_FUSED does not apply here) is enough')
+    if shape['hidden'] == 7168 and clamp is None:
+        pytest.skip('one DeepSeek-shape case (clamp 10) is enough')
     d = _upstream_fp8_problem(seed=shape['counts'][0] + shape['hidden'], **shape)
     n = sum(d['counts'])
     l1, l2 = deep_gemm.transform_weights_for_mega_moe(d['w1'], d['w2'])
@@ -269,6 +285,9 @@ def test_upstream_fp8_fp4_matches_reference(shape, clamp, mega_path):
     assert torch.equal(y[0], torch.zeros_like(y[0]))           # every slot masked
     y2, _ = _upstream_fp8_run(fn, l1, l2, buf, n, 'sm90', clamp)
     assert torch.equal(y.view(torch.int16), y2.view(torch.int16)), 'not bitwise stable run to run'
+    if mega_path == 'fused':
+        y_seq, stats_seq = _on_sequence(monkeypatch, lambda: _upstream_fp8_run(fn, l1, l2, buf, n, 'sm90', clamp))
+        assert _bits_equal(y, y_seq) and torch.equal(stats, stats_seq), 'fused != sequence'
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         y3, _ = _upstream_fp8_run(fn, l1, l2, buf, n, 'auto', clamp)
@@ -316,9 +335,9 @@ def _two_ranks_emulated(d, mma_type, fill, launch, **prepare_kw):
     return torch.cat(ys), torch.cat(stats)
 
 
-def test_upstream_fp8_fp4_two_ranks_emulated():
+def test_upstream_fp8_fp4_two_ranks_emulated(mega_path, monkeypatch):
     """run_upstream_fp8 per rank, two ranks emulated, against the one-process reference on the
-    concatenated tokens (equal to the 2-rank one)."""
+    concatenated tokens (equal to the 2-rank one).  [fused]: also equal to the sequence bit for bit."""
     from deep_gemm.mega import api, sm90
     counts = [9, 4]
     d = _upstream_fp8_problem(seed=5, counts=counts, hidden=256, inter=128, experts=8, topk=3)
@@ -330,8 +349,14 @@ def test_upstream_fp8_fp4_two_ranks_emulated():
         b.topk_weights[:n].copy_(d['topk_weights'][lo:lo + n])
         api._stage_packed_scales(b, n)             # what fp8_fp4_mega_moe does; allocates, so before the launches
 
-    y, stats = _two_ranks_emulated(d, 'fp8xfp4', fill, lambda r, y, l1, l2, b, st: sm90.run_upstream_fp8(
-        y, l1, l2, b, st, 10.0, True), l1_epilogue='swiglu_fp8')
+    def two_ranks():
+        return _two_ranks_emulated(d, 'fp8xfp4', fill, lambda r, y, l1, l2, b, st: sm90.run_upstream_fp8(
+            y, l1, l2, b, st, 10.0, True), l1_epilogue='swiglu_fp8')
+
+    y, stats = two_ranks()
+    if mega_path == 'fused':
+        y_seq, stats_seq = _on_sequence(monkeypatch, two_ranks)
+        assert _bits_equal(y, y_seq) and torch.equal(stats, stats_seq), 'fused != sequence'
     l1, l2 = deep_gemm.transform_weights_for_mega_moe(d['w1'], d['w2'])
     one = _upstream_fp8_buffer(d, torch.arange(sum(counts), device='cuda'))
     y_ref, stats_ref = _upstream_fp8_run(deep_gemm.fp8_fp4_mega_moe, l1, l2, one, sum(counts), 'reference', 10.0)
@@ -377,12 +402,12 @@ def _nvfp4_run(d, l1, l2, buf, n, backend, es=slice(None), shared=None, rsf=0.75
     return y, stats
 
 
-def test_fp4_fp4_deepseek_shape(mega_path):
+def test_fp4_fp4_deepseek_shape(mega_path, monkeypatch):
     """fp4_fp4_mega_moe at hidden 7168 / intermediate 3072 (DeepSeek V4), 8 experts, top-6, a BF16 shared
     expert, routed scaling 2.5, on sm90's kernel sequence against the reference of upstream's numerics;
-    then the routed part alone (a buffer without shared experts), so the shared row cannot hide it."""
-    if mega_path == 'fused':
-        pytest.skip(_SEQUENCE_ONLY)
+    then the routed part alone (a buffer without shared experts), so the shared row cannot hide it.
+    [fused]: the fused kernel against the sequence, bit for bit, both buffers (the reference at this
+    shape takes most of the test's ~100 s: the sequence ids compute it)."""
     rsf = 2.5
     d = _nvfp4_problem(seed=11, counts=[24], hidden=7168, inter=3072, experts=8, topk=6)
     n = 24
@@ -395,6 +420,16 @@ def test_fp4_fp4_deepseek_shape(mega_path):
                                                  mma_type='fp4xfp4')
     _fill(buf, d, 0, n)
     y, stats = _nvfp4_run(d, l1, l2, buf, n, 'sm90', shared=shared, rsf=rsf)
+    if mega_path == 'fused':
+        routed = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, n, 6, 7168, 3072, device='cuda', mma_type='fp4xfp4')
+        _fill(routed, d, 0, n)
+        y_r, stats_r = _nvfp4_run(d, l1, l2, routed, n, 'sm90', rsf=rsf)
+        y_seq, stats_seq = _on_sequence(monkeypatch, lambda: _nvfp4_run(d, l1, l2, buf, n, 'sm90', shared=shared, rsf=rsf))
+        y_r_seq, _ = _on_sequence(monkeypatch, lambda: _nvfp4_run(d, l1, l2, routed, n, 'sm90', rsf=rsf))
+        assert not torch.isnan(y).any() and not torch.isnan(y_r).any()
+        assert _bits_equal(y, y_seq) and torch.equal(stats, stats_seq), 'fused != sequence (shared expert)'
+        assert _bits_equal(y_r, y_r_seq) and torch.equal(stats_r, stats_seq), 'fused != sequence (routed only)'
+        return
     y_ref, stats_ref = _nvfp4_run(d, l1, l2, buf, n, 'reference', shared=shared, rsf=rsf)
     assert not torch.isnan(y).any()
     err = relative_error(y, y_ref)
@@ -407,22 +442,27 @@ def test_fp4_fp4_deepseek_shape(mega_path):
     assert not torch.isnan(y_r).any() and relative_error(y_r, y_r_ref) < TOL
 
 
-def test_fp4_fp4_two_ranks_emulated(mega_path):
+def test_fp4_fp4_two_ranks_emulated(mega_path, monkeypatch):
     """run_upstream per rank with the fp4xfp4 recipe (NVFP4 tokens pulled from the peer as NVFP4), two
     ranks emulated, against the one-process reference on the concatenated tokens (equal to the 2-rank
     one).  No shared experts here: they are rank-local work (the single-rank tests cover them) and
-    allocate, which emulated ranks must not do between launches."""
-    if mega_path == 'fused':
-        pytest.skip(_SEQUENCE_ONLY)
+    allocate, which emulated ranks must not do between launches.  [fused]: the fused kernel (pushing the
+    combine rows to the peer), also equal to the sequence bit for bit."""
     from deep_gemm.mega import sm90
     counts = [11, 5]
     d = _nvfp4_problem(seed=5, counts=counts, hidden=512, inter=512, experts=8, topk=3)
     e_l = d['experts'] // 2
     recipes = [sm90.upstream_recipe('fp4xfp4', e_l, 'cuda', d['l1_alphas'][es], d['l2_alphas'][es], d['a2'][es], 0.75)
                for es in (slice(0, e_l), slice(e_l, 2 * e_l))]
-    y, stats = _two_ranks_emulated(d, 'fp4xfp4', lambda b, lo, n: _fill(b, d, lo, n),
+    def two_ranks():
+        return _two_ranks_emulated(d, 'fp4xfp4', lambda b, lo, n: _fill(b, d, lo, n),
                                    lambda r, y, l1, l2, b, st: sm90.run_upstream(y, l1, l2, b, recipes[r], st, 10.0, True),
                                    l1_epilogue='swiglu_nvfp4', l2_epilogue='weighted')
+
+    y, stats = two_ranks()
+    if mega_path == 'fused':
+        y_seq, stats_seq = _on_sequence(monkeypatch, two_ranks)
+        assert _bits_equal(y, y_seq) and torch.equal(stats, stats_seq), 'fused != sequence'
     l1, l2 = deep_gemm.transform_weights_for_mega_moe(d['w1'], d['w2'])
     one = deep_gemm.get_symm_buffer_for_mega_moe(None, 8, sum(counts), 3, 512, 512, device='cuda', mma_type='fp4xfp4')
     _fill(one, d, 0, sum(counts))

@@ -117,6 +117,27 @@ __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const uint4 w) {
     }
 }
 
+// Combine, upstream's recipes (docs/design.md, "Upstream's entry points"): the steps after the routed
+// sums `acc` of one uint4 v of a token (smxx_moe_combine and the fused kernel's reduce_tokens):
+//   nvfp4 (fp4_fp4_mega_moe): r = bf16(sum), then r = bf16(f32(r x rsf)) if rsf != 1, then the shared
+//     row added in float32 (r rounded by the caller's pack once where neither applies);
+//   otherwise: the shared row (if any) is the last float32 add; rsf must be 1.
+// shared_row: the token's BF16 shared-expert row, or nullptr.
+__device__ __forceinline__ void combine_upstream_tail(float (&acc)[8], const __nv_bfloat16* shared_row, int v,
+                                                      float rsf, bool nvfp4) {
+    if (shared_row != nullptr || (nvfp4 && rsf != 1.0f)) {
+        if (nvfp4) {
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                float r = __bfloat162float(__float2bfloat16_rn(acc[i]));
+                if (rsf != 1.0f) r = __bfloat162float(__float2bfloat16_rn(r * rsf));
+                acc[i] = r;
+            }
+        }
+        if (shared_row != nullptr) add_bf16x8(acc, reinterpret_cast<const uint4*>(shared_row)[v]);
+    }
+}
+
 // Combine: the one BF16 rounding of the sums, or NaN for a call whose barrier timed out.
 __device__ __forceinline__ uint4 pack_bf16x8(const float (&acc)[8], bool nan) {
     uint32_t res[4];

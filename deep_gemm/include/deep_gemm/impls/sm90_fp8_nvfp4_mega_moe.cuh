@@ -1,6 +1,7 @@
 #pragma once
 // The fused Mega MoE layer of one rank on Hopper: dispatch, L1 (SwiGLU), L2 and combine in one
-// persistent launch, NVFP4 or MXFP4 weights.  Same protocol and results as the kernel sequence of
+// persistent launch, NVFP4, MXFP4 or BF16 weights, our recipe or one of upstream's (the template's
+// recipe parameters below).  Same protocol and results as the kernel sequence of
 // deep_gemm/mega/sm90.py (barrier, dispatch layout, gather, L1, L2, barrier, combine), but no step
 // waits for a whole previous step:
 //
@@ -71,8 +72,18 @@ using Comm = CommWarps<kCommWarps, kBarComm>;
 
 }  // namespace mega::sm90_layout
 
+// Recipe (defaults: ours; otherwise one of upstream's, docs/design.md "Upstream's entry points", with
+// the kernel sequence's epilogue and combine code, so the same bits):
+//   kTokenFmt    the buffer's token format the gather reads: 0 FP8 x float32 scale per kGranK, 1 NVFP4,
+//                2 BF16 (kernels.dispatch_gather's `fmt`);
+//   kL1Input     -1: our exact L1 (epilogue_swiglu, BF16 h); else the sm90::L2Input of upstream's L1
+//                (epilogue_swiglu_requant: 0 'swiglu_bf16', 1 'swiglu_fp8', 2 'swiglu_nvfp4' with
+//                epi_scales[e] as 1 / global scale);
+//   kL2Weighted  the routing weight after L2 (epilogue_weighted, fp4xfp4) instead of in L1;
+//   kUpstreamCombine  the combine's upstream steps (shared rows, routed scaling rsf, nvfp4 order).
 template <sm90::WeightFormat kFmt, int kBlockT, int kNumStages, bool kFastMath, int kCTAsPerSM, int kMaxExperts,
-          int kGranK, bool kTrace = false>
+          int kGranK, bool kTrace = false, int kTokenFmt = 0, int kL1Input = -1, bool kL2Weighted = false,
+          bool kUpstreamCombine = false>
 __global__ void __launch_bounds__(mega::sm90_layout::kThreads, kCTAsPerSM)
 sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid_constant__ CUtensorMap l2_map,
                         const uint8_t* l1_codes, const uint8_t* l1_scales, const float* l1_alpha,
@@ -87,13 +98,15 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
                         int max_rows, int hidden, int inter, float clamp, int lookahead_experts,
                         int lookahead_units, int l1_token_group, int l2_token_group, int push_combine,
                         uint64_t timeout_ns,
-                        comm::CommError* error, uint64_t* trace) {
+                        comm::CommError* error, uint64_t* trace, const float* epi_scales,
+                        const __nv_bfloat16* shared_rows, float rsf, int nvfp4_combine) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
     using namespace mega::sm90_layout;
     using Pipe = sm90::FP4Pipeline<kFmt, kBlockT, kNumStages>;
     using Regs = sm90::RegisterSplit<kCTAsPerSM, 56>;
     using Shared = mega::Shared<kMaxExperts>;
-    static_assert(kGranK % 16 == 0, "a lane's 16 token elements must share one scale");
+    static_assert(kTokenFmt != 0 || kGranK % 16 == 0, "a lane's 16 token elements must share one scale");
+    static_assert(kL1Input >= -1 && kL1Input <= 2, "kL1Input: -1 exact, else an sm90::L2Input");
     static_assert(kNumStages <= mega::kMaxStages, "mega::Shared::stage_unit holds 16 stages");
     static_assert(Regs::kThreads == kThreads, "the register split is for this kernel's threads");
 
@@ -181,7 +194,8 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             // the BLOCK_T 16 variant spills with 1 and compiles clean with 2.
             constexpr int kGatherChunks = kCTAsPerSM == 1 ? 4 : 2;
             constexpr int kPushChunks = kBlockT == 16 ? 2 : 1;
-            mega::run_comm_warps<Comm, kBlockT, kGranK, kGatherChunks, kPushChunks, kParts, kTrace>(
+            mega::run_comm_warps<Comm, kBlockT, kGranK, kGatherChunks, kPushChunks, kParts, kTrace, kMaxExperts,
+                                 kTokenFmt>(
                 sh, call, pairs, barrier1, row_src, row_weight, l1_x, combine, max_rows, topk, hidden, l2_row_tiles,
                 push_combine, grid, warp - 1, lane, tid == 32, trace);
         }
@@ -202,18 +216,38 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
             if (unit.phase == MegaPhase::L1) {
                 consumer.mma_tile(acc, hidden / sm90::kTileK, wg_tid, unit.num_rows);
                 const float* a = l1_alpha + unit.expert * 2;
-                sm90::epilogue_swiglu<kBlockT, kFastMath>(acc, __ldg(a) * kComp, __ldg(a + 1) * kComp, row_weight, clamp,
-                                                          l2_x, inter, unit.row_start, unit.num_rows,
-                                                          unit.row_tile * (sm90::kTileRows / 2) + cw * 32 + wg_warp * 8 + g, q);
+                const int chan = unit.row_tile * (sm90::kTileRows / 2) + cw * 32 + wg_warp * 8 + g;
+                if constexpr (kL1Input < 0) {
+                    sm90::epilogue_swiglu<kBlockT, kFastMath>(acc, __ldg(a) * kComp, __ldg(a + 1) * kComp, row_weight,
+                                                              clamp, l2_x, inter, unit.row_start, unit.num_rows, chan, q);
+                } else {
+                    // the quantizing epilogues' amax scratch, this warpgroup's: static shared memory (a
+                    // pointer into the dynamic one went generic and spilled; run_fused budgets it)
+                    float* scratch = nullptr;
+                    if constexpr (kL1Input != int(sm90::L2Input::BF16)) {
+                        constexpr int kScratch = sm90::kRequantScratchBytes<kBlockT> / int(sizeof(float));
+                        __shared__ float requant_scratch[kParts * kScratch];
+                        scratch = requant_scratch + cw * kScratch;
+                    }
+                    const float inv_global = kL1Input == int(sm90::L2Input::NVFP4) ? __ldg(epi_scales + unit.expert) : 1.0f;
+                    sm90::epilogue_swiglu_requant<kBlockT, kFastMath, sm90::L2Input(kL1Input)>(
+                        acc, __ldg(a) * kComp, __ldg(a + 1) * kComp, kL2Weighted ? nullptr : row_weight, clamp,
+                        inv_global, l2_x, inter, unit.row_start, unit.num_rows, chan, q, wg_warp, lane, scratch,
+                        kBarConsumer + cw);
+                }
                 mega::fence_proxy_async_global();   // h: the L2 units' TMA reads it
                 mega::named_barrier(kBarConsumer + cw, 128);
                 if (wg_tid == 0) units.l1_done(unit);
                 if (stamps) mega::stamp<kTrace>(trace, mega::kTraceUnits + 4 * u + 3);
             } else {
                 consumer.mma_tile(acc, inter / sm90::kTileK, wg_tid, unit.num_rows);
-                sm90::epilogue_plain<kBlockT>(acc, __ldg(l2_alpha + unit.expert) * kComp, combine, hidden,
-                                              unit.row_start, unit.num_rows,
-                                              unit.row_tile * sm90::kTileRows + cw * 64 + wg_warp * 16 + g, q);
+                const int col = unit.row_tile * sm90::kTileRows + cw * 64 + wg_warp * 16 + g;
+                if constexpr (kL2Weighted)
+                    sm90::epilogue_weighted<kBlockT>(acc, __ldg(l2_alpha + unit.expert) * kComp, row_weight, combine,
+                                                     hidden, unit.row_start, unit.num_rows, col, q);
+                else
+                    sm90::epilogue_plain<kBlockT>(acc, __ldg(l2_alpha + unit.expert) * kComp, combine, hidden,
+                                                  unit.row_start, unit.num_rows, col, q);
                 mega::named_barrier(kBarConsumer + cw, 128);
                 if (wg_tid == 0) units.l2_done(unit);
                 if (stamps) mega::stamp<kTrace>(trace, mega::kTraceUnits + 4 * u + 3);
@@ -224,8 +258,9 @@ sm90_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_map, const __grid
     // ---------------- 3. combine (every warp; mega/barriers.cuh, mega/combine.cuh) ----------------
     mega::wait_barrier1(call, sh.aborted, flags, epoch1, lane);
     if (kTrace && tid == 128) mega::stamp_cta<kTrace>(trace, mega::kTraceCombine);
-    mega::reduce_tokens<kThreads>(call, topk_idx, pair_row, y, push_combine != 0, num_tokens, topk, num_experts,
-                                  hidden, grid, warp, lane);
+    mega::reduce_tokens<kThreads, kUpstreamCombine>(call, topk_idx, pair_row, y, push_combine != 0, num_tokens, topk,
+                                                    num_experts, hidden, grid, warp, lane, shared_rows, rsf,
+                                                    nvfp4_combine != 0);
 
     // ---------------- 4. the last CTA resets the counters (mega/state.cuh) ----------------
     __syncthreads();

@@ -49,17 +49,7 @@ smxx_moe_combine(const uint64_t* bases, uint64_t combine_offset, const int64_t* 
             if (rows[j] == nullptr) continue;
             comm::add_bf16x8(acc, rows[j][v]);
         }
-        if (shared != nullptr || (nvfp4 && rsf != 1.0f)) {
-            if (nvfp4) {
-                #pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    float r = __bfloat162float(__float2bfloat16_rn(acc[i]));
-                    if (rsf != 1.0f) r = __bfloat162float(__float2bfloat16_rn(r * rsf));
-                    acc[i] = r;
-                }
-            }
-            if (shared != nullptr) comm::add_bf16x8(acc, reinterpret_cast<const uint4*>(shared + size_t(token) * hidden)[v]);
-        }
+        comm::combine_upstream_tail(acc, shared == nullptr ? nullptr : shared + size_t(token) * hidden, v, rsf, nvfp4 != 0);
         reinterpret_cast<uint4*>(y + size_t(token) * hidden)[v] = comm::pack_bf16x8(acc, aborted);
     }
 }

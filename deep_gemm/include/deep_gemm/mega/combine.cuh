@@ -46,10 +46,14 @@ __device__ __forceinline__ void push_rows(const Work& work, const Call& call, co
 
 // Every warp of every CTA, after barrier 1: its share of this rank's tokens, in items of 32 uint4
 // (a token's row in chunks, so that a decode batch of a few tokens still spreads over the grid).
-template <int kNumThreads>
+// kUpstream: then upstream's steps (comm::combine_upstream_tail: shared-expert rows `shared`
+// [num_tokens, hidden] or nullptr, routed scaling rsf, fp4_fp4's order if nvfp4), as smxx_moe_combine.
+template <int kNumThreads, bool kUpstream = false>
 __device__ __forceinline__ void reduce_tokens(const Call& call, const int64_t* topk_idx, const int* pair_row,
                                               __nv_bfloat16* y, bool pushed, int num_tokens, int topk,
-                                              int num_experts, int hidden, int grid, int warp, int lane) {
+                                              int num_experts, int hidden, int grid, int warp, int lane,
+                                              const __nv_bfloat16* shared = nullptr, float rsf = 1.0f,
+                                              bool nvfp4 = false) {
     const bool aborted = call.waiter.aborted();
     const int num_v = hidden / 8;                  // uint4 of BF16 per row
     const int chunks = (num_v + 31) / 32;
@@ -66,6 +70,8 @@ __device__ __forceinline__ void reduce_tokens(const Call& call, const int64_t* t
                                                         num_experts, call.num_ranks, hidden);
             if (src != nullptr) comm::add_bf16x8(accum, src[v]);
         }
+        if constexpr (kUpstream)
+            comm::combine_upstream_tail(accum, shared == nullptr ? nullptr : shared + size_t(t) * hidden, v, rsf, nvfp4);
         reinterpret_cast<uint4*>(y + size_t(t) * hidden)[v] = comm::pack_bf16x8(accum, aborted);
     }
 }

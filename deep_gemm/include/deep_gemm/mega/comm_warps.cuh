@@ -14,6 +14,7 @@
 // Register budget: these warps may run under a small setmaxnreg share (sm90: 56); kGatherChunks
 // and kPushChunks (uint4 in flight per lane) are the caller's, chosen so that nothing spills.
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cutlass/arch/barrier.h>
 
@@ -64,17 +65,21 @@ __device__ __forceinline__ void run_comm_warps_with(Shared<kMaxExperts>& sh, con
     }
 }
 
-// The same with the sm90 kernel's BF16 L1 input (gather_rows: FP8 x scale -> BF16 at `row` of l1_x).
+// The same with the sm90 kernel's BF16 L1 input, from the buffer's token format kTokenFmt
+// (kernels.dispatch_gather's `fmt`): 0 FP8 x float32 scale per kGranK (gather_rows), 1 NVFP4, 2 BF16.
 template <class Comm, int kBlockT, int kGranK, int kGatherChunks, int kPushChunks, int kParts, bool kTrace,
-          int kMaxExperts>
+          int kMaxExperts, int kTokenFmt = 0>
 __device__ __forceinline__ void run_comm_warps(Shared<kMaxExperts>& sh, const Call& call, const Pairs& pairs,
                                                const Barrier1& barrier1, comm::RowSource* row_src, float* row_weight,
                                                __nv_bfloat16* l1_x, const __nv_bfloat16* combine, int max_rows,
                                                int topk, int hidden, int l2_row_tiles, int push_combine, int grid,
                                                int cw, int lane, bool leader, uint64_t* trace) {
+    static_assert(kTokenFmt >= 0 && kTokenFmt <= 2, "token format: 0 FP8, 1 NVFP4, 2 BF16");
+    using CopyRow = std::conditional_t<kTokenFmt == 0, Fp8ToBf16Row<kGranK, kGatherChunks>,
+                                       std::conditional_t<kTokenFmt == 1, Nvfp4ToBf16Row, Bf16Row<kGatherChunks>>>;
     run_comm_warps_with<Comm, kBlockT, kPushChunks, kParts, kTrace>(
         sh, call, pairs, barrier1, row_src, row_weight, combine, max_rows, topk, hidden, l2_row_tiles, push_combine,
-        grid, cw, lane, leader, trace, Fp8ToBf16Row<kGranK, kGatherChunks>{call, l1_x, hidden, lane});
+        grid, cw, lane, leader, trace, CopyRow{call, l1_x, hidden, lane});
 }
 
 }  // namespace deep_gemm::mega

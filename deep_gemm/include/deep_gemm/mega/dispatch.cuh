@@ -94,6 +94,31 @@ struct Fp8ToBf16Row {
     }
 };
 
+// The other token formats of upstream's recipes (kernels.dispatch_gather's `fmt`): NVFP4 (packed
+// E2M1 codes, [T, H / 2] bytes, and UE4M3 per 16, [T, H / 16] bytes, at x_sf) and BF16 (copied; kChunks
+// uint4 in flight per lane), stored as BF16 (exact) at `row` of l1_x, as smxx_moe_dispatch_gather.
+struct Nvfp4ToBf16Row {
+    const Call& call;
+    __nv_bfloat16* l1_x;
+    int hidden, lane;
+    __device__ __forceinline__ void operator()(const comm::RowSource& src, int row, int) const {
+        const uint4* x = call.peers.at<const uint4>(src.rank, call.off.x + uint64_t(src.token) * (hidden / 2));
+        const uint16_t* sf = call.peers.at<const uint16_t>(src.rank, call.off.x_sf + uint64_t(src.token) * (hidden / 16));
+        comm::gather_nvfp4_row<32>(x, sf, reinterpret_cast<uint4*>(l1_x + size_t(row) * hidden), hidden / 32, lane);
+    }
+};
+
+template <int kChunks>
+struct Bf16Row {
+    const Call& call;
+    __nv_bfloat16* l1_x;
+    int hidden, lane;
+    __device__ __forceinline__ void operator()(const comm::RowSource& src, int row, int) const {
+        const uint4* x = call.peers.at<const uint4>(src.rank, call.off.x + uint64_t(src.token) * hidden * 2);
+        comm::copy_row<32, kChunks>(x, reinterpret_cast<uint4*>(l1_x + size_t(row) * hidden), hidden / 8, lane);
+    }
+};
+
 template <int kBlockT, int kGranK, int kCommWarps, int kChunks, class Work>
 __device__ __forceinline__ void gather_rows(const Work& work, const Call& call, const comm::RowSource* row_src,
                                             __nv_bfloat16* l1_x, int num_rows_total, int hidden, int grid, int cw,
