@@ -28,7 +28,7 @@
 // quantize_l2_input), cstore {rows, cols, vals} (combine rows, BF16 bits), push {row}, claim {unit}.
 // Tensor ids: the L1 plan's 0..3 (A, SFA, B = the padded L1 input, SFB), the L2 plan's 8..11.
 //
-// Problem file (whitespace-separated integers): recipe (0 NVFP4, 1 MXFP4_FP8) block_t stages hidden
+// Problem file (whitespace-separated integers): recipe (0 NVFP4, 1 MXFP4_FP8, 2 NVFP4_EXACT, 3 BF16) block_t stages hidden
 // inter num_experts ctas seed lookahead_experts lookahead_units push rank; counts[num_experts]; rows;
 // per row: source rank; per row: route weight (float32 bits); per expert: l1 alpha gate, up, l2 alpha,
 // l2_inv_global (float32 bits).
@@ -38,6 +38,7 @@
 //   unpadded_b     the plan tiles' token rows at the unit's unpadded row_start
 //   combine_padded L2 combine rows written at the padded rows
 //   no_tag         the producer does not tag a unit's first stage (the MMA warp reads a stale tag)
+//   dequant_skip_end  the dequant warps read the -1 tag as their last unit again (the loop does not end there)
 #include <condition_variable>
 #include <cmath>
 #include <cstdint>
@@ -346,8 +347,14 @@ struct Rank {
     void dequant(FusedOps& o) {
         if constexpr (kDequant) {
             Cta& c = *o.cta;
-            mega_dequant_units(l1p, fault("dequant_l1_plan") ? l1p : l2p, o, st.work,
-                               [&](int stage) { return c.stage_unit[stage]; }, o.warp, o.lane);
+            int last = -1;
+            mega_dequant_units(l1p, l2p, o, st.work,
+                               [&](int stage) {
+                                   const int u = c.stage_unit[stage];
+                                   if (u < 0 && fault("dequant_skip_end")) return last;   // the -1 tag not seen
+                                   return last = u;
+                               },
+                               o.warp, o.lane);
         }
     }
 
