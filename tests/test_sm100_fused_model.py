@@ -1,5 +1,6 @@
 """The fused sm100 Mega MoE kernel's compute (impls/sm100_fp8_nvfp4_mega_moe.cuh), run on the functional
-model on CPU (no Blackwell GPU needed): one rank and two emulated ranks, both block-scaled recipes.
+model on CPU (no Blackwell GPU needed): one rank and two emulated ranks, all four recipes (the kind::f16
+ones, NVFP4_EXACT and BF16, at the end of this file).
 
 tests/cpp/sm100_fused_model_emit.cpp runs one rank's roles with the kernel's own host-device code (work
 order MegaMoEWork, GemmPlan::produce_tile / mma_tile / epilogue_tile with their Cursors over two plans,

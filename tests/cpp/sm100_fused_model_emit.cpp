@@ -6,8 +6,9 @@
 // the plan's per-tile steps with their Cursors (GemmPlan::produce_tile / mma_tile / epilogue_tile, two
 // plans: L1 n = 2 inter, k = hidden; L2 n = hidden, k = inter, one stage ring, one TMEM accumulator
 // pair, one set of barriers), and the epilogues (epilogue/sm100_epilogue.cuh: swiglu_quant_chunk +
-// quantize_l2_input for L1, plain_rows_chunk for L2, tile_alpha).  The producer's and the MMA warp's
-// loops are the kernel's too (mega_produce_units / mega_mma_units), called here with the model's hooks
+// quantize_l2_input for L1, plain_rows_chunk for L2, tile_alpha; the kind::f16 recipes' L1 swiglu_chunk /
+// swiglu_bf16_chunk).  The producer's, the MMA warp's and (NVFP4_EXACT) the dequant warpgroup's loops are the
+// kernel's too (mega_produce_units / mega_mma_units / mega_dequant_units), called here with the model's hooks
 // (claim counter, tags, waits, hand-over); the epilogue's loop and dispatch per unit phase (section 2c)
 // is written again here over the model's primitives (the kernel's uses named barriers and
 // ClusterBarrier waits; a change there must be mirrored here; the docs say so).  The comm warps are modelled by their effects:
@@ -25,7 +26,10 @@
 // thread's load (uint32, space-separated), which the driver's interpreter computed.  Ops besides the
 // interpreter's (interp.Machine): unit_start / unit_done (a unit's inputs waited for / its done count),
 // gather {row, prow}, l2x {tile, sbyte, sf, cbyte, codes[]} (bytes of the L2 input written by
-// quantize_l2_input), cstore {rows, cols, vals} (combine rows, BF16 bits), push {row}, claim {unit}.
+// quantize_l2_input), h {idx, vals} (the f16 recipes' L1 output: element indices into the BF16 L2 input
+// [rows, inter], BF16 bits), cstore {rows, cols, vals} (combine rows, BF16 bits), push {row}, claim {unit};
+// for NVFP4_EXACT the dequant's and the TS MMA's (tests/cpp/sm100_f16_model_ops.h: lds, dequant_chunk,
+// tmem_st, tmem_st_wait, mma_ts), executed by tests/sm100_model/f16.py's F16Machine.
 // Tensor ids: the L1 plan's 0..3 (A, SFA, B = the padded L1 input, SFB), the L2 plan's 8..11.
 //
 // Problem file (whitespace-separated integers): recipe (0 NVFP4, 1 MXFP4_FP8, 2 NVFP4_EXACT, 3 BF16) block_t stages hidden

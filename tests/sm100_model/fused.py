@@ -1,5 +1,10 @@
 """The fused sm100 Mega MoE kernel's compute on the functional model: one or more emulated ranks.
 
+Recipes: NVFP4 and MXFP4_FP8 (block-scaled, interp.Machine) and the kind::f16 ones, NVFP4_EXACT (dequant
+warpgroup, TS MMA) and BF16 (SS), on f16.F16Machine; the f16 recipes' token rows are BF16 at the unpadded
+rows and their L2 input is the BF16 h of the stream's h ops; NVFP4_EXACT is checked against deep_gemm.reference
+(check_exact), the others against deep_gemm.reference_recipes (check).
+
 tests/cpp/sm100_fused_model_emit.cpp runs one rank's roles (the kernel's work order, plan steps,
 padded rows and epilogues, host-device code) under a cooperative scheduler and prints their op stream;
 this driver executes it as it comes on the interpreter (interp.Machine, one per CTA), answers each
