@@ -1,5 +1,6 @@
 """The fused sm100 Mega MoE kernel's compute (impls/sm100_fp8_nvfp4_mega_moe.cuh), run on the functional
-model on CPU (no Blackwell GPU needed): one rank and two emulated ranks, both block-scaled recipes.
+model on CPU (no Blackwell GPU needed): one rank and two emulated ranks, all four recipes (the kind::f16
+ones, NVFP4_EXACT and BF16, at the end of this file).
 
 tests/cpp/sm100_fused_model_emit.cpp runs one rank's roles with the kernel's own host-device code (work
 order MegaMoEWork, GemmPlan::produce_tile / mma_tile / epilogue_tile with their Cursors over two plans,
@@ -121,3 +122,92 @@ def test_wrong_combine_source_fails():
         shifted.append(r)
     with pytest.raises(AssertionError, match='y differs'):
         fused.check(p, runs, fused.reduce(p, runs, pair_row=shifted))
+
+
+# ------------------------------------------------------------------ the kind::f16 recipes (NVFP4_EXACT, BF16)
+# NVFP4_EXACT: the dequant warpgroup's loop is the kernel's (mega_dequant_units over GemmPlan::dequant_tile: ld.shared
+# of the stage's codes and scale atoms, dequant_chunk replayed bit for bit by tests/sm100_model/f16.py, tcgen05.st),
+# kind::f16 TS; BF16: kind::f16 SS.  Token rows unpadded, h (BF16) written by the L1 epilogue (swiglu_chunk /
+# swiglu_bf16_chunk), read back by the L2 units' TMA.  K of both plans a multiple of 256 for the exact layout.
+F16_CONFIGS = {
+    'exact-1rank': dict(recipe='nvfp4_exact', tokens=(10,), experts_per_rank=3, hidden=256, inter=256, seed=6),
+    'exact-2rank-push': dict(recipe='nvfp4_exact', ranks=2, experts_per_rank=2, tokens=(9, 6), hidden=256, inter=256,
+                             push=1, ctas=2, seed=3),
+    'bf16-1rank': dict(recipe='bf16', tokens=(12,), hidden=256, inter=128, stages=3, lookahead_experts=1, seed=7),
+    'bf16-2rank-pull': dict(recipe='bf16', ranks=2, experts_per_rank=2, tokens=(8, 5), hidden=256, inter=128, seed=4),
+}
+# a small exact problem for the controls: one expert, one token tile
+EXACT_CTL = dict(recipe='nvfp4_exact', tokens=(4,), experts_per_rank=2, topk=1, hidden=256, inter=256,
+                 empty_experts=(1,))
+
+
+def _f16_problem(name):
+    if name not in _CACHE:
+        _CACHE[name] = fused.FusedProblem(**(EXACT_CTL if name == 'exact-ctl' else F16_CONFIGS[name])).build()
+    return _CACHE[name]
+
+
+def _check_f16(p, runs, ys):
+    if p.recipe == 'nvfp4_exact':
+        off, total = fused.check_exact(p, runs, ys)
+        # no h one ulp off on this data: check_exact then also compared with reference_moe_forward (y, every slot)
+        assert off == 0 and total > 0
+    else:
+        fused.check(p, runs, ys)
+
+
+@pytest.mark.parametrize('name', sorted(F16_CONFIGS))
+def test_f16_matches_reference(name):
+    """Bit for bit: NVFP4_EXACT against deep_gemm.reference (reference_moe_forward, combine_slots), BF16 against
+    deep_gemm.reference_recipes (bf16xbf16); every combine row, y, the receive counts."""
+    p = _f16_problem(name)
+    runs, ys = fused.run_all(p)
+    _check_f16(p, runs, ys)
+    for run in runs:
+        if not run.rows:
+            continue
+        c = {}
+        for m in run.machines.values():
+            for k, v in m.counts.items():
+                c[k] = c.get(k, 0) + v
+        if p.recipe == 'nvfp4_exact':
+            assert c.get('mma_ts', 0) > 0 and c.get('tmem_st', 0) > 0 and c.get('dequant_chunk', 0) > 0
+            assert c.get('mma', 0) == 0
+        else:
+            assert c.get('mma', 0) > 0 and c.get('mma_ts', 0) == 0 and c.get('tmem_st', 0) == 0
+        assert {u['phase'] for u in run.units_started.values()} == {0, 1}
+        assert run.written[fused.T_L2_B].any()      # the L1 epilogue's h, read by the L2 units
+    if p.ranks == 2 and p.push:
+        assert any(r.pushes for r in runs)
+
+
+def test_exact_compensation_matches_the_kernel_constant():
+    """The emit program's 2^7 (it cannot include common/fp4_bits.cuh) is fp4::kNvfp4Compensation."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    src = (root / 'deep_gemm/include/deep_gemm/common/fp4_bits.cuh').read_text()
+    emit = (root / 'tests/cpp/sm100_fused_model_emit.cpp').read_text()
+    assert re.search(r'kNvfp4Compensation = 128\.0f;', src)
+    assert 'kComp = kDequant ? 128.0f : 1.0f;' in emit
+
+
+F16_CONTROLS = {
+    # (problem, fault of the emit program, mutation of the stream (tests/sm100_model/f16.py MUTATIONS), match)
+    # the dequant's first 16 k of every chunk scaled by the next block's scale byte
+    'scale_byte_off_by_one_block': ('exact-ctl', None, 'wrong_scale_byte', 'h differs'),
+    # the TS MMA reading A at a column half a k16 step off
+    'tmem_a_column_off': ('exact-ctl', None, 'a_kk_offset', 'no tcgen05.st wrote'),
+    # the dequant loop not ending at the -1 tag (reads it as its last unit again)
+    'dequant_skips_end_tag': ('exact-ctl', 'dequant_skip_end', None, 'deadlock'),
+    'bf16_no_tag': ('bf16-2rank-pull', 'no_tag', None, 'deadlock'),
+}
+
+
+@pytest.mark.parametrize('control', sorted(F16_CONTROLS))
+def test_f16_broken_kernel_fails(control):
+    name, fault, mutate, match = F16_CONTROLS[control]
+    p = _f16_problem(name)
+    with pytest.raises((interp.ModelError, AssertionError), match=match):
+        runs, ys = fused.run_all(p, fault=fault, mutate=mutate)
+        _check_f16(p, runs, ys)

@@ -19,30 +19,13 @@
 #define main sm100_model_emit_main
 #include "sm100_model_emit.cpp"
 #undef main
+#include "sm100_f16_model_ops.h"
 
 namespace {
 
-uint32_t g_tag = 1;   // register tags: the baton serialises every thread, so a plain counter is safe
-
-struct F16Ops : RecOps {
+struct F16Ops : f16_model::F16Record<RecOps> {
     int syncs = 0;    // __syncwarp calls of this lane (the parity of its private warp barrier)
 
-    std::string who() const { return ",\"warp\":" + std::to_string(warp) + ",\"lane\":" + std::to_string(lane); }
-    static std::string tags(const uint32_t* t, int n) {
-        std::string s = "[";
-        for (int i = 0; i < n; ++i) s += (i ? "," : "") + std::to_string(t[i]);
-        return s + "]";
-    }
-
-    void lds128(uint32_t addr, uint32_t (&v)[4]) {
-        for (auto& x : v) x = g_tag++;
-        record(head("lds") + who() + ",\"addr\":" + std::to_string(addr) + ",\"bytes\":16,\"tags\":" + tags(v, 4) + "}");
-    }
-    uint32_t lds32(uint32_t addr) {
-        const uint32_t t = g_tag++;
-        record(head("lds") + who() + ",\"addr\":" + std::to_string(addr) + ",\"bytes\":4,\"tags\":[" + std::to_string(t) + "]}");
-        return t;
-    }
     // __syncwarp on a private barrier (id 1000 + warp, count 32), then one arrive by lane 0
     void warp_arrive(int id, int l) {
         const int wb = 1000 + warp;
@@ -61,24 +44,6 @@ struct F16Ops : RecOps {
             cta->sched->wait_bar[size_t(me)] = -1;
         }
         if (l == 0) arrive(id);
-    }
-    void dequant_chunk(const uint32_t (&codes)[4], uint32_t scale_word, int first_byte, uint32_t (&regs)[16]) {
-        for (auto& x : regs) x = g_tag++;
-        record(head("dequant_chunk") + who() + ",\"codes\":" + tags(codes, 4) + ",\"scale\":" + std::to_string(scale_word) +
-               ",\"first_byte\":" + std::to_string(first_byte) + ",\"out\":" + tags(regs, 16) + "}");
-    }
-    template <int kNum>
-    void tmem_st(int w, int l, uint32_t taddr, const uint32_t (&regs)[kNum]) {
-        record(head("tmem_st") + ",\"warp\":" + std::to_string(w) + ",\"lane\":" + std::to_string(l) +
-               ",\"shape\":\"32x32b\",\"num\":" + std::to_string(kNum) + ",\"taddr\":" + std::to_string(taddr) +
-               ",\"regs\":" + tags(regs, kNum) + "}");
-    }
-    void tmem_st_wait() { record(head("tmem_st_wait") + who() + "}"); }
-    void mma_ts(uint32_t idesc, uint32_t a_taddr, uint64_t bdesc, uint32_t d, bool acc) {
-        std::ostringstream o;
-        o << head("mma_ts") << ",\"kind\":\"f16\",\"idesc\":" << idesc << ",\"a\":" << a_taddr << ",\"bdesc\":" << bdesc
-          << ",\"d\":" << d << ",\"acc\":" << (acc ? 1 : 0) << "}";
-        record(o.str());
     }
 };
 

@@ -6,8 +6,9 @@
 // the plan's per-tile steps with their Cursors (GemmPlan::produce_tile / mma_tile / epilogue_tile, two
 // plans: L1 n = 2 inter, k = hidden; L2 n = hidden, k = inter, one stage ring, one TMEM accumulator
 // pair, one set of barriers), and the epilogues (epilogue/sm100_epilogue.cuh: swiglu_quant_chunk +
-// quantize_l2_input for L1, plain_rows_chunk for L2, tile_alpha).  The producer's and the MMA warp's
-// loops are the kernel's too (mega_produce_units / mega_mma_units), called here with the model's hooks
+// quantize_l2_input for L1, plain_rows_chunk for L2, tile_alpha; the kind::f16 recipes' L1 swiglu_chunk /
+// swiglu_bf16_chunk).  The producer's, the MMA warp's and (NVFP4_EXACT) the dequant warpgroup's loops are the
+// kernel's too (mega_produce_units / mega_mma_units / mega_dequant_units), called here with the model's hooks
 // (claim counter, tags, waits, hand-over); the epilogue's loop and dispatch per unit phase (section 2c)
 // is written again here over the model's primitives (the kernel's uses named barriers and
 // ClusterBarrier waits; a change there must be mirrored here; the docs say so).  The comm warps are modelled by their effects:
@@ -25,10 +26,13 @@
 // thread's load (uint32, space-separated), which the driver's interpreter computed.  Ops besides the
 // interpreter's (interp.Machine): unit_start / unit_done (a unit's inputs waited for / its done count),
 // gather {row, prow}, l2x {tile, sbyte, sf, cbyte, codes[]} (bytes of the L2 input written by
-// quantize_l2_input), cstore {rows, cols, vals} (combine rows, BF16 bits), push {row}, claim {unit}.
+// quantize_l2_input), h {idx, vals} (the f16 recipes' L1 output: element indices into the BF16 L2 input
+// [rows, inter], BF16 bits), cstore {rows, cols, vals} (combine rows, BF16 bits), push {row}, claim {unit};
+// for NVFP4_EXACT the dequant's and the TS MMA's (tests/cpp/sm100_f16_model_ops.h: lds, dequant_chunk,
+// tmem_st, tmem_st_wait, mma_ts), executed by tests/sm100_model/f16.py's F16Machine.
 // Tensor ids: the L1 plan's 0..3 (A, SFA, B = the padded L1 input, SFB), the L2 plan's 8..11.
 //
-// Problem file (whitespace-separated integers): recipe (0 NVFP4, 1 MXFP4_FP8) block_t stages hidden
+// Problem file (whitespace-separated integers): recipe (0 NVFP4, 1 MXFP4_FP8, 2 NVFP4_EXACT, 3 BF16) block_t stages hidden
 // inter num_experts ctas seed lookahead_experts lookahead_units push rank; counts[num_experts]; rows;
 // per row: source rank; per row: route weight (float32 bits); per expert: l1 alpha gate, up, l2 alpha,
 // l2_inv_global (float32 bits).
@@ -38,6 +42,7 @@
 //   unpadded_b     the plan tiles' token rows at the unit's unpadded row_start
 //   combine_padded L2 combine rows written at the padded rows
 //   no_tag         the producer does not tag a unit's first stage (the MMA warp reads a stale tag)
+//   dequant_skip_end  the dequant warps read the -1 tag as their last unit again (the loop does not end there)
 #include <condition_variable>
 #include <cmath>
 #include <cstdint>
@@ -58,6 +63,8 @@
 #include <deep_gemm/scheduler/mega_moe_work.cuh>
 #include <deep_gemm/scheduler/sm100_gemm_plan.cuh>
 #include <deep_gemm/scheduler/sm100_mega_tiles.cuh>
+
+#include "sm100_f16_model_ops.h"
 
 using namespace deep_gemm;
 using namespace deep_gemm::sm100;
@@ -151,6 +158,7 @@ struct Cta {
     int tile_unit[2];
     Bar unit_ready[2];
     int nb_count = 0, nb_gen = 0;                   // the epilogue's named barrier (128 threads)
+    int ws_count[12] = {}, ws_gen[12] = {};         // the dequant warps' __syncwarp
     std::vector<float> scratch;                    // float [64][kBlockT]
 };
 
@@ -162,6 +170,7 @@ struct Ops {
     int me;
     int tensor_base = 0;        // 0: the L1 plan's tensors, 8: the L2 plan's
     int warp = -1, lane = -1;
+    uint32_t elem_bytes[4] = {1u, 1u, 1u, 1u};   // TMA box element bytes of the plan's tensors A, SFA, B, SFB
 
     Sched& sched() const { return *cta->st->sched; }
     std::string head(const char* op) const {
@@ -208,8 +217,8 @@ struct Ops {
         b.tx -= bytes, settle(b);
     }
     void tma_load(int tensor, const int32_t (&coords)[2], const uint32_t (&box)[2], uint32_t smem, int swizzle, int mbar) {
-        // smem bytes per element: 1 (bytes, E4M3, 16U4_ALIGN16B codes)
-        const uint32_t bytes = box[0] * box[1];
+        // smem bytes per element: 1 (bytes, E4M3, 16U4_ALIGN16B codes), 2 (BF16: the f16 recipes' tokens, BF16 weights)
+        const uint32_t bytes = box[0] * box[1] * elem_bytes[tensor];
         std::ostringstream o;
         o << head("tma_load") << ",\"tensor\":" << tensor + tensor_base << ",\"coords\":[" << coords[0] << "," << coords[1]
           << "],\"box\":[" << box[0] << "," << box[1] << "],\"smem\":" << smem << ",\"swizzle\":" << swizzle << ",\"mbar\":" << mbar
@@ -232,7 +241,7 @@ struct Ops {
         record(o.str());
     }
     void mma(MmaKind kind, uint32_t idesc, uint64_t adesc, uint64_t bdesc, uint32_t d, uint32_t sfa, uint32_t sfb, bool acc) {
-        const char* k = kind == MmaKind::MXF4NVF4_BLOCK16 ? "mxf4nvf4.block16" : "mxf8f6f4.block32";
+        const char* k = kind == MmaKind::MXF4NVF4_BLOCK16 ? "mxf4nvf4.block16" : kind == MmaKind::F16 ? "f16" : "mxf8f6f4.block32";
         std::ostringstream o;
         o << head("mma") << ",\"kind\":\"" << k << "\",\"idesc\":" << idesc << ",\"adesc\":" << adesc << ",\"bdesc\":" << bdesc
           << ",\"d\":" << d << ",\"sfa\":" << sfa << ",\"sfb\":" << sfb << ",\"acc\":" << (acc ? 1 : 0) << "}";
@@ -260,12 +269,30 @@ struct Ops {
     void tmem_ld_wait() { record(head("tmem_ld_wait") + ",\"warp\":" + std::to_string(warp) + ",\"lane\":" + std::to_string(lane) + "}"); }
 };
 
+// The kind::f16 recipes' ops (tests/cpp/sm100_f16_model_ops.h) on top, and the dequant warps' warp_arrive:
+// __syncwarp (the 32 lanes of the warp meet: a counter per warp) then lane 0's arrive.
+struct FusedOps : f16_model::F16Record<Ops> {
+    void warp_arrive(int id, int l) {
+        Cta& c = *cta;
+        const int w = warp, gen = c.ws_gen[w];
+        if (++c.ws_count[w] == 32) c.ws_count[w] = 0, ++c.ws_gen[w];
+        sched().wait_until(me, [&c, w, gen] { return c.ws_gen[w] != gen; });
+        if (l == 0) arrive(id);
+    }
+};
+
 // ------------------------------------------------------------------------------ the roles
 template <Recipe kRecipe, int kBlockT, int kStages>
 struct Rank {
     using Plan = GemmPlan<kRecipe, kBlockT, kStages>;
     using Cursor = typename Plan::Cursor;
     static constexpr bool kNvfp4 = kRecipe == Recipe::NVFP4;
+    static constexpr bool kF16 = !Plan::kBlockScaledMma;   // NVFP4_EXACT, BF16: BF16 token rows, unpadded
+    static constexpr bool kDequant = Plan::kATmem;         // NVFP4_EXACT: the dequant warpgroup
+    // the dequant's 2^-7 back in every alpha: common/fp4_bits.cuh fp4::kNvfp4Compensation (that header needs
+    // cuda_bf16.h, not on this host build's path; the value is checked in tests/test_sm100_fused_model.py)
+    static constexpr float kComp = kDequant ? 128.0f : 1.0f;
+    static constexpr int kDequantThreads = 32 * Plan::kDequantWarps;
 
     State& st;
     Plan l1p, l2p;
@@ -279,7 +306,7 @@ struct Rank {
           l2_row_tiles(s.p.hidden / Plan::kBlockM) {}
 
     PlanTile plan_tile(const MegaUnit& unit) const {
-        PlanTile t = mega_plan_tile<kBlockT>(unit);
+        PlanTile t = mega_plan_tile<kBlockT, !kF16>(unit);
         if (fault("unpadded_b")) t.row_start = unit.row_start;
         return t;
     }
@@ -294,7 +321,7 @@ struct Rank {
 
     // 2a. the producer (kernel: warp 0 lane 0): the kernel's own loop (mega_produce_units), with the
     // model's claim counter, tags and waits
-    void producer(Ops& ops1, Ops& ops2) {
+    void producer(FusedOps& ops1, FusedOps& ops2) {
         Cta& c = *ops1.cta;
         mega_produce_units(
             l1p, l2p, ops1, ops2, st.work, [this](const MegaUnit& unit) { return plan_tile(unit); },
@@ -320,7 +347,22 @@ struct Rank {
     }
 
     // 2b. the MMA warp (kernel: warp 1): the kernel's own loop (mega_mma_units), with the model's hand-over
-    void mma(Ops& ops1, Ops& ops2) {
+    // 2b'. the dequant warpgroup (NVFP4_EXACT; kernel: warps 8-11): the kernel's own loop (mega_dequant_units)
+    void dequant(FusedOps& o) {
+        if constexpr (kDequant) {
+            Cta& c = *o.cta;
+            int last = -1;
+            mega_dequant_units(l1p, l2p, o, st.work,
+                               [&](int stage) {
+                                   const int u = c.stage_unit[stage];
+                                   if (u < 0 && fault("dequant_skip_end")) return last;   // the -1 tag not seen
+                                   return last = u;
+                               },
+                               o.warp, o.lane);
+        }
+    }
+
+    void mma(FusedOps& ops1, FusedOps& ops2) {
         Cta& c = *ops1.cta;
         mega_mma_units(l1p, l2p, ops1, ops2, st.work, [this](const MegaUnit& unit) { return plan_tile(unit); },
                        [&](int stage) { return c.stage_unit[stage]; },
@@ -333,7 +375,7 @@ struct Rank {
                        });
     }
 
-    void named_barrier(Ops& o) {
+    void named_barrier(FusedOps& o) {
         Cta& c = *o.cta;
         const int gen = c.nb_gen;
         if (++c.nb_count == Plan::kEpilogueThreads) c.nb_count = 0, ++c.nb_gen;
@@ -341,7 +383,7 @@ struct Rank {
     }
 
     // 2c. the epilogue (kernel: warps 4-7; this thread etid = 32 (warp - 4) + lane)
-    void epilogue(Ops& ops1, Ops& ops2) {
+    void epilogue(FusedOps& ops1, FusedOps& ops2) {
         Cta& c = *ops1.cta;
         const int warp = ops1.warp, lane = ops1.lane, etid = 32 * (warp - 4) + lane;
         const float cb = epi::clamp_bf16(INFINITY);
@@ -354,7 +396,35 @@ struct Rank {
             if (u < 0) break;
             const MegaUnit unit = st.work.get(u);
             const PlanTile tile = plan_tile(unit);
-            if (unit.phase == MegaPhase::L1) {
+            if (unit.phase == MegaPhase::L1 && kF16) {
+                // the f16 recipes' L1: BF16 h into the L2 input [rows, inter] (fp8_nvfp4: swiglu_chunk, clamp on
+                // the FP32 values; bf16: swiglu_bf16_chunk)
+                const float ag = epi::tile_alpha(st.p.l1_alpha.data(), 2, unit.expert, 0, kComp);
+                const float au = epi::tile_alpha(st.p.l1_alpha.data(), 2, unit.expert, 1, kComp);
+                const float* w = st.p.row_weight.data() + unit.row_start;
+                l1p.template epilogue_tile<TmemLdShape::K16x256B>(
+                    ops1, tile, cur, warp, lane,
+                    [&](const PlanTile& t, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
+                        std::ostringstream is, vs;
+                        int n = 0;
+                        const auto store = [&](size_t i, uint16_t v) { is << (n ? "," : "") << i, vs << (n ? "," : "") << v, ++n; };
+                        if constexpr (kDequant)
+                            epi::swiglu_chunk<Plan, false>(t, lane_base, col, l, regs, ag, au, INFINITY, w, 2 * inter, store);
+                        else
+                            epi::swiglu_bf16_chunk<Plan, false>(t, lane_base, col, l, regs, ag, au, cb, w, 2 * inter, store);
+                        if (n)
+                            emit("{\"op\":\"h\",\"cta\":" + std::to_string(c.id) + ",\"idx\":[" + is.str() + "],\"vals\":[" +
+                                 vs.str() + "]}");
+                    },
+                    [&](const PlanTile&) {
+                        ops1.record(ops1.head("fence_proxy_async") + "}");
+                        named_barrier(ops1);
+                        if (etid == 0) {
+                            ++st.l1_done[size_t(unit.tile_index)];   // units.l1_done(unit)
+                            ops1.record(unit_json("unit_done", c.id, u, unit));
+                        }
+                    });
+            } else if (unit.phase == MegaPhase::L1) {
                 const float ag = epi::tile_alpha(st.p.l1_alpha.data(), 2, unit.expert, 0, 1.0f);
                 const float au = epi::tile_alpha(st.p.l1_alpha.data(), 2, unit.expert, 1, 1.0f);
                 const float* w = kNvfp4 ? nullptr : st.p.row_weight.data() + unit.row_start;
@@ -364,6 +434,7 @@ struct Rank {
                         epi::swiglu_quant_chunk<Plan, false>(t, lane_base, col, l, regs, ag, au, cb, w, c.scratch.data());
                     },
                     [&](const PlanTile& t) {
+                        if constexpr (!kF16) {
                         named_barrier(ops1);
                         const float inv = kNvfp4 ? st.p.l2_inv[size_t(unit.expert)] : 1.0f;
                         epi::quantize_l2_input<Plan>(t, etid, 128, c.scratch.data(), inter, inv, st.l2_x.data(), st.l2_x_sf.data());
@@ -385,9 +456,10 @@ struct Rank {
                             ++st.l1_done[size_t(unit.tile_index)];   // units.l1_done(unit)
                             ops1.record(unit_json("unit_done", c.id, u, unit));
                         }
+                        }
                     });
             } else {
-                const float a = epi::tile_alpha(st.p.l2_alpha.data(), 1, unit.expert, 0, 1.0f);
+                const float a = epi::tile_alpha(st.p.l2_alpha.data(), 1, unit.expert, 0, kComp);
                 l2p.template epilogue_tile<TmemLdShape::K32x32B>(
                     ops2, tile, cur, warp, lane,
                     [&](const PlanTile& t, uint32_t lane_base, uint32_t col, int l, const uint32_t (&regs)[16]) {
@@ -424,10 +496,10 @@ struct Rank {
     }
 
     // 2d. comm warps, gather (mega::gather_rows_with with the kernel's RawTokenRow placement)
-    void gather(Ops& o) {
+    void gather(FusedOps& o) {
         for (int row = o.cta->id; row < st.work.row_prefix[st.work.num_active]; row += st.p.ctas) {
             const int k = active_of(row);
-            const int prow = mega_padded_row<kBlockT>(st.work, k, row);
+            const int prow = mega_padded_row<kBlockT, !kF16>(st.work, k, row);
             o.record("{\"op\":\"gather\",\"cta\":" + std::to_string(o.cta->id) + ",\"row\":" + std::to_string(row) +
                      ",\"prow\":" + std::to_string(prow) + "}");
             ++st.arrived[size_t(mega_token_tile<kBlockT>(st.work, k, row))];
@@ -435,7 +507,7 @@ struct Rank {
     }
 
     // 2d. comm warps, combine pushes (mega::push_rows): rows of other ranks' pairs once the tile's L2 units are done
-    void push(Ops& o) {
+    void push(FusedOps& o) {
         for (int row = o.cta->id; row < st.work.row_prefix[st.work.num_active]; row += st.p.ctas) {
             if (st.p.row_rank[size_t(row)] == st.p.rank) continue;
             const int tile = mega_token_tile<kBlockT>(st.work, active_of(row), row), target = l2_row_tiles;
@@ -451,8 +523,10 @@ struct Rank {
         const int tiles = st.work.num_token_tiles();
         st.arrived.assign(size_t(tiles), 0), st.l1_done.assign(size_t(tiles), 0), st.l2_done.assign(size_t(tiles), 0);
         const size_t prows = size_t((tiles * kBlockT + 127) / 128 * 128);
-        st.l2_x.assign(prows * size_t(kNvfp4 ? p.inter / 2 : p.inter), 0);
-        st.l2_x_sf.assign(prows * size_t(p.inter / Plan::kL2Gran), 0);
+        if constexpr (!kF16) {   // the f16 recipes' L2 input is BF16 h, written by the h ops
+            st.l2_x.assign(prows * size_t(kNvfp4 ? p.inter / 2 : p.inter), 0);
+            st.l2_x_sf.assign(prows * size_t(p.inter / Plan::kL2Gran), 0);
+        }
         st.combine.assign(size_t(p.rows) * size_t(p.hidden), 0);
         {
             std::ostringstream o;
@@ -467,12 +541,12 @@ struct Rank {
             o << "]}";
             emit(o.str());
         }
-        const int per_cta = 2 + Plan::kEpilogueThreads + 1 + (p.push ? 1 : 0);
+        const int per_cta = 2 + Plan::kEpilogueThreads + kDequantThreads + 1 + (p.push ? 1 : 0);
         const int nthreads = per_cta * p.ctas;
         Sched sched(p.seed * 1000003ull + uint64_t(p.rank), nthreads);
         st.sched = &sched;
         std::vector<Cta> ctas(size_t(p.ctas));
-        std::vector<Ops> ops1(static_cast<size_t>(nthreads), Ops{}), ops2(static_cast<size_t>(nthreads), Ops{});
+        std::vector<FusedOps> ops1(static_cast<size_t>(nthreads)), ops2(static_cast<size_t>(nthreads));
         for (int c = 0; c < p.ctas; ++c) {
             Cta& x = ctas[size_t(c)];
             x.id = c, x.st = &st, x.scratch.assign(size_t(64 * kBlockT), 0.0f);
@@ -481,12 +555,20 @@ struct Rank {
         }
         for (int i = 0; i < nthreads; ++i) {
             Cta* c = &ctas[size_t(i / per_cta)];
-            ops1[size_t(i)] = Ops{c, i, 0};
-            ops2[size_t(i)] = Ops{c, i, 8};
+            static_cast<Ops&>(ops1[size_t(i)]) = Ops{c, i, 0};
+            static_cast<Ops&>(ops2[size_t(i)]) = Ops{c, i, 8};
+            for (FusedOps* o : {&ops1[size_t(i)], &ops2[size_t(i)]}) {
+                if (kRecipe == Recipe::BF16) o->elem_bytes[0] = 2u;   // BF16 weights
+                if (kF16) o->elem_bytes[2] = 2u;                      // BF16 tokens
+            }
             const int r = i % per_cta;
             if (r >= 2 && r < 2 + Plan::kEpilogueThreads) {
                 const int e = r - 2;
                 ops1[size_t(i)].warp = ops2[size_t(i)].warp = 4 + e / 32;
+                ops1[size_t(i)].lane = ops2[size_t(i)].lane = e % 32;
+            } else if (r >= 2 + Plan::kEpilogueThreads && r < 2 + Plan::kEpilogueThreads + kDequantThreads) {
+                const int e = r - 2 - Plan::kEpilogueThreads;
+                ops1[size_t(i)].warp = ops2[size_t(i)].warp = 8 + e / 32;
                 ops1[size_t(i)].lane = ops2[size_t(i)].lane = e % 32;
             }
         }
@@ -509,13 +591,14 @@ struct Rank {
         };
         for (int i = 0; i < nthreads; ++i) {
             const int r = i % per_cta;
-            Ops* a = &ops1[size_t(i)];
-            Ops* b = &ops2[size_t(i)];
+            FusedOps* a = &ops1[size_t(i)];
+            FusedOps* b = &ops2[size_t(i)];
             std::function<void()> fn;
             if (r == 0) fn = [this, a, b] { producer(*a, *b); };
             else if (r == 1) fn = [this, a, b] { mma(*a, *b); };
             else if (r < 2 + Plan::kEpilogueThreads) fn = [this, a, b] { epilogue(*a, *b); };
-            else if (r == 2 + Plan::kEpilogueThreads) fn = [this, a] { gather(*a); };
+            else if (r < 2 + Plan::kEpilogueThreads + kDequantThreads) fn = [this, a] { dequant(*a); };
+            else if (r == 2 + Plan::kEpilogueThreads + kDequantThreads) fn = [this, a] { gather(*a); };
             else fn = [this, a] { push(*a); };
             th.emplace_back(body, i, fn);
         }
@@ -581,5 +664,7 @@ int main(int argc, char** argv) {
     }
     if (p.recipe == 0) return dispatch<Recipe::NVFP4>(st);
     if (p.recipe == 1) return dispatch<Recipe::MXFP4_FP8>(st);
+    if (p.recipe == 2) return dispatch<Recipe::NVFP4_EXACT>(st);
+    if (p.recipe == 3) return dispatch<Recipe::BF16>(st);
     die("recipe");
 }

@@ -69,13 +69,11 @@ def dequant_chunk(codes: np.ndarray, scale_word: int, first_byte: int, wrong_sca
         return fb.ue4m3x2_to_bf16x2_biased(np.asarray([(int(spread) << 4) & M32], dtype=np.uint64), False)
 
     s0, s1 = scale(first_byte + (1 if wrong_scale_byte else 0)), scale(first_byte + 1)
-    out = []
-    for w in range(4):
-        s = s0 if w < 2 else s1
-        x = fb.e2m1x8_to_bf16x8_bits(np.asarray([int(codes[w])], dtype=np.uint64))
-        for i in range(4):
-            out.append(int(fb.hmul2(x[i], s[0], s[1])[0]))
-    return np.asarray(out, dtype=np.uint64)
+    # all 16 lanes at once: x[w, i] = bf16x2 pair i of code word w, times word w's scale (s0: w < 2, s1: w >= 2)
+    x = np.stack(fb.e2m1x8_to_bf16x8_bits(np.asarray([int(c) for c in codes], dtype=np.uint64)), axis=1)   # [4, 4]
+    lo = np.asarray([s0[0][0], s0[0][0], s1[0][0], s1[0][0]], dtype=np.uint64)[:, None]
+    hi = np.asarray([s0[1][0], s0[1][0], s1[1][0], s1[1][0]], dtype=np.uint64)[:, None]
+    return fb.hmul2(x, lo, hi).reshape(-1).astype(np.uint64)                                           # 4 w + i
 
 
 def bf16_bits_to_f64(h: np.ndarray) -> np.ndarray:

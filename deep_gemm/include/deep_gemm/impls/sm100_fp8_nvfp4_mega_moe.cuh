@@ -239,18 +239,8 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
                               });
     } else if (kDequant && warp >= kEpilogueWarp0 + 4) {
         // ---------------- 2b'. dequant warpgroup (NVFP4_EXACT): units from the stage tags, as the MMA warp ----------------
-        if constexpr (kDequant) {
-            Cursor cur;
-            for (;;) {
-                ops1.wait(Plan::full(cur.stage), cur.phase);
-                const int u = sh.stage_unit[cur.stage];
-                if (u < 0) break;
-                // one call site: the role reads only shared memory, barriers and TMEM (ops1's), and the
-                // two plans differ only in n, k (the unit's k blocks)
-                const Plan& p = sh.work.get(u).phase == MegaPhase::L1 ? l1p : l2p;
-                p.dequant_tile(ops1, cur, warp, lane);
-            }
-        }
+        if constexpr (kDequant)
+            sm100::mega_dequant_units(l1p, l2p, ops1, sh.work, [&](int stage) { return sh.stage_unit[stage]; }, warp, lane);
     } else if (warp >= kEpilogueWarp0 && warp < kEpilogueWarp0 + 4) {
         // ---------------- 2c. epilogue: L1 -> the L2 input, L2 -> the combine rows ----------------
         const int etid = tid - 32 * kEpilogueWarp0;

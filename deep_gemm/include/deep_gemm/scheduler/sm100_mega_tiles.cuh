@@ -1,6 +1,6 @@
 #pragma once
 // Where the fused sm100 Mega MoE kernel (impls/sm100_fp8_nvfp4_mega_moe.cuh) puts a unit's token rows,
-// and its producer and MMA roles over the work order: plain C++17 (DG_HOST_DEVICE) so that the host
+// and its producer, MMA and dequant roles over the work order: plain C++17 (DG_HOST_DEVICE) so that the host
 // functional model (tests/cpp/sm100_fused_model_emit.cpp) runs the kernel's own placement and loops,
 // with its own claim / tag / wait / hand-over hooks where the kernel has atomics and mbarriers.  Token tile i of the work order (GroupedTiles' numbering, the
 // unit's tile_index) sits at the padded rows [i kBlockT, (i + 1) kBlockT) of the kernel's L1 / L2 token
@@ -74,6 +74,23 @@ DG_HOST_DEVICE void mega_mma_units(const Plan& l1p, const Plan& l2p, Ops1& ops1,
         const MegaUnit unit = work.get(u);
         if (unit.phase == MegaPhase::L1) l1p.mma_tile(ops1, plan_tile(unit), cur);
         else l2p.mma_tile(ops2, plan_tile(unit), cur);
+    }
+}
+
+// The dequant role (NVFP4_EXACT; kernel: warps 8-11, each of their 128 threads): units from the stage tags,
+// as the MMA warp; each unit's k blocks through its plan's dequant_tile (both plans share ops1: the role
+// reads only shared memory, barriers and TMEM, and the plans differ only in n, k); a -1 tag ends it.
+//   read_tag(stage) -> the unit its producer tagged.
+template <class Plan, class Ops, class Work, class ReadTag>
+DG_HOST_DEVICE void mega_dequant_units(const Plan& l1p, const Plan& l2p, Ops& ops1, const Work& work, ReadTag&& read_tag,
+                                       int warp, int lane) {
+    typename Plan::Cursor cur;
+    for (;;) {
+        ops1.wait(Plan::full(cur.stage), cur.phase);
+        const int u = read_tag(cur.stage);
+        if (u < 0) return;
+        const Plan& p = work.get(u).phase == MegaPhase::L1 ? l1p : l2p;
+        p.dequant_tile(ops1, cur, warp, lane);
     }
 }
 
