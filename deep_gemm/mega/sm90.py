@@ -232,10 +232,7 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
     rc = recipe if recipe is not None else UpstreamRecipe('swiglu')
     kernel, block_t, ctas, smem = _fused_config(buffer, l1, _expected_m(buffer, t), fast_math, trace is not None,
                                                 rc.l1_epilogue, rc.l2_epilogue)
-    l1_alpha = l1.alpha if rc.l1_alpha is None else rc.l1_alpha
-    l2_alpha = l2.alpha if rc.l2_alpha is None else rc.l2_alpha
-    if l1_alpha.stride(0) != 2 or l2_alpha.stride(0) != 1 or not (l1_alpha.is_contiguous() and l2_alpha.is_contiguous()):
-        raise ValueError('l1 / l2 alphas: the fused kernel needs contiguous [E, 2] / [E, 1] alphas')
+    l1_alpha, l2_alpha = _fused_alphas(l1, l2, rc)
     grid = fused_grid(buffer, ctas)
     if trace is not None and (trace.dtype != torch.int64 or trace.numel() < trace_size(buffer, block_t)
                               or grid > _TRACE_MAX_CTAS or len(buffer.waves(t)) != 1):
@@ -271,15 +268,30 @@ def run_fused(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = N
 
 def run(y: torch.Tensor, l1, l2, buffer, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
         activation_clamp: Optional[float] = None, fast_math: bool = True, fused: Optional[bool] = None) -> torch.Tensor:
+    return _fused_or_sequence(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math,
+                              fused)
+
+
+def _fused_alphas(l1, l2, recipe):
+    """The alphas the fused kernel reads (the recipe's, else the weights'), checked: contiguous [E, 2] / [E, 1]."""
+    l1_alpha = l1.alpha if recipe is None or recipe.l1_alpha is None else recipe.l1_alpha
+    l2_alpha = l2.alpha if recipe is None or recipe.l2_alpha is None else recipe.l2_alpha
+    if l1_alpha.stride(0) != 2 or l2_alpha.stride(0) != 1 or not (l1_alpha.is_contiguous() and l2_alpha.is_contiguous()):
+        raise ValueError('l1.alpha / l2.alpha: the fused kernel needs contiguous [E, 2] / [E, 1] alphas')
+    return l1_alpha, l2_alpha
+
+
+def _fused_or_sequence(y, l1, l2, buffer, stats, activation_clamp, fast_math, fused, recipe=None, shared=None):
+    """``run_fused`` where ``fused_enabled(fused)``, else ``run_sequence``; bad alphas are named before
+    anything returns early."""
     if fused_enabled(fused):
         if buffer.peer_bases is None:
             raise ValueError('buffer: a multi-rank buffer without peer mappings (CPU?); sm90 needs symmetric memory')
-        if l1.alpha.stride(0) != 2 or l2.alpha.stride(0) != 1 or not (l1.alpha.is_contiguous() and l2.alpha.is_contiguous()):
-            raise ValueError('l1.alpha / l2.alpha: the fused kernel needs contiguous [E, 2] / [E, 1] alphas')
+        _fused_alphas(l1, l2, recipe)
         if y.shape[0] == 0 and buffer.num_ranks == 1:
             return y
-        return run_fused(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math)
-    return run_sequence(y, l1, l2, buffer, cumulative_local_expert_recv_stats, activation_clamp, fast_math)
+        return run_fused(y, l1, l2, buffer, stats, activation_clamp, fast_math, recipe=recipe, shared=shared)
+    return run_sequence(y, l1, l2, buffer, stats, activation_clamp, fast_math, recipe=recipe, shared=shared)
 
 
 #: The routed weights' format each upstream buffer kind runs on this backend's kernel sequence
@@ -376,13 +388,7 @@ def run_upstream(y: torch.Tensor, l1, l2, buffer, recipe: UpstreamRecipe, stats:
                              f'{None if x_shared is None else (x_shared.dtype, tuple(x_shared.shape))}')
         # Local work before the first barrier: its JIT and allocations never happen while peers wait.
         shared = _shared_rows(recipe, shared_l1, shared_l2, x_shared, activation_clamp, fast_math) if len(y) else None
-    if fused_enabled(fused):
-        if buffer.peer_bases is None:
-            raise ValueError('buffer: a multi-rank buffer without peer mappings (CPU?); sm90 needs symmetric memory')
-        if y.shape[0] == 0 and buffer.num_ranks == 1:
-            return y
-        return run_fused(y, l1, l2, buffer, stats, activation_clamp, fast_math, recipe=recipe, shared=shared)
-    return run_sequence(y, l1, l2, buffer, stats, activation_clamp, fast_math, recipe=recipe, shared=shared)
+    return _fused_or_sequence(y, l1, l2, buffer, stats, activation_clamp, fast_math, fused, recipe, shared)
 
 
 def run_upstream_fp8(y: torch.Tensor, l1, l2, buffer, stats: Optional[torch.Tensor] = None,
