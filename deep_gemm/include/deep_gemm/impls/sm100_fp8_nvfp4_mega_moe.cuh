@@ -96,7 +96,7 @@ struct Handover {
 // warp): the source's codes verbatim (row_bytes: hidden (FP8) or hidden / 2 (NVFP4)) and its
 // scales (one byte per kGran channels: the buffer's packed UE4M3 / UE8M0 words) into the 512-byte
 // atom layout, at the padded row of the token tile (tile_index x kBlockT + row within the tile).
-// kGran = 0: BF16 tokens (bf16_mega_moe): the row's 2 hidden bytes verbatim at `row`, no scales.
+// (The kind::f16 recipes' BF16 rows are the shared roles' mega::Fp8ToBf16Row / mega::Bf16Row.)
 template <int kBlockT, int kGran, class Work>
 struct RawTokenRow {
     const Call& call;
@@ -105,17 +105,15 @@ struct RawTokenRow {
     uint8_t* sf;
     int hidden, lane;
     __device__ __forceinline__ void operator()(const comm::RowSource& src, int row, int k) const {
-        constexpr int kCodeBytesPer16 = kGran == 0 ? 32 : kGran == 16 ? 8 : 16;   // 16 channels: BF16 / E2M1 / E4M3
+        constexpr int kCodeBytesPer16 = kGran == 16 ? 8 : 16;   // bytes of 16 channels: E2M1 / E4M3
         const int row_bytes = hidden / 16 * kCodeBytesPer16;
-        const int prow = sm100::mega_padded_row<kBlockT, kGran != 0>(work, k, row);
+        const int prow = sm100::mega_padded_row<kBlockT>(work, k, row);
         const uint4* x = call.peers.at<const uint4>(src.rank, call.off.x + uint64_t(src.token) * row_bytes);
         uint4* dst = reinterpret_cast<uint4*>(codes + size_t(prow) * row_bytes);
         for (int v = lane; v < row_bytes / 16; v += 32) dst[v] = x[v];
-        if constexpr (kGran != 0) {
-            const int blocks = hidden / kGran;
-            const uint8_t* s = call.peers.at<const uint8_t>(src.rank, call.off.x_sf + uint64_t(src.token) * blocks);
-            for (int b = lane; b < blocks; b += 32) sf[sm100::sf_global_offset(uint64_t(prow), uint64_t(b), uint64_t(blocks))] = s[b];
-        }
+        const int blocks = hidden / kGran;
+        const uint8_t* s = call.peers.at<const uint8_t>(src.rank, call.off.x_sf + uint64_t(src.token) * blocks);
+        for (int b = lane; b < blocks; b += 32) sf[sm100::sf_global_offset(uint64_t(prow), uint64_t(b), uint64_t(blocks))] = s[b];
     }
 };
 
@@ -311,11 +309,11 @@ sm100_fp8_nvfp4_mega_moe(const __grid_constant__ CUtensorMap l1_w_map, const __g
     } else {
         // ---------------- 2d. routing, row gather (MMA format), combine push (mega/comm_warps.cuh) ----------------
         // the MMA's token format: NVFP4 / FP8 codes + scale atoms (padded rows), FP8 -> BF16 (exact), BF16
-        using CopyRow = typename std::conditional<
+        using CopyRow = std::conditional_t<
             kDequant, mega::Fp8ToBf16Row<32, 2>,
-            mega::sm100_layout::RawTokenRow<kBlockT, kF16 ? 0 : kGran, decltype(sh.work)>>::type;
+            std::conditional_t<kF16, mega::Bf16Row<2>, mega::sm100_layout::RawTokenRow<kBlockT, kGran, decltype(sh.work)>>>;
         const CopyRow copy_row = [&] {
-            if constexpr (kDequant) return CopyRow{call, reinterpret_cast<__nv_bfloat16*>(l1_x), hidden, lane};
+            if constexpr (kF16) return CopyRow{call, reinterpret_cast<__nv_bfloat16*>(l1_x), hidden, lane};
             else return CopyRow{call, sh.work, l1_x, l1_x_sf, hidden, lane};
         }();
         mega::run_comm_warps_with<CommW, kBlockT, 2, kParts, false>(
